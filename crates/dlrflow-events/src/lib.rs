@@ -1,0 +1,1 @@
+//! dlrflow-events (work in progress).

@@ -1,0 +1,1 @@
+//! dlrflow-ingest (work in progress).

@@ -1,0 +1,1 @@
+//! dlrflow-reconcile (work in progress).

@@ -1,0 +1,1 @@
+//! dlrflow-runtime (work in progress).

@@ -1,0 +1,1 @@
+//! dlrflow-sim (work in progress).

@@ -1,0 +1,1 @@
+//! dlrflow-state (work in progress).
