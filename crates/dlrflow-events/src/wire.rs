@@ -55,6 +55,15 @@ pub(crate) fn from_json<'a, T: serde::Deserialize<'a>>(
     what: &'static str,
     prefix: &str,
 ) -> Result<T, ParseError> {
+    // serde's derived structs also accept a JSON array (positional fields):
+    // only an object is a record.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Err(e) => ParseError::NotJson(e),
+            Ok(_) => ParseError::NotAnObject { what },
+        });
+    }
     match serde_json::from_slice::<T>(bytes) {
         Ok(v) => Ok(v),
         Err(e) => Err(describe::<T>(bytes, e, what, prefix)),
