@@ -51,7 +51,9 @@ async fn events_follow_the_documents() {
         assert!(ids.insert(id), "event ids are unique without duplicates");
         let mid = v["message_id"].as_str().unwrap();
         assert_eq!(mid.len(), 24);
-        assert!(mid.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(mid
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap()).unwrap();
         let data = &v["data"];
         let ty = v["event_type"].as_str().unwrap();
@@ -131,14 +133,20 @@ async fn five_xx_is_retried_on_the_scaled_schedule_then_acked() {
     })
     .await;
     let cfg = lisoloo_cfg(&rx.url()); // time scale 0.001: 30 ms, 120 ms, 600 ms, 3.6 s
-    let report = bounded(30, run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()))
-        .await
-        .unwrap();
+    let report = bounded(
+        30,
+        run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
     let events = 4; // queued, processing, sent, delivered
     assert_eq!(report.totals.acked, events);
     assert_eq!(report.totals.retries, 2 * events);
     assert_eq!(report.totals.attempts, 3 * events);
-    assert_eq!(report.totals.dropped_exhausted + report.totals.dropped_4xx, 0);
+    assert_eq!(
+        report.totals.dropped_exhausted + report.totals.dropped_4xx,
+        0
+    );
     let mut by_id: HashMap<String, Vec<tokio::time::Instant>> = HashMap::new();
     for r in rx.received() {
         by_id.entry(event_id(&r)).or_default().push(r.at);
@@ -155,9 +163,12 @@ async fn five_xx_is_retried_on_the_scaled_schedule_then_acked() {
 async fn four_xx_drops_without_retry() {
     let rx = Receiver::start(|_| Reply::Status(401)).await;
     let cfg = lisoloo_cfg(&rx.url());
-    let report = bounded(30, run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()))
-        .await
-        .unwrap();
+    let report = bounded(
+        30,
+        run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.totals.dropped_4xx, 4);
     assert_eq!(report.totals.retries, 0);
     assert_eq!(report.totals.acked, 0);
@@ -173,9 +184,12 @@ async fn persistent_5xx_exhausts_after_one_try_and_four_retries() {
     let rx = Receiver::start(|_| Reply::Status(500)).await;
     let mut cfg = lisoloo_cfg(&rx.url());
     cfg.delivery.time_scale = 0.0005; // 15 ms, 60 ms, 300 ms, 1.8 s
-    let report = bounded(30, run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()))
-        .await
-        .unwrap();
+    let report = bounded(
+        30,
+        run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.totals.dropped_exhausted, 4);
     assert_eq!(report.totals.attempts, 4 * 5);
     assert_eq!(report.totals.retries, 4 * 4);
@@ -206,9 +220,12 @@ async fn no_answer_within_the_timeout_is_retried() {
     .await;
     let mut cfg = lisoloo_cfg(&rx.url());
     cfg.delivery.request_timeout = Duration::from_millis(300);
-    let report = bounded(30, run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()))
-        .await
-        .unwrap();
+    let report = bounded(
+        30,
+        run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.totals.acked, 4);
     assert_eq!(report.totals.retries, 4);
     let mut count: HashMap<String, usize> = HashMap::new();
@@ -226,9 +243,12 @@ async fn duplicates_resend_the_same_event() {
     cfg.recipients = 2;
     cfg.delivery.duplicate_rate = 1.0;
     cfg.delivery.reorder_window = 4;
-    let report = bounded(30, run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()))
-        .await
-        .unwrap();
+    let report = bounded(
+        30,
+        run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
     let got = rx.received();
     let events = report.totals.sent - report.totals.duplicates;
     assert_eq!(report.totals.duplicates, events);

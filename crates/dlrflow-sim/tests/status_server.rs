@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{bounded, lisoloo_cfg, Receiver, Reply};
-use dlrflow_sim::{run_lisoloo, Gateway, LisolooPlan, ReadRecord, StatusServer, StatusServerConfig};
+use dlrflow_sim::{
+    run_lisoloo, Gateway, LisolooPlan, ReadRecord, StatusServer, StatusServerConfig,
+};
 use tokio_util::sync::CancellationToken;
 
 fn server_cfg() -> StatusServerConfig {
@@ -17,7 +19,12 @@ fn server_cfg() -> StatusServerConfig {
     }
 }
 
-async fn get(client: &reqwest::Client, base: &str, id: &str, key: Option<&str>) -> reqwest::Response {
+async fn get(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    key: Option<&str>,
+) -> reqwest::Response {
     let mut req = client.get(format!("{base}/status/{id}"));
     if let Some(k) = key {
         req = req.bearer_auth(k);
@@ -27,12 +34,24 @@ async fn get(client: &reqwest::Client, base: &str, id: &str, key: Option<&str>) 
 
 #[tokio::test]
 async fn auth_and_unknown_ids() {
-    let server = StatusServer::start(server_cfg(), Gateway::new()).await.unwrap();
+    let server = StatusServer::start(server_cfg(), Gateway::new())
+        .await
+        .unwrap();
     let base = server.base_url();
     let c = reqwest::Client::new();
     bounded(10, async {
-        assert_eq!(get(&c, &base, "507f1f77bcf86cd799439011", None).await.status(), 401);
-        assert_eq!(get(&c, &base, "507f1f77bcf86cd799439011", Some("wrong")).await.status(), 401);
+        assert_eq!(
+            get(&c, &base, "507f1f77bcf86cd799439011", None)
+                .await
+                .status(),
+            401
+        );
+        assert_eq!(
+            get(&c, &base, "507f1f77bcf86cd799439011", Some("wrong"))
+                .await
+                .status(),
+            401
+        );
         let basic = c
             .get(format!("{base}/status/x"))
             .basic_auth("key-a", Some(""))
@@ -40,7 +59,12 @@ async fn auth_and_unknown_ids() {
             .await
             .unwrap();
         assert_eq!(basic.status(), 401);
-        assert_eq!(get(&c, &base, "507f1f77bcf86cd799439011", Some("key-a")).await.status(), 404);
+        assert_eq!(
+            get(&c, &base, "507f1f77bcf86cd799439011", Some("key-a"))
+                .await
+                .status(),
+            404
+        );
     })
     .await;
     let reads = server.reads();
@@ -68,7 +92,11 @@ async fn the_121st_read_in_a_minute_gets_429_with_retry_after() {
         }
         let r = get(&c, &base, "m120", Some("key-a")).await;
         assert_eq!(r.status(), 429);
-        let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        let retry_after: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((1..=60).contains(&retry_after), "{retry_after}");
         // A refused read does not count, and other keys have their own budget.
         assert_eq!(get(&c, &base, "m121", Some("key-a")).await.status(), 429);
@@ -135,7 +163,9 @@ async fn status_follows_the_gateway_not_the_webhooks() {
     cfg.recipients = 3;
     cfg.failure_rate = 0.4;
     let gateway = Gateway::new();
-    let server = StatusServer::start(server_cfg(), gateway.clone()).await.unwrap();
+    let server = StatusServer::start(server_cfg(), gateway.clone())
+        .await
+        .unwrap();
     let report = bounded(30, run_lisoloo(&cfg, &gateway, CancellationToken::new()))
         .await
         .unwrap();
@@ -149,7 +179,10 @@ async fn status_follows_the_gateway_not_the_webhooks() {
         .await;
         assert_eq!(body["message_id"], mid);
         assert_eq!(body["total_recipients"], 3);
-        let delivered = recipients.iter().filter(|t| t.delivered_at.is_some()).count();
+        let delivered = recipients
+            .iter()
+            .filter(|t| t.delivered_at.is_some())
+            .count();
         let want = match delivered {
             0 => "failed",
             3 => "delivered",

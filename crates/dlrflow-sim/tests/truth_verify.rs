@@ -13,7 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use common::{bounded, lisoloo_cfg, Receiver, Reply};
 use dlrflow_sim::{
-    run_lisoloo, verify, verify_with, FinalStatus, Gateway, LisolooPlan, Truth, Verdict, VerifyOptions,
+    run_lisoloo, verify, verify_with, FinalStatus, Gateway, LisolooPlan, Truth, Verdict,
+    VerifyOptions,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -31,9 +32,12 @@ async fn truth_file_holds_every_recipients_final_state() {
     cfg.messages = 10;
     cfg.recipients = 3;
     cfg.failure_rate = 0.5;
-    let report = bounded(30, run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()))
-        .await
-        .unwrap();
+    let report = bounded(
+        30,
+        run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
     let path = temp_path("truth.json");
     report.truth.write_json(&path).unwrap();
     let back = Truth::read_json(&path).unwrap();
@@ -43,20 +47,36 @@ async fn truth_file_holds_every_recipients_final_state() {
     assert_eq!(raw["seed"], 7);
     let first = &raw["recipients"][0];
     for field in [
-        "message_id", "recipient", "status", "sent_at", "delivered_at", "failed_at", "error_code", "carrier",
-        "segments", "source", "provider", "terminal_webhook",
+        "message_id",
+        "recipient",
+        "status",
+        "sent_at",
+        "delivered_at",
+        "failed_at",
+        "error_code",
+        "carrier",
+        "segments",
+        "source",
+        "provider",
+        "terminal_webhook",
     ] {
         assert!(first.get(field).is_some(), "truth has {field}");
     }
     assert_eq!(back.recipients.len(), 30);
     assert_eq!(back.message_count(), 10);
-    let failed = back.recipients.iter().filter(|r| r.status == FinalStatus::Failed).count();
+    let failed = back
+        .recipients
+        .iter()
+        .filter(|r| r.status == FinalStatus::Failed)
+        .count();
     assert!(failed > 0 && failed < 30, "{failed}");
     for r in &back.recipients {
         assert_eq!(r.source, "lisoloo");
         match r.status {
             FinalStatus::Delivered => {
-                assert!(r.delivered_at.is_some() && r.failed_at.is_none() && r.error_code.is_none());
+                assert!(
+                    r.delivered_at.is_some() && r.failed_at.is_none() && r.error_code.is_none()
+                );
                 assert!(r.sent_at.unwrap() <= r.delivered_at.unwrap());
             }
             FinalStatus::Failed => {
@@ -77,7 +97,10 @@ fn plans_are_deterministic_for_a_seed() {
     assert_eq!(a.truth(), b.truth());
     let mut other = cfg.clone();
     other.seed = 8;
-    assert_ne!(LisolooPlan::new(&other, base).truth().recipients, a.truth().recipients);
+    assert_ne!(
+        LisolooPlan::new(&other, base).truth().recipients,
+        a.truth().recipients
+    );
 }
 
 /// A fake dlrflow read API serving whatever the test put in `messages`.
@@ -123,7 +146,10 @@ fn correct_answers(truth: &Truth) -> HashMap<String, Value> {
                     })
                 })
                 .collect();
-            (id.to_owned(), json!({"message_id": id, "recipients": recipients}))
+            (
+                id.to_owned(),
+                json!({"message_id": id, "recipients": recipients}),
+            )
         })
         .collect()
 }
@@ -156,11 +182,18 @@ async fn verify_detects_wrong_and_missing() {
     // Message 0: gone entirely (2 missing).
     answers.remove(&ids[0]);
     // Message 1: one recipient missing.
-    answers.get_mut(&ids[1]).unwrap()["recipients"].as_array_mut().unwrap().remove(0);
+    answers.get_mut(&ids[1]).unwrap()["recipients"]
+        .as_array_mut()
+        .unwrap()
+        .remove(0);
     // Message 2: first recipient's status flipped.
     {
         let r = &mut answers.get_mut(&ids[2]).unwrap()["recipients"][0];
-        let flipped = if r["status"] == "delivered" { "failed" } else { "delivered" };
+        let flipped = if r["status"] == "delivered" {
+            "failed"
+        } else {
+            "delivered"
+        };
         r["status"] = json!(flipped);
     }
     // Message 3: first recipient stuck at "sent".
@@ -183,9 +216,17 @@ async fn verify_detects_wrong_and_missing() {
     assert_eq!(report.wrong(), 3, "{}", report.table(20));
     assert_eq!(report.matching(), 6);
     let by = report.counts_by_status();
-    assert_eq!(by.values().map(|c| c.matching + c.wrong + c.missing).sum::<usize>(), 12);
+    assert_eq!(
+        by.values()
+            .map(|c| c.matching + c.wrong + c.missing)
+            .sum::<usize>(),
+        12
+    );
     let table = report.table(20);
-    assert!(table.contains("MISSING") && table.contains("WRONG"), "{table}");
+    assert!(
+        table.contains("MISSING") && table.contains("WRONG"),
+        "{table}"
+    );
     assert!(report
         .checks
         .iter()
@@ -214,7 +255,10 @@ async fn verify_waits_for_late_state() {
     // Half the messages now, the rest after a while.
     let ids: Vec<String> = answers.keys().cloned().collect();
     for id in &ids[..3] {
-        api.messages.lock().unwrap().insert(id.clone(), answers[id].clone());
+        api.messages
+            .lock()
+            .unwrap()
+            .insert(id.clone(), answers[id].clone());
     }
     let late = api.clone();
     tokio::spawn(async move {
@@ -226,7 +270,9 @@ async fn verify_waits_for_late_state() {
         poll_interval: Duration::from_millis(100),
         ..VerifyOptions::default()
     };
-    let report = bounded(20, verify_with(&truth, &base, &opts)).await.unwrap();
+    let report = bounded(20, verify_with(&truth, &base, &opts))
+        .await
+        .unwrap();
     assert!(report.is_ok(), "{}", report.table(20));
     assert!(report.passes > 1);
     // Without waiting, the same situation is reported as missing.
@@ -240,7 +286,9 @@ async fn verify_waits_for_late_state() {
 #[tokio::test]
 async fn verify_reports_an_unreachable_api_as_missing() {
     let truth = sample_truth(0.0);
-    let report = bounded(20, verify(&truth, "http://127.0.0.1:9")).await.unwrap();
+    let report = bounded(20, verify(&truth, "http://127.0.0.1:9"))
+        .await
+        .unwrap();
     assert_eq!(report.missing(), 12);
     assert!(!report.is_ok());
 }
