@@ -1,1 +1,326 @@
-//! dlrflow-ingest (work in progress).
+//! The thin HTTP receiver for gateway webhooks.
+//!
+//! It authenticates each request, checks that the body is JSON of the
+//! provider's outer shape, and answers 2xx only after Kafka acknowledged every
+//! record (`acks=all`, idempotent producer). It never interprets an event
+//! beyond that: parsing, dedupe and state belong to `dlrflow-state`. A 4xx
+//! tells the gateway never to send again, so only bad credentials (401), a body
+//! that is not JSON of the right outer shape (400) and an oversized body (413)
+//! get one; anything the broker did not take gets 503 with `Retry-After`.
+
+pub mod auth;
+pub mod config;
+mod error;
+mod produce;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::Config;
+use crate::config::{AuthMode, Provider, SourceConfig};
+pub use crate::error::ApiError;
+use crate::produce::{OutRecord, Producer as RawProducer};
+
+/// Arpoone sends at most this many records per request.
+pub const ARPOONE_MAX_RECORDS: usize = 1000;
+
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    sources: HashMap<String, SourceConfig>,
+    producer: RawProducer,
+    http: config::HttpConfig,
+    shutting_down: AtomicBool,
+}
+
+/// A built, bound ingest service.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl App {
+    /// Creates the producer and binds the listener. The broker need not be
+    /// reachable yet: `/readyz` says whether it is.
+    pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        cfg.validate()?;
+        let producer = RawProducer::new(&cfg.kafka).context("creating the Kafka producer")?;
+        let listener = TcpListener::bind(cfg.http.listen)
+            .await
+            .with_context(|| format!("binding http.listen = {}", cfg.http.listen))?;
+        let sources = cfg.sources.iter().map(|s| (s.name.clone(), s.clone())).collect();
+        let state = AppState {
+            inner: Arc::new(Inner {
+                sources,
+                producer,
+                http: cfg.http.clone(),
+                shutting_down: AtomicBool::new(false),
+            }),
+        };
+        Ok(App { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets
+    /// in-flight requests finish and flushes the producer, all within
+    /// `http.shutdown_grace_ms`.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let grace = Duration::from_millis(state.inner.http.shutdown_grace_ms);
+        tracing::info!(addr = %self.local_addr(), "ingest listening");
+        let signal = {
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                state.inner.shutting_down.store(true, Ordering::SeqCst);
+            }
+        };
+        let server = axum::serve(self.listener, router(state.clone())).with_graceful_shutdown(signal);
+        let server = tokio::spawn(async move { server.await });
+        shutdown.cancelled().await;
+        match tokio::time::timeout(grace, server).await {
+            Ok(res) => res.context("server task")?.context("http server")?,
+            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+        }
+        let producer = state.inner.producer.kafka().clone();
+        tokio::task::spawn_blocking(move || producer.flush(grace))
+            .await?
+            .context("flushing the producer")?;
+        tracing::info!("ingest stopped");
+        Ok(())
+    }
+}
+
+/// The ingest's routes, separate from `App` so handlers can be tested alone.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/{source}/webhook", post(webhook))
+        .route("/{source}/webhook/{kind}", post(webhook_kind))
+        .route("/{source}/t/{token}/webhook", post(webhook_token))
+        .route("/{source}/t/{token}/webhook/{kind}", post(webhook_token_kind))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(dlrflow_runtime::telemetry::metrics_endpoint))
+        .with_state(state)
+}
+
+/// What the URL named.
+struct Target {
+    source: String,
+    token: Option<String>,
+    kind: Option<String>,
+}
+
+async fn webhook(State(s): State<AppState>, Path(source): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, Target { source, token: None, kind: None }, headers, body).await
+}
+
+async fn webhook_kind(State(s): State<AppState>, Path((source, kind)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, Target { source, token: None, kind: Some(kind) }, headers, body).await
+}
+
+async fn webhook_token(State(s): State<AppState>, Path((source, token)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, Target { source, token: Some(token), kind: None }, headers, body).await
+}
+
+async fn webhook_token_kind(
+    State(s): State<AppState>,
+    Path((source, token, kind)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(s, Target { source, token: Some(token), kind: Some(kind) }, headers, body).await
+}
+
+async fn handle(state: AppState, target: Target, headers: HeaderMap, body: Body) -> Response {
+    let source_name = target.source.clone();
+    let result = accept(&state, target, &headers, body).await;
+    let outcome = match &result {
+        Ok(_) => "accepted",
+        Err(e) => e.kind(),
+    };
+    metrics::counter!("dlrflow_ingest_requests_total", "source" => source_name, "outcome" => outcome).increment(1);
+    match result {
+        Ok(resp) => resp,
+        Err(e) => e.into_response_with(state.inner.http.retry_after_secs),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(source = %target.source, records, trace_id))]
+async fn accept(state: &AppState, target: Target, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let inner = &state.inner;
+    let source = inner.sources.get(&target.source).ok_or(ApiError::UnknownRoute)?;
+    if let Some(kind) = &target.kind {
+        let known = matches!(kind.as_str(), "delivered" | "pending" | "not_delivered");
+        if source.provider != Provider::Arpoone || !known {
+            return Err(ApiError::UnknownRoute);
+        }
+    }
+    authenticate(source, target.token.as_deref(), headers)?;
+    if inner.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable("shutting down"));
+    }
+
+    let body = read_body(body, headers, &inner.http).await?;
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(dlrflow_runtime::trace::valid_traceparent);
+    if let Some(tp) = traceparent.and_then(dlrflow_runtime::trace::trace_id) {
+        tracing::Span::current().record("trace_id", tp);
+    }
+    let meta = produce::Meta {
+        source: &source.name,
+        provider: source.provider.as_str(),
+        traceparent,
+        endpoint: target.kind.as_deref(),
+    };
+
+    match source.provider {
+        Provider::Lisoloo => {
+            let key = lisoloo_key(&body)?;
+            tracing::Span::current().record("records", 1);
+            inner
+                .producer
+                .send_all(&meta, vec![OutRecord { key: key.as_deref(), payload: &body }])
+                .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        Provider::Arpoone => {
+            let elements: Vec<&serde_json::value::RawValue> =
+                serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(format!("expected a JSON array of records: {e}")))?;
+            if elements.len() > ARPOONE_MAX_RECORDS {
+                return Err(ApiError::BadBody(format!(
+                    "{} records in one request; at most {ARPOONE_MAX_RECORDS} are allowed",
+                    elements.len()
+                )));
+            }
+            tracing::Span::current().record("records", elements.len());
+            let keys: Vec<Option<String>> = elements.iter().map(|e| arpoone_key(e.get())).collect();
+            let records = elements
+                .iter()
+                .zip(&keys)
+                .map(|(e, k)| OutRecord { key: k.as_deref(), payload: e.get().as_bytes() })
+                .collect();
+            inner.producer.send_all(&meta, records).await?;
+            Ok((StatusCode::OK, Json(serde_json::json!({"accepted": elements.len()}))).into_response())
+        }
+    }
+}
+
+fn authenticate(source: &SourceConfig, token: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let unauthorized = || ApiError::Unauthorized { realm: source.name.clone() };
+    match source.auth {
+        Some(AuthMode::Basic) => {
+            if token.is_some() {
+                return Err(ApiError::UnknownRoute);
+            }
+            let header = headers.get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+            if auth::basic_matches(header, &source.credentials) {
+                Ok(())
+            } else {
+                Err(unauthorized())
+            }
+        }
+        Some(AuthMode::PathToken) => match token {
+            Some(t) if auth::path_token_matches(t, source) => Ok(()),
+            Some(_) => Err(unauthorized()),
+            // A path-token source has no route without its token.
+            None => Err(ApiError::UnknownRoute),
+        },
+        Some(AuthMode::None) if token.is_none() => Ok(()),
+        Some(AuthMode::None) | None => Err(ApiError::UnknownRoute),
+    }
+}
+
+/// Reads the whole body within the size limit and the slow-client timeout.
+async fn read_body(body: Body, headers: &HeaderMap, http: &config::HttpConfig) -> Result<bytes::Bytes, ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > http.body_limit_bytes as u64) {
+        return Err(ApiError::TooLarge { limit: http.body_limit_bytes });
+    }
+    let limited = http_body_util::Limited::new(body, http.body_limit_bytes);
+    match tokio::time::timeout(http.body_read_timeout(), limited.collect()).await {
+        Err(_) => Err(ApiError::Unavailable("request body not received in time")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge { limit: http.body_limit_bytes }),
+        Ok(Err(_)) => Err(ApiError::Unavailable("request body could not be read")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LisolooProbe<'a> {
+    #[serde(borrow)]
+    message_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Checks that a Lisoloo body is JSON and returns its `message_id`, the key.
+/// A body that is JSON but not the envelope we know is still accepted (with no
+/// key): the consumer sends it to the DLQ where it can be replayed.
+fn lisoloo_key(body: &[u8]) -> Result<Option<String>, ApiError> {
+    match serde_json::from_slice::<LisolooProbe>(body) {
+        Ok(p) => Ok(p.message_id.map(|m| m.into_owned())),
+        Err(_) => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Ok(None),
+            Err(e) => Err(ApiError::BadBody(format!("body is not JSON: {e}"))),
+        },
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ArpooneProbe<'a> {
+    #[serde(rename = "MessageId", borrow)]
+    message_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn arpoone_key(element: &str) -> Option<String> {
+    serde_json::from_str::<ArpooneProbe>(element)
+        .ok()
+        .and_then(|p| p.message_id.map(|m| m.into_owned()))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.inner.shutting_down.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "shutting down"}))).into_response();
+    }
+    match state.inner.producer.ready().await {
+        Ok(partitions) => Json(serde_json::json!({"status": "ready", "partitions": partitions})).into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not ready", "reason": reason}))).into_response(),
+    }
+}
+
+impl AppState {
+    /// The underlying Kafka producer (tests and shutdown).
+    pub fn kafka_producer(&self) -> &FutureProducer {
+        self.inner.producer.kafka()
+    }
+}

@@ -1,0 +1,218 @@
+//! The ingest's typed configuration. Defaults live in `DEFAULTS`; a file and
+//! `DLRFLOW_…` environment variables override them (see `dlrflow_runtime::config`).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use dlrflow_runtime::config::{self, ConfigError};
+use dlrflow_runtime::kafka::KafkaConfig;
+use dlrflow_runtime::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+pub const DEFAULTS: &str = r#"
+[http]
+listen = "127.0.0.1:8080"
+body_limit_bytes = 1048576
+body_read_timeout_ms = 4000
+retry_after_secs = 5
+shutdown_grace_ms = 10000
+
+[kafka]
+brokers = "127.0.0.1:9092"
+raw_topic = "dlrflow.webhooks.raw.v1"
+delivery_timeout_ms = 3000
+linger_ms = 0
+queue_max_messages = 100000
+queue_max_kbytes = 262144
+"#;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub kafka: IngestKafkaConfig,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Larger bodies get 413.
+    pub body_limit_bytes: usize,
+    /// A client that has not sent its whole body by then gets 503.
+    pub body_read_timeout_ms: u64,
+    /// The `Retry-After` value on every 503.
+    pub retry_after_secs: u64,
+    /// How long shutdown waits for in-flight requests and the producer flush.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IngestKafkaConfig {
+    #[serde(flatten)]
+    pub client: KafkaConfig,
+    pub raw_topic: String,
+    /// Longest wait for the broker's acknowledgement (`message.timeout.ms`);
+    /// keep it well below the gateway's 5 s timeout.
+    pub delivery_timeout_ms: u64,
+    /// librdkafka `linger.ms`: 0 answers at the broker's floor when traffic is
+    /// light; librdkafka still batches whatever queues up while requests are in
+    /// flight.
+    pub linger_ms: u64,
+    /// Bounds of the producer queue; when full, requests get 503.
+    pub queue_max_messages: u64,
+    pub queue_max_kbytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Lisoloo,
+    Arpoone,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Lisoloo => "lisoloo",
+            Provider::Arpoone => "arpoone",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// HTTP Basic with one of `credentials`.
+    Basic,
+    /// A secret token in the URL path (`/{source}/t/{token}/webhook…`); Arpoone only.
+    PathToken,
+    /// No authentication at all: an explicit choice, never a default.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Credential {
+    pub username: String,
+    pub password: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SourceConfig {
+    /// The first path segment: `POST /{name}/webhook`.
+    pub name: String,
+    pub provider: Provider,
+    /// Required: `basic`, `path_token` or `none`.
+    pub auth: Option<AuthMode>,
+    /// Active Basic credentials; several at once allow rotation without downtime.
+    #[serde(default)]
+    pub credentials: Vec<Credential>,
+    /// Active path tokens (`auth = "path_token"`).
+    #[serde(default)]
+    pub path_tokens: Vec<SecretString>,
+}
+
+impl Config {
+    /// Loads and validates the configuration.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: Config = config::load(DEFAULTS, file)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.client.validate()?;
+        if self.kafka.raw_topic.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.raw_topic", "must not be empty"));
+        }
+        if !(100..=4500).contains(&self.kafka.delivery_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "kafka.delivery_timeout_ms",
+                "must be between 100 and 4500 ms: the gateway gives up after 5 s",
+            ));
+        }
+        if self.kafka.queue_max_messages < 1000 {
+            return Err(ConfigError::invalid(
+                "kafka.queue_max_messages",
+                "must be at least 1000 (one Arpoone batch)",
+            ));
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid("http.body_limit_bytes", "must be at least 1024"));
+        }
+        if self.sources.is_empty() {
+            return Err(ConfigError::invalid(
+                "sources",
+                "no source configured; add at least one [[sources]] entry",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            let at = |field: &str| format!("sources[{i}].{field}");
+            let valid_name = !s.name.is_empty()
+                && s.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            if !valid_name {
+                return Err(ConfigError::invalid(at("name"), "use lower-case letters, digits, '-' and '_'"));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(ConfigError::invalid(at("name"), format!("duplicate source `{}`", s.name)));
+            }
+            match s.auth {
+                None => {
+                    return Err(ConfigError::invalid(
+                        at("auth"),
+                        "required: \"basic\", \"path_token\" or \"none\" (no authentication is never a default)",
+                    ))
+                }
+                Some(AuthMode::Basic) => {
+                    if s.credentials.is_empty() {
+                        return Err(ConfigError::invalid(at("credentials"), "auth = \"basic\" needs at least one credential"));
+                    }
+                    for (j, c) in s.credentials.iter().enumerate() {
+                        if c.username.contains(':') {
+                            return Err(ConfigError::invalid(
+                                format!("sources[{i}].credentials[{j}].username"),
+                                "must not contain ':' (RFC 7617)",
+                            ));
+                        }
+                        if c.password.expose_secret().is_empty() {
+                            return Err(ConfigError::invalid(
+                                format!("sources[{i}].credentials[{j}].password"),
+                                "must not be empty",
+                            ));
+                        }
+                    }
+                }
+                Some(AuthMode::PathToken) => {
+                    if s.provider != Provider::Arpoone {
+                        return Err(ConfigError::invalid(at("auth"), "path_token is for Arpoone sources only"));
+                    }
+                    if s.path_tokens.is_empty() {
+                        return Err(ConfigError::invalid(at("path_tokens"), "auth = \"path_token\" needs at least one token"));
+                    }
+                    if s.path_tokens.iter().any(|t| t.expose_secret().len() < 16) {
+                        return Err(ConfigError::invalid(at("path_tokens"), "each token needs at least 16 characters"));
+                    }
+                }
+                Some(AuthMode::None) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HttpConfig {
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+}
+
+impl IngestKafkaConfig {
+    pub fn delivery_timeout(&self) -> Duration {
+        Duration::from_millis(self.delivery_timeout_ms)
+    }
+}

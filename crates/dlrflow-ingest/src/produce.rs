@@ -1,0 +1,143 @@
+//! The durable write: an idempotent `acks=all` producer with a bounded queue.
+//! A record counts only once its delivery future resolved successfully.
+
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use dlrflow_runtime::kafka::header;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::IngestKafkaConfig;
+use crate::error::ApiError;
+
+/// Where a request's records came from; copied into every record's headers.
+pub struct Meta<'a> {
+    pub source: &'a str,
+    pub provider: &'a str,
+    pub traceparent: Option<&'a str>,
+    pub endpoint: Option<&'a str>,
+}
+
+pub struct OutRecord<'a> {
+    pub key: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+pub struct Producer {
+    kafka: FutureProducer,
+    topic: String,
+    delivery_timeout: Duration,
+}
+
+impl Producer {
+    pub fn new(cfg: &IngestKafkaConfig) -> Result<Self, KafkaError> {
+        let timeout = cfg.delivery_timeout_ms.to_string();
+        let kafka: FutureProducer = cfg
+            .client
+            .client_config(&[
+                ("client.id", "dlrflow-ingest".into()),
+                ("enable.idempotence", "true".into()),
+                ("acks", "all".into()),
+                ("linger.ms", cfg.linger_ms.to_string()),
+                ("message.timeout.ms", timeout.clone()),
+                ("request.timeout.ms", timeout),
+                ("queue.buffering.max.messages", cfg.queue_max_messages.to_string()),
+                ("queue.buffering.max.kbytes", cfg.queue_max_kbytes.to_string()),
+                ("socket.nagle.disable", "true".into()),
+                ("retry.backoff.ms", "50".into()),
+                ("reconnect.backoff.ms", "50".into()),
+                ("reconnect.backoff.max.ms", "1000".into()),
+            ])
+            .create()?;
+        Ok(Self {
+            kafka,
+            topic: cfg.raw_topic.clone(),
+            delivery_timeout: cfg.delivery_timeout(),
+        })
+    }
+
+    pub fn kafka(&self) -> &FutureProducer {
+        &self.kafka
+    }
+
+    /// Enqueues every record, then waits for all acknowledgements. Any record
+    /// not acknowledged within the delivery timeout fails the whole request:
+    /// the gateway resends it and the consumer drops the duplicates.
+    pub async fn send_all(&self, meta: &Meta<'_>, records: Vec<OutRecord<'_>>) -> Result<(), ApiError> {
+        let started = Instant::now();
+        let received_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        let mut pending = Vec::with_capacity(records.len());
+        for r in records {
+            let ingest_id = uuid::Uuid::now_v7().to_string();
+            let mut headers = OwnedHeaders::new_with_capacity(6)
+                .insert(h(header::SOURCE, meta.source))
+                .insert(h(header::PROVIDER, meta.provider))
+                .insert(h(header::RECEIVED_AT, &received_at))
+                .insert(h(header::INGEST_ID, &ingest_id));
+            if let Some(tp) = meta.traceparent {
+                headers = headers.insert(h(header::TRACEPARENT, tp));
+            }
+            if let Some(ep) = meta.endpoint {
+                headers = headers.insert(h(header::ENDPOINT, ep));
+            }
+            let mut record = FutureRecord::to(&self.topic).payload(r.payload).headers(headers);
+            if let Some(key) = r.key {
+                record = record.key(key);
+            }
+            match self.kafka.send_result(record) {
+                Ok(fut) => pending.push(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "queue_full").increment(1);
+                    return Err(ApiError::Unavailable("producer queue full"));
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, "enqueue failed");
+                    metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "enqueue").increment(1);
+                    return Err(ApiError::Unavailable("record could not be enqueued"));
+                }
+            }
+        }
+        let n = pending.len();
+        // librdkafka fails each record at `message.timeout.ms`; the extra margin
+        // only guards against a delivery report that never comes.
+        let all = futures::future::join_all(pending);
+        let results = tokio::time::timeout(self.delivery_timeout + Duration::from_millis(200), all)
+            .await
+            .map_err(|_| {
+                metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "timeout").increment(1);
+                ApiError::Unavailable("broker did not acknowledge in time")
+            })?;
+        for res in results {
+            match res {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    tracing::warn!(error = %e, "broker did not acknowledge a record");
+                    metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "not_acknowledged").increment(1);
+                    return Err(ApiError::Unavailable("broker did not acknowledge"));
+                }
+                Err(_) => return Err(ApiError::Unavailable("producer dropped a record")),
+            }
+        }
+        metrics::counter!("dlrflow_ingest_records_total", "source" => meta.source.to_owned()).increment(n as u64);
+        metrics::histogram!("dlrflow_ingest_ack_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Whether the broker answers and the raw topic exists.
+    pub async fn ready(&self) -> Result<usize, String> {
+        let kafka = self.kafka.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer as _;
+            dlrflow_runtime::kafka::topic_ready(kafka.client(), &topic, Duration::from_secs(1))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header { key, value: Some(value) }
+}

@@ -1,0 +1,109 @@
+//! Configuration loading shared by every binary.
+//!
+//! Precedence, lowest first: the binary's embedded TOML defaults, the file
+//! named by `--config` or `DLRFLOW_CONFIG`, then `DLRFLOW_…` environment
+//! variables where `__` separates nesting levels
+//! (`DLRFLOW_KAFKA__BROKERS=…` sets `kafka.brokers`).
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+
+/// The environment variable naming an optional configuration file.
+pub const CONFIG_FILE_ENV: &str = "DLRFLOW_CONFIG";
+
+/// A configuration that cannot be used, naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration file {path}: not found")]
+    MissingFile { path: String },
+    #[error("configuration setting `{setting}`: {reason}")]
+    Invalid { setting: String, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Loads `T` from embedded defaults, an optional file and the environment.
+///
+/// `file` wins over `DLRFLOW_CONFIG`. A named file that does not exist is an
+/// error: a typo in a path must not silently fall back to the defaults.
+pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<T, ConfigError> {
+    let env_file = std::env::var_os(CONFIG_FILE_ENV).map(std::path::PathBuf::from);
+    let file = file.map(Path::to_path_buf).or(env_file);
+    let mut figment = Figment::from(Toml::string(defaults));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile {
+                path: path.display().to_string(),
+            });
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    figment
+        .merge(
+            Env::prefixed("DLRFLOW_")
+                .ignore(&["CONFIG"])
+                .split("__"),
+        )
+        .extract()
+        .map_err(|e| ConfigError::Load(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    struct Sample {
+        kafka: Kafka,
+    }
+    #[derive(Debug, Deserialize)]
+    struct Kafka {
+        brokers: String,
+        timeout_ms: u64,
+    }
+
+    #[test]
+    fn environment_overrides_defaults_with_double_underscore_nesting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DLRFLOW_KAFKA__TIMEOUT_MS", "42");
+            let cfg: Sample = load(
+                "[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 3000\n",
+                None,
+            )
+            .unwrap();
+            assert_eq!(cfg.kafka.brokers, "a:1");
+            assert_eq!(cfg.kafka.timeout_ms, 42);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let err = load::<Sample>("", Some(Path::new("/nonexistent/dlrflow.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/dlrflow.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DLRFLOW_KAFKA__TIMEOUT_MS", "soon");
+            let err = load::<Sample>("[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 1\n", None)
+                .unwrap_err();
+            assert!(err.to_string().contains("timeout_ms"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,113 @@
+//! Kafka client settings shared by producers and consumers.
+//!
+//! `KafkaConfig::settings` passes librdkafka properties through untouched and
+//! wins over everything dlrflow sets. Because environment variable names
+//! cannot hold dots, an underscore in a settings key stands for a dot:
+//! `DLRFLOW_KAFKA__SETTINGS__SOCKET_TIMEOUT_MS=1000` sets
+//! `socket.timeout.ms=1000`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::client::{Client, ClientContext};
+use rdkafka::message::{Headers, OwnedHeaders};
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+
+/// Header names carried by every raw record.
+pub mod header {
+    pub const SOURCE: &str = "source";
+    pub const PROVIDER: &str = "provider";
+    pub const RECEIVED_AT: &str = "received-at";
+    pub const INGEST_ID: &str = "ingest-id";
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const ENDPOINT: &str = "endpoint";
+    pub const ERROR: &str = "error";
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Raw librdkafka properties, applied last.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// A client config with the brokers and the pass-through settings; `base`
+    /// holds the caller's own defaults, which the pass-through overrides.
+    pub fn client_config(&self, base: &[(&str, String)]) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.brokers);
+        for (k, v) in base {
+            cfg.set(*k, v);
+        }
+        for (k, v) in &self.settings {
+            cfg.set(k.replace('_', "."), v);
+        }
+        cfg
+    }
+}
+
+/// Checks that `topic` exists with at least one partition, within `timeout`,
+/// and returns its partition count. Blocking: call it from `spawn_blocking`.
+pub fn topic_ready<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Duration) -> Result<usize, String> {
+    let md = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("metadata: {e}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| format!("topic {topic} missing"))?;
+    if let Some(err) = t.error() {
+        return Err(format!("topic {topic}: {err:?}"));
+    }
+    if t.partitions().is_empty() {
+        return Err(format!("topic {topic} has no partitions"));
+    }
+    Ok(t.partitions().len())
+}
+
+/// Reads a UTF-8 header value by name.
+pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a str> {
+    let headers = headers?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Copies every header of `from`, replacing or adding `extra`.
+pub fn copy_headers<H: Headers>(from: Option<&H>, extra: &[(&str, &str)]) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    if let Some(from) = from {
+        for h in from.iter() {
+            if extra.iter().any(|(k, _)| *k == h.key) {
+                continue;
+            }
+            out = out.insert(rdkafka::message::Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    for (k, v) in extra {
+        out = out.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    out
+}

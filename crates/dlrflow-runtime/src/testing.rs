@@ -1,0 +1,149 @@
+//! Helpers for tests that run against a real Kafka-protocol broker: unique
+//! names, topic creation and reading a topic back. Used by the integration
+//! tests of every crate; never by production code paths.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// The broker the tests use: `DLRFLOW_TEST_KAFKA_BROKERS`, default the local
+/// stack's `127.0.0.1:9092`.
+pub fn test_brokers() -> String {
+    std::env::var("DLRFLOW_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Creates `name` with `partitions` partitions and waits until its metadata
+/// shows every partition.
+pub async fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("admin client")?;
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let res = admin
+        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .await
+        .context("create topics")?;
+    for r in res {
+        if let Err((t, code)) = r {
+            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                anyhow::bail!("creating topic {t}: {code:?}");
+            }
+        }
+    }
+    let brokers = brokers.to_owned();
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match crate::kafka::topic_ready(consumer.client(), &name, Duration::from_secs(2)) {
+                Ok(n) if n == partitions as usize => return Ok(()),
+                _ if Instant::now() > deadline => anyhow::bail!("topic {name} not visible after 20 s"),
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+    .await?
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+/// Reads every partition of `topic` from the beginning until `expected`
+/// records arrived or `timeout` passed, then keeps reading for `settle` to
+/// catch records beyond `expected`. Returns what it got.
+pub async fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Duration, settle: Duration) -> anyhow::Result<Vec<Record>> {
+    let brokers = brokers.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", unique_name("reader"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+        let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&topic, p as i32, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        let mut settle_until: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if out.len() >= expected && settle_until.is_none() {
+                settle_until = Some(now + settle);
+            }
+            if settle_until.is_some_and(|s| now >= s) || now >= deadline {
+                break;
+            }
+            if let Some(msg) = consumer.poll(Duration::from_millis(100)) {
+                let msg = msg?;
+                let headers = msg
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload: msg.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
