@@ -111,7 +111,10 @@ pub fn parse_lisoloo(source: &str, body: &[u8]) -> Result<Event, ParseError> {
     let occurred_at = timestamp(&ts_raw.0, || "timestamp".into())?;
     let data = required(env.data, "data")?;
     let data = data.get().as_bytes();
-    let dedupe_key = uuid.hyphenated().to_string();
+    let dedupe_key = {
+        let mut buf = uuid::Uuid::encode_buffer();
+        String::from(&*uuid.hyphenated().encode_lower(&mut buf))
+    };
     let message_id = message_id.0.into_owned();
 
     if event_type == "sms.queued" {

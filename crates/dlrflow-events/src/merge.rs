@@ -204,6 +204,26 @@ fn join(s: &mut RecipientState, u: &DeliveryUpdate) {
     s.last_event_at = s.last_event_at.max(u.occurred_at);
 }
 
+/// Whether `incoming` would move an `earliest` field.
+fn improves_earliest(existing: Option<DateTime<Utc>>, incoming: Option<DateTime<Utc>>) -> bool {
+    matches!((existing, incoming), (None, Some(_))) || matches!((existing, incoming), (Some(e), Some(i)) if i < e)
+}
+
+/// Whether [`join`] would change `s`: the same rules, read-only, so the common
+/// duplicate / nothing-new case costs no clone.
+fn join_changes(s: &RecipientState, u: &DeliveryUpdate) -> bool {
+    u.status.rank() > s.status.rank()
+        || (u.status == Status::Queued && improves_earliest(s.queued_at, Some(u.occurred_at)))
+        || improves_earliest(s.processing_at, u.processing_at)
+        || improves_earliest(s.sent_at, u.sent_at)
+        || improves_earliest(s.delivered_at, u.delivered_at)
+        || improves_earliest(s.failed_at, u.failed_at)
+        || (u.carrier.is_some() && u.carrier > s.carrier)
+        || u.segments > s.segments
+        || (&u.error_code, &u.error_message, u.retryable) > (&s.error_code, &s.error_message, s.retryable)
+        || u.occurred_at > s.last_event_at
+}
+
 /// Sets `s` to an authoritative answer. Fields the API answers win; fields it
 /// leaves null are kept only where they do not contradict the answer (times of
 /// earlier statuses, carrier, segments, and the terminal time / error fields of
@@ -276,6 +296,9 @@ pub fn merge(current: Option<&RecipientState>, update: &DeliveryUpdate) -> Merge
         } else {
             MergeOutcome::Unchanged
         };
+    }
+    if !update.authoritative && !join_changes(cur, update) {
+        return MergeOutcome::Unchanged;
     }
     let mut state = cur.clone();
     if update.authoritative {
