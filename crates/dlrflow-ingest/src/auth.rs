@@ -41,7 +41,9 @@ pub fn basic_matches(value: Option<&[u8]>, credentials: &[Credential]) -> bool {
     let mut ok = Choice::from(0);
     for c in credentials {
         let user_ok = user.as_bytes().ct_eq(c.username.as_bytes());
-        let pass_ok = password.as_bytes().ct_eq(c.password.expose_secret().as_bytes());
+        let pass_ok = password
+            .as_bytes()
+            .ct_eq(c.password.expose_secret().as_bytes());
         ok |= user_ok & pass_ok;
     }
     ok.into()
@@ -81,7 +83,10 @@ mod tests {
             (&format!("Basic {}", b64("u:pa:ss:")), Some(("u", "pa:ss:"))),
             (&format!("Basic {}", b64("ünï:cødé")), Some(("ünï", "cødé"))),
             (&format!("Basic {}", b64("u:")), Some(("u", ""))),
-            (&format!("Basic {}", b64("u:p").trim_end_matches('=')), Some(("u", "p"))),
+            (
+                &format!("Basic {}", b64("u:p").trim_end_matches('=')),
+                Some(("u", "p")),
+            ),
             (&format!("Bearer {}", b64("u:p")), None),
             ("Basic !!!notbase64", None),
             (&format!("Basic {}", b64("no-colon")), None),
@@ -102,11 +107,26 @@ mod tests {
     fn any_active_credential_matches_and_near_misses_do_not() {
         let creds = [cred("hook", "old-secret"), cred("hook", "new:secret")];
         let header = |u: &str, p: &str| format!("Basic {}", b64(&format!("{u}:{p}")));
-        assert!(basic_matches(Some(header("hook", "old-secret").as_bytes()), &creds));
-        assert!(basic_matches(Some(header("hook", "new:secret").as_bytes()), &creds));
-        assert!(!basic_matches(Some(header("hook", "old-secre").as_bytes()), &creds));
-        assert!(!basic_matches(Some(header("hook", "old-secretX").as_bytes()), &creds));
-        assert!(!basic_matches(Some(header("hoo", "old-secret").as_bytes()), &creds));
+        assert!(basic_matches(
+            Some(header("hook", "old-secret").as_bytes()),
+            &creds
+        ));
+        assert!(basic_matches(
+            Some(header("hook", "new:secret").as_bytes()),
+            &creds
+        ));
+        assert!(!basic_matches(
+            Some(header("hook", "old-secre").as_bytes()),
+            &creds
+        ));
+        assert!(!basic_matches(
+            Some(header("hook", "old-secretX").as_bytes()),
+            &creds
+        ));
+        assert!(!basic_matches(
+            Some(header("hoo", "old-secret").as_bytes()),
+            &creds
+        ));
         assert!(!basic_matches(None, &creds));
     }
 }

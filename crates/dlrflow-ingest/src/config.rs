@@ -140,7 +140,10 @@ impl Config {
             ));
         }
         if self.http.body_limit_bytes < 1024 {
-            return Err(ConfigError::invalid("http.body_limit_bytes", "must be at least 1024"));
+            return Err(ConfigError::invalid(
+                "http.body_limit_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.sources.is_empty() {
             return Err(ConfigError::invalid(
@@ -152,14 +155,20 @@ impl Config {
         for (i, s) in self.sources.iter().enumerate() {
             let at = |field: &str| format!("sources[{i}].{field}");
             let valid_name = !s.name.is_empty()
-                && s.name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                && s.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
             if !valid_name {
-                return Err(ConfigError::invalid(at("name"), "use lower-case letters, digits, '-' and '_'"));
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    "use lower-case letters, digits, '-' and '_'",
+                ));
             }
             if !names.insert(s.name.as_str()) {
-                return Err(ConfigError::invalid(at("name"), format!("duplicate source `{}`", s.name)));
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    format!("duplicate source `{}`", s.name),
+                ));
             }
             match s.auth {
                 None => {

@@ -50,7 +50,8 @@ impl ApiError {
             ApiError::BadBody(reason) => tracing::info!(%reason, "rejected body"),
             other => tracing::info!(error = %other, "rejected request"),
         }
-        let mut resp = (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
+        let mut resp =
+            (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
         let headers = resp.headers_mut();
         match &self {
             ApiError::Unauthorized { realm } => {

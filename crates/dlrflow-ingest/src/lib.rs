@@ -63,10 +63,24 @@ impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         cfg.validate()?;
         let producer = RawProducer::new(&cfg.kafka).context("creating the Kafka producer")?;
+        // Connect (and obtain the idempotent producer id) before the first
+        // request instead of during it; a broker that is down is not fatal.
+        match producer.ready().await {
+            Ok(partitions) => {
+                tracing::info!(topic = %cfg.kafka.raw_topic, partitions, "broker reachable")
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "broker not ready yet; answering 503 until it is")
+            }
+        }
         let listener = TcpListener::bind(cfg.http.listen)
             .await
             .with_context(|| format!("binding http.listen = {}", cfg.http.listen))?;
-        let sources = cfg.sources.iter().map(|s| (s.name.clone(), s.clone())).collect();
+        let sources = cfg
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
         let state = AppState {
             inner: Arc::new(Inner {
                 sources,
@@ -79,7 +93,9 @@ impl App {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn state(&self) -> AppState {
@@ -101,7 +117,8 @@ impl App {
                 state.inner.shutting_down.store(true, Ordering::SeqCst);
             }
         };
-        let server = axum::serve(self.listener, router(state.clone())).with_graceful_shutdown(signal);
+        let server =
+            axum::serve(self.listener, router(state.clone())).with_graceful_shutdown(signal);
         let server = tokio::spawn(async move { server.await });
         shutdown.cancelled().await;
         match tokio::time::timeout(grace, server).await {
@@ -123,10 +140,19 @@ pub fn router(state: AppState) -> Router {
         .route("/{source}/webhook", post(webhook))
         .route("/{source}/webhook/{kind}", post(webhook_kind))
         .route("/{source}/t/{token}/webhook", post(webhook_token))
-        .route("/{source}/t/{token}/webhook/{kind}", post(webhook_token_kind))
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/{source}/t/{token}/webhook/{kind}",
+            post(webhook_token_kind),
+        )
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
-        .route("/metrics", get(dlrflow_runtime::telemetry::metrics_endpoint))
+        .route(
+            "/metrics",
+            get(dlrflow_runtime::telemetry::metrics_endpoint),
+        )
         .with_state(state)
 }
 
@@ -137,16 +163,61 @@ struct Target {
     kind: Option<String>,
 }
 
-async fn webhook(State(s): State<AppState>, Path(source): Path<String>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Target { source, token: None, kind: None }, headers, body).await
+async fn webhook(
+    State(s): State<AppState>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(
+        s,
+        Target {
+            source,
+            token: None,
+            kind: None,
+        },
+        headers,
+        body,
+    )
+    .await
 }
 
-async fn webhook_kind(State(s): State<AppState>, Path((source, kind)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Target { source, token: None, kind: Some(kind) }, headers, body).await
+async fn webhook_kind(
+    State(s): State<AppState>,
+    Path((source, kind)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(
+        s,
+        Target {
+            source,
+            token: None,
+            kind: Some(kind),
+        },
+        headers,
+        body,
+    )
+    .await
 }
 
-async fn webhook_token(State(s): State<AppState>, Path((source, token)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Target { source, token: Some(token), kind: None }, headers, body).await
+async fn webhook_token(
+    State(s): State<AppState>,
+    Path((source, token)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(
+        s,
+        Target {
+            source,
+            token: Some(token),
+            kind: None,
+        },
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn webhook_token_kind(
@@ -155,7 +226,17 @@ async fn webhook_token_kind(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(s, Target { source, token: Some(token), kind: Some(kind) }, headers, body).await
+    handle(
+        s,
+        Target {
+            source,
+            token: Some(token),
+            kind: Some(kind),
+        },
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn handle(state: AppState, target: Target, headers: HeaderMap, body: Body) -> Response {
@@ -173,9 +254,17 @@ async fn handle(state: AppState, target: Target, headers: HeaderMap, body: Body)
 }
 
 #[tracing::instrument(skip_all, fields(source = %target.source, records, trace_id))]
-async fn accept(state: &AppState, target: Target, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn accept(
+    state: &AppState,
+    target: Target,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let inner = &state.inner;
-    let source = inner.sources.get(&target.source).ok_or(ApiError::UnknownRoute)?;
+    let source = inner
+        .sources
+        .get(&target.source)
+        .ok_or(ApiError::UnknownRoute)?;
     if let Some(kind) = &target.kind {
         let known = matches!(kind.as_str(), "delivered" | "pending" | "not_delivered");
         if source.provider != Provider::Arpoone || !known {
@@ -208,13 +297,19 @@ async fn accept(state: &AppState, target: Target, headers: &HeaderMap, body: Bod
             tracing::Span::current().record("records", 1);
             inner
                 .producer
-                .send_all(&meta, vec![OutRecord { key: key.as_deref(), payload: &body }])
+                .send_all(
+                    &meta,
+                    vec![OutRecord {
+                        key: key.as_deref(),
+                        payload: &body,
+                    }],
+                )
                 .await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         Provider::Arpoone => {
-            let elements: Vec<&serde_json::value::RawValue> =
-                serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(format!("expected a JSON array of records: {e}")))?;
+            let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::BadBody(format!("expected a JSON array of records: {e}")))?;
             if elements.len() > ARPOONE_MAX_RECORDS {
                 return Err(ApiError::BadBody(format!(
                     "{} records in one request; at most {ARPOONE_MAX_RECORDS} are allowed",
@@ -226,22 +321,37 @@ async fn accept(state: &AppState, target: Target, headers: &HeaderMap, body: Bod
             let records = elements
                 .iter()
                 .zip(&keys)
-                .map(|(e, k)| OutRecord { key: k.as_deref(), payload: e.get().as_bytes() })
+                .map(|(e, k)| OutRecord {
+                    key: k.as_deref(),
+                    payload: e.get().as_bytes(),
+                })
                 .collect();
             inner.producer.send_all(&meta, records).await?;
-            Ok((StatusCode::OK, Json(serde_json::json!({"accepted": elements.len()}))).into_response())
+            Ok((
+                StatusCode::OK,
+                Json(serde_json::json!({"accepted": elements.len()})),
+            )
+                .into_response())
         }
     }
 }
 
-fn authenticate(source: &SourceConfig, token: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
-    let unauthorized = || ApiError::Unauthorized { realm: source.name.clone() };
+fn authenticate(
+    source: &SourceConfig,
+    token: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let unauthorized = || ApiError::Unauthorized {
+        realm: source.name.clone(),
+    };
     match source.auth {
         Some(AuthMode::Basic) => {
             if token.is_some() {
                 return Err(ApiError::UnknownRoute);
             }
-            let header = headers.get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+            let header = headers
+                .get(axum::http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
             if auth::basic_matches(header, &source.credentials) {
                 Ok(())
             } else {
@@ -260,18 +370,26 @@ fn authenticate(source: &SourceConfig, token: Option<&str>, headers: &HeaderMap)
 }
 
 /// Reads the whole body within the size limit and the slow-client timeout.
-async fn read_body(body: Body, headers: &HeaderMap, http: &config::HttpConfig) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    http: &config::HttpConfig,
+) -> Result<bytes::Bytes, ApiError> {
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > http.body_limit_bytes as u64) {
-        return Err(ApiError::TooLarge { limit: http.body_limit_bytes });
+        return Err(ApiError::TooLarge {
+            limit: http.body_limit_bytes,
+        });
     }
     let limited = http_body_util::Limited::new(body, http.body_limit_bytes);
     match tokio::time::timeout(http.body_read_timeout(), limited.collect()).await {
         Err(_) => Err(ApiError::Unavailable("request body not received in time")),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge { limit: http.body_limit_bytes }),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge {
+            limit: http.body_limit_bytes,
+        }),
         Ok(Err(_)) => Err(ApiError::Unavailable("request body could not be read")),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
@@ -310,11 +428,21 @@ fn arpoone_key(element: &str) -> Option<String> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.inner.shutting_down.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "shutting down"}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "shutting down"})),
+        )
+            .into_response();
     }
     match state.inner.producer.ready().await {
-        Ok(partitions) => Json(serde_json::json!({"status": "ready", "partitions": partitions})).into_response(),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not ready", "reason": reason}))).into_response(),
+        Ok(partitions) => {
+            Json(serde_json::json!({"status": "ready", "partitions": partitions})).into_response()
+        }
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "reason": reason})),
+        )
+            .into_response(),
     }
 }
 

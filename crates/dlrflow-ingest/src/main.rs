@@ -46,10 +46,21 @@ async fn main() -> anyhow::Result<()> {
             let app = dlrflow_ingest::App::build(cfg).await?;
             app.run(shutdown).await
         }
-        Command::Tail { brokers, topic, count, timeout_secs } => {
-            let records = dlrflow_runtime::testing::read_topic(&brokers, &topic, count, Duration::from_secs(timeout_secs), Duration::ZERO)
-                .await
-                .context("reading the topic")?;
+        Command::Tail {
+            brokers,
+            topic,
+            count,
+            timeout_secs,
+        } => {
+            let records = dlrflow_runtime::testing::read_topic(
+                &brokers,
+                &topic,
+                count,
+                Duration::from_secs(timeout_secs),
+                Duration::ZERO,
+            )
+            .await
+            .context("reading the topic")?;
             for r in records.iter().take(count) {
                 let headers: serde_json::Map<String, serde_json::Value> = r
                     .headers
@@ -66,7 +77,10 @@ async fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
             if records.len() < count {
-                anyhow::bail!("only {} of {count} records within {timeout_secs} s", records.len());
+                anyhow::bail!(
+                    "only {} of {count} records within {timeout_secs} s",
+                    records.len()
+                );
             }
             Ok(())
         }

@@ -43,8 +43,14 @@ impl Producer {
                 ("linger.ms", cfg.linger_ms.to_string()),
                 ("message.timeout.ms", timeout.clone()),
                 ("request.timeout.ms", timeout),
-                ("queue.buffering.max.messages", cfg.queue_max_messages.to_string()),
-                ("queue.buffering.max.kbytes", cfg.queue_max_kbytes.to_string()),
+                (
+                    "queue.buffering.max.messages",
+                    cfg.queue_max_messages.to_string(),
+                ),
+                (
+                    "queue.buffering.max.kbytes",
+                    cfg.queue_max_kbytes.to_string(),
+                ),
                 ("socket.nagle.disable", "true".into()),
                 ("retry.backoff.ms", "50".into()),
                 ("reconnect.backoff.ms", "50".into()),
@@ -65,7 +71,11 @@ impl Producer {
     /// Enqueues every record, then waits for all acknowledgements. Any record
     /// not acknowledged within the delivery timeout fails the whole request:
     /// the gateway resends it and the consumer drops the duplicates.
-    pub async fn send_all(&self, meta: &Meta<'_>, records: Vec<OutRecord<'_>>) -> Result<(), ApiError> {
+    pub async fn send_all(
+        &self,
+        meta: &Meta<'_>,
+        records: Vec<OutRecord<'_>>,
+    ) -> Result<(), ApiError> {
         let started = Instant::now();
         let received_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
         let mut pending = Vec::with_capacity(records.len());
@@ -82,7 +92,9 @@ impl Producer {
             if let Some(ep) = meta.endpoint {
                 headers = headers.insert(h(header::ENDPOINT, ep));
             }
-            let mut record = FutureRecord::to(&self.topic).payload(r.payload).headers(headers);
+            let mut record = FutureRecord::to(&self.topic)
+                .payload(r.payload)
+                .headers(headers);
             if let Some(key) = r.key {
                 record = record.key(key);
             }
@@ -106,7 +118,8 @@ impl Producer {
         let results = tokio::time::timeout(self.delivery_timeout + Duration::from_millis(200), all)
             .await
             .map_err(|_| {
-                metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "timeout").increment(1);
+                metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "timeout")
+                    .increment(1);
                 ApiError::Unavailable("broker did not acknowledge in time")
             })?;
         for res in results {
@@ -120,7 +133,8 @@ impl Producer {
                 Err(_) => return Err(ApiError::Unavailable("producer dropped a record")),
             }
         }
-        metrics::counter!("dlrflow_ingest_records_total", "source" => meta.source.to_owned()).increment(n as u64);
+        metrics::counter!("dlrflow_ingest_records_total", "source" => meta.source.to_owned())
+            .increment(n as u64);
         metrics::histogram!("dlrflow_ingest_ack_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -139,5 +153,8 @@ impl Producer {
 }
 
 fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
-    Header { key, value: Some(value) }
+    Header {
+        key,
+        value: Some(value),
+    }
 }

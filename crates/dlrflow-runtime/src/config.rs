@@ -51,11 +51,7 @@ pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<
         figment = figment.merge(Toml::file(path));
     }
     figment
-        .merge(
-            Env::prefixed("DLRFLOW_")
-                .ignore(&["CONFIG"])
-                .split("__"),
-        )
+        .merge(Env::prefixed("DLRFLOW_").ignore(&["CONFIG"]).split("__"))
         .extract()
         .map_err(|e| ConfigError::Load(Box::new(e)))
 }
@@ -79,11 +75,8 @@ mod tests {
     fn environment_overrides_defaults_with_double_underscore_nesting() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("DLRFLOW_KAFKA__TIMEOUT_MS", "42");
-            let cfg: Sample = load(
-                "[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 3000\n",
-                None,
-            )
-            .unwrap();
+            let cfg: Sample =
+                load("[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 3000\n", None).unwrap();
             assert_eq!(cfg.kafka.brokers, "a:1");
             assert_eq!(cfg.kafka.timeout_ms, 42);
             Ok(())
@@ -93,15 +86,18 @@ mod tests {
     #[test]
     fn a_missing_file_is_an_error_naming_it() {
         let err = load::<Sample>("", Some(Path::new("/nonexistent/dlrflow.toml"))).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/dlrflow.toml"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/dlrflow.toml"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_bad_value_names_the_setting() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("DLRFLOW_KAFKA__TIMEOUT_MS", "soon");
-            let err = load::<Sample>("[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 1\n", None)
-                .unwrap_err();
+            let err =
+                load::<Sample>("[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 1\n", None).unwrap_err();
             assert!(err.to_string().contains("timeout_ms"), "{err}");
             Ok(())
         });

@@ -61,7 +61,11 @@ impl KafkaConfig {
 
 /// Checks that `topic` exists with at least one partition, within `timeout`,
 /// and returns its partition count. Blocking: call it from `spawn_blocking`.
-pub fn topic_ready<C: ClientContext>(client: &Client<C>, topic: &str, timeout: Duration) -> Result<usize, String> {
+pub fn topic_ready<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize, String> {
     let md = client
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| format!("metadata: {e}"))?;

@@ -31,7 +31,10 @@ pub async fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow:
         .context("admin client")?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let res = admin
-        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .context("create topics")?;
     for r in res {
@@ -44,12 +47,16 @@ pub async fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow:
     let brokers = brokers.to_owned();
     let name = name.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match crate::kafka::topic_ready(consumer.client(), &name, Duration::from_secs(2)) {
                 Ok(n) if n == partitions as usize => return Ok(()),
-                _ if Instant::now() > deadline => anyhow::bail!("topic {name} not visible after 20 s"),
+                _ if Instant::now() > deadline => {
+                    anyhow::bail!("topic {name} not visible after 20 s")
+                }
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
         }
@@ -79,7 +86,13 @@ impl Record {
 /// Reads every partition of `topic` from the beginning until `expected`
 /// records arrived or `timeout` passed, then keeps reading for `settle` to
 /// catch records beyond `expected`. Returns what it got.
-pub async fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Duration, settle: Duration) -> anyhow::Result<Vec<Record>> {
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> anyhow::Result<Vec<Record>> {
     let brokers = brokers.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -89,7 +102,11 @@ pub async fn read_topic(brokers: &str, topic: &str, expected: usize, timeout: Du
             .set("enable.auto.commit", "false")
             .create()?;
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-        let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+        let partitions = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition_offset(&topic, p as i32, Offset::Beginning)?;

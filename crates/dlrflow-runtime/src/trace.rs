@@ -10,9 +10,18 @@ pub fn valid_traceparent(value: &str) -> Option<&str> {
     if parts.len() < 4 {
         return None;
     }
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     let (version, trace_id, parent_id, flags) = (parts[0], parts[1], parts[2], parts[3]);
-    if !hex(version, 2) || version == "ff" || !hex(trace_id, 32) || !hex(parent_id, 16) || !hex(flags, 2) {
+    if !hex(version, 2)
+        || version == "ff"
+        || !hex(trace_id, 32)
+        || !hex(parent_id, 16)
+        || !hex(flags, 2)
+    {
         return None;
     }
     if version == "00" && parts.len() != 4 {

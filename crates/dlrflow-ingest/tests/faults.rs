@@ -1,0 +1,123 @@
+//! The broker down or not acknowledging: 503 with Retry-After within the
+//! configured delivery timeout, never 2xx; back again, requests succeed
+//! without a restart. librdkafka's mock cluster injects the faults.
+
+mod helpers;
+
+use std::time::{Duration, Instant};
+
+use helpers::*;
+use rdkafka::mocking::MockCluster;
+use reqwest::StatusCode;
+
+const TIMEOUT_MS: u64 = 1000;
+
+async fn post(app: &TestApp) -> (StatusCode, Duration, Option<String>) {
+    let started = Instant::now();
+    let resp = app
+        .client
+        .post(app.url("/lisoloo/webhook"))
+        .header("Authorization", basic(USER, PASS))
+        .body(lisoloo_event(&message_id()))
+        .send()
+        .await
+        .unwrap();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (resp.status(), started.elapsed(), retry_after)
+}
+
+/// Waits until the freshly started producer has its connection and
+/// producer id, so the fault below is the only cause of a 503.
+async fn healthy(app: &TestApp) {
+    let ok = dlrflow_runtime::testing::wait_for(Duration::from_secs(20), || async {
+        (post(app).await.0 == StatusCode::NO_CONTENT).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "the mock broker accepts records before the fault"
+    );
+}
+
+fn mock_config(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+) -> dlrflow_ingest::Config {
+    cluster.create_topic("raw", 3, 1).unwrap();
+    let mut cfg = config(&cluster.bootstrap_servers(), "raw");
+    cfg.kafka.delivery_timeout_ms = TIMEOUT_MS;
+    cfg
+}
+
+#[tokio::test]
+async fn broker_down_gives_503_in_time_and_recovers_without_restart() {
+    let cluster = MockCluster::new(1).unwrap();
+    let app = spawn_with(mock_config(&cluster)).await;
+    healthy(&app).await;
+
+    cluster.broker_down(-1).unwrap();
+    for _ in 0..3 {
+        let (status, took, retry_after) = post(&app).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(retry_after.is_some(), "503 carries Retry-After");
+        assert!(
+            took < Duration::from_millis(TIMEOUT_MS + 1000),
+            "answered in {took:?}"
+        );
+    }
+
+    cluster.broker_up(-1).unwrap();
+    let ok = dlrflow_runtime::testing::wait_for(Duration::from_secs(20), || async {
+        (post(&app).await.0 == StatusCode::NO_CONTENT).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "requests succeed again once the broker is back"
+    );
+}
+
+#[tokio::test]
+async fn a_broker_that_does_not_acknowledge_gives_503_never_2xx() {
+    let cluster = MockCluster::new(1).unwrap();
+    let app = spawn_with(mock_config(&cluster)).await;
+    healthy(&app).await;
+
+    cluster
+        .broker_round_trip_time(-1, Duration::from_secs(10))
+        .unwrap();
+    let (status, took, _) = post(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        took < Duration::from_millis(TIMEOUT_MS + 1000),
+        "answered in {took:?}"
+    );
+
+    cluster.broker_round_trip_time(-1, Duration::ZERO).unwrap();
+    let ok = dlrflow_runtime::testing::wait_for(Duration::from_secs(30), || async {
+        (post(&app).await.0 == StatusCode::NO_CONTENT).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "requests succeed again once acknowledgements flow"
+    );
+}
+
+#[tokio::test]
+async fn no_broker_at_all_gives_503_within_the_timeout() {
+    // Nothing listens on port 1.
+    let mut cfg = config("127.0.0.1:1", "raw");
+    cfg.kafka.delivery_timeout_ms = TIMEOUT_MS;
+    let app = spawn_with(cfg).await;
+    let (status, took, _) = post(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        took < Duration::from_millis(TIMEOUT_MS + 1000),
+        "answered in {took:?}"
+    );
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
