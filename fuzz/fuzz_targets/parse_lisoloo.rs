@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     );
     if let Ok(Event::Recipient(update)) = parsed {
         let first = merge(None, &update);
-        let state = first.state().expect("a new recipient is always applied").clone();
+        let state = first
+            .state()
+            .expect("a new recipient is always applied")
+            .clone();
         assert_eq!(merge(Some(&state), &update), MergeOutcome::Unchanged);
     }
 });

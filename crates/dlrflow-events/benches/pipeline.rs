@@ -46,7 +46,8 @@ fn pipeline(c: &mut Criterion) {
             if i == 0 {
                 states.iter_mut().for_each(|s| *s = None);
             }
-            let Ok(Event::Recipient(update)) = parse_lisoloo("bench-source", black_box(body)) else {
+            let Ok(Event::Recipient(update)) = parse_lisoloo("bench-source", black_box(body))
+            else {
                 unreachable!("bench input is valid");
             };
             match merge(states[*r].as_ref(), &update) {

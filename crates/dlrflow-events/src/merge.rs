@@ -206,7 +206,8 @@ fn join(s: &mut RecipientState, u: &DeliveryUpdate) {
 
 /// Whether `incoming` would move an `earliest` field.
 fn improves_earliest(existing: Option<DateTime<Utc>>, incoming: Option<DateTime<Utc>>) -> bool {
-    matches!((existing, incoming), (None, Some(_))) || matches!((existing, incoming), (Some(e), Some(i)) if i < e)
+    matches!((existing, incoming), (None, Some(_)))
+        || matches!((existing, incoming), (Some(e), Some(i)) if i < e)
 }
 
 /// Whether [`join`] would change `s`: the same rules, read-only, so the common
@@ -220,7 +221,8 @@ fn join_changes(s: &RecipientState, u: &DeliveryUpdate) -> bool {
         || improves_earliest(s.failed_at, u.failed_at)
         || (u.carrier.is_some() && u.carrier > s.carrier)
         || u.segments > s.segments
-        || (&u.error_code, &u.error_message, u.retryable) > (&s.error_code, &s.error_message, s.retryable)
+        || (&u.error_code, &u.error_message, u.retryable)
+            > (&s.error_code, &s.error_message, s.retryable)
         || u.occurred_at > s.last_event_at
 }
 
@@ -330,10 +332,10 @@ pub struct MessageState {
     pub queued_at: DateTime<Utc>,
 }
 
-fn greatest<T: PartialOrd + Clone>(a: &mut Option<T>, b: &Option<T>) {
+fn greatest<T: Ord + Clone>(a: &mut Option<T>, b: &Option<T>) {
     if let Some(bv) = b {
         match a {
-            Some(av) if !(bv > av) => {}
+            Some(av) if bv <= av => {}
             _ => *a = Some(bv.clone()),
         }
     }

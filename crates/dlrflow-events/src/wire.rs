@@ -59,10 +59,12 @@ pub(crate) fn from_json<'a, T: serde::Deserialize<'a>>(
     // only an object is a record.
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
-        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-            Err(e) => ParseError::NotJson(e),
-            Ok(_) => ParseError::NotAnObject { what },
-        });
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Err(e) => ParseError::NotJson(e),
+                Ok(_) => ParseError::NotAnObject { what },
+            },
+        );
     }
     match serde_json::from_slice::<T>(bytes) {
         Ok(v) => Ok(v),

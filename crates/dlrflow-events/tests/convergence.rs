@@ -12,8 +12,8 @@
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use dlrflow_events::{
-    merge, merge_message, DeliveryUpdate, MergeOutcome, MessageUpdate, Provider, ReconcileReason,
-    RecipientState, Status,
+    merge, merge_message, DeliveryUpdate, MergeOutcome, MessageUpdate, Provider, RecipientState,
+    ReconcileReason, Status,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -37,28 +37,45 @@ fn ev_strategy(statuses: Vec<Status>) -> impl Strategy<Value = Ev> {
         proptest::sample::select(statuses),
         0i64..20_000,
         0i64..20_000,
-        proptest::option::of(proptest::sample::select(vec!["vodacom_drc", "airtel_drc", "orange"])),
+        proptest::option::of(proptest::sample::select(vec![
+            "vodacom_drc",
+            "airtel_drc",
+            "orange",
+        ])),
         proptest::option::of(1u32..4),
         (
             proptest::option::of(proptest::sample::select(vec!["1502", "1503"])),
-            proptest::option::of(proptest::sample::select(vec!["Number unreachable", "Rejected"])),
+            proptest::option::of(proptest::sample::select(vec![
+                "Number unreachable",
+                "Rejected",
+            ])),
             proptest::option::of(any::<bool>()),
         ),
     )
-        .prop_map(|(status, occurred_ms, own_time_ms, carrier, segments, error)| Ev {
-            status,
-            occurred_ms,
-            own_time_ms,
-            carrier,
-            segments,
-            error: if status == Status::Failed { error } else { (None, None, None) },
-        })
+        .prop_map(
+            |(status, occurred_ms, own_time_ms, carrier, segments, error)| Ev {
+                status,
+                occurred_ms,
+                own_time_ms,
+                carrier,
+                segments,
+                error: if status == Status::Failed {
+                    error
+                } else {
+                    (None, None, None)
+                },
+            },
+        )
 }
 
 fn to_update(i: usize, e: &Ev) -> DeliveryUpdate {
     let own = Some(at(e.own_time_ms));
     DeliveryUpdate {
-        provider: if i % 2 == 0 { Provider::Lisoloo } else { Provider::Arpoone },
+        provider: if i % 2 == 0 {
+            Provider::Lisoloo
+        } else {
+            Provider::Arpoone
+        },
         source: "s".into(),
         message_id: "m".into(),
         recipient: "+243998857000".into(),
@@ -98,7 +115,12 @@ fn fold(updates: &[DeliveryUpdate], order: &[usize]) -> (RecipientState, bool) {
 fn consistent() -> impl Strategy<Value = Vec<Ev>> {
     prop_oneof![
         Just(vec![Status::Queued, Status::Processing, Status::Sent]),
-        Just(vec![Status::Queued, Status::Processing, Status::Sent, Status::Delivered]),
+        Just(vec![
+            Status::Queued,
+            Status::Processing,
+            Status::Sent,
+            Status::Delivered
+        ]),
         Just(vec![Status::Processing, Status::Sent, Status::Failed]),
         Just(vec![Status::Delivered]),
     ]
@@ -130,8 +152,12 @@ fn arrival(n: usize) -> impl Strategy<Value = Vec<usize>> {
 }
 
 fn authoritative_strategy() -> impl Strategy<Value = DeliveryUpdate> {
-    (proptest::sample::select(Status::ALL.to_vec()), 0i64..20_000, 20_000i64..40_000).prop_map(
-        |(status, own, fetched)| {
+    (
+        proptest::sample::select(Status::ALL.to_vec()),
+        0i64..20_000,
+        20_000i64..40_000,
+    )
+        .prop_map(|(status, own, fetched)| {
             let own = Some(at(own));
             DeliveryUpdate {
                 provider: Provider::StatusApi,
@@ -153,8 +179,7 @@ fn authoritative_strategy() -> impl Strategy<Value = DeliveryUpdate> {
                 dedupe_key: "api".into(),
                 authoritative: true,
             }
-        },
-    )
+        })
 }
 
 proptest! {

@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use dlrflow_events::{
-    merge, merge_message, DeliveryUpdate, MergeOutcome, MessageUpdate, Provider, ReconcileReason,
-    RecipientState, Status,
+    merge, merge_message, DeliveryUpdate, MergeOutcome, MessageUpdate, Provider, RecipientState,
+    ReconcileReason, Status,
 };
 
 fn at(secs: i64) -> DateTime<Utc> {
@@ -20,7 +20,11 @@ fn upd(key: &str, status: Status, secs: i64) -> DeliveryUpdate {
         recipient: "+1".into(),
         status,
         occurred_at: at(secs),
-        processing_at: if status == Status::Processing { t } else { None },
+        processing_at: if status == Status::Processing {
+            t
+        } else {
+            None
+        },
         sent_at: if status == Status::Sent { t } else { None },
         delivered_at: if status == Status::Delivered { t } else { None },
         failed_at: if status == Status::Failed { t } else { None },
@@ -61,24 +65,136 @@ fn run(updates: &[DeliveryUpdate]) -> (Option<RecipientState>, Vec<&'static str>
     (state, tags)
 }
 
+/// (name, updates, outcome tags, final status, needs_reconcile)
+type Scenario = (
+    &'static str,
+    Vec<DeliveryUpdate>,
+    Vec<&'static str>,
+    Status,
+    bool,
+);
+
 #[test]
 fn scenarios() {
     use Status::*;
     // (name, updates, outcome tags, final status, needs_reconcile)
-    let table: Vec<(&str, Vec<DeliveryUpdate>, Vec<&str>, Status, bool)> = vec![
-        ("in order", vec![upd("a", Processing, 1), upd("b", Sent, 3), upd("c", Delivered, 8)], vec!["applied"; 3], Delivered, false),
-        ("duplicate", vec![upd("a", Sent, 3), upd("a", Sent, 3)], vec!["applied", "unchanged"], Sent, false),
-        ("late sent fills", vec![upd("c", Delivered, 8), upd("b", Sent, 3)], vec!["applied", "applied"], Delivered, false),
-        ("late sent twice", vec![upd("c", Delivered, 8), upd("b", Sent, 3), upd("b", Sent, 3)], vec!["applied", "applied", "unchanged"], Delivered, false),
-        ("lower event with nothing new", vec![upd("b", Sent, 3), upd("c", Delivered, 8), upd("b2", Sent, 4)], vec!["applied", "applied", "unchanged"], Delivered, false),
-        ("conflict", vec![upd("c", Delivered, 8), upd("f", Failed, 5)], vec!["applied", "conflict"], Delivered, true),
-        ("conflict reversed", vec![upd("f", Failed, 5), upd("c", Delivered, 8)], vec!["applied", "conflict"], Failed, true),
-        ("conflict once", vec![upd("c", Delivered, 8), upd("f", Failed, 5), upd("f", Failed, 5), upd("f2", Failed, 9)], vec!["applied", "conflict", "unchanged", "unchanged"], Delivered, true),
-        ("conflict then fill", vec![upd("c", Delivered, 8), upd("f", Failed, 5), upd("b", Sent, 3)], vec!["applied", "conflict", "applied"], Delivered, true),
-        ("authoritative resolves", vec![upd("c", Delivered, 8), upd("f", Failed, 5), auth(Failed, 60)], vec!["applied", "conflict", "applied"], Failed, false),
-        ("authoritative twice", vec![upd("c", Delivered, 8), auth(Delivered, 60), auth(Delivered, 60)], vec!["applied", "applied", "unchanged"], Delivered, false),
-        ("authoritative moves down", vec![upd("c", Delivered, 8), auth(Processing, 60)], vec!["applied", "applied"], Processing, false),
-        ("authoritative first", vec![auth(Queued, 60), upd("a", Processing, 1)], vec!["applied", "applied"], Processing, false),
+    let table: Vec<Scenario> = vec![
+        (
+            "in order",
+            vec![
+                upd("a", Processing, 1),
+                upd("b", Sent, 3),
+                upd("c", Delivered, 8),
+            ],
+            vec!["applied"; 3],
+            Delivered,
+            false,
+        ),
+        (
+            "duplicate",
+            vec![upd("a", Sent, 3), upd("a", Sent, 3)],
+            vec!["applied", "unchanged"],
+            Sent,
+            false,
+        ),
+        (
+            "late sent fills",
+            vec![upd("c", Delivered, 8), upd("b", Sent, 3)],
+            vec!["applied", "applied"],
+            Delivered,
+            false,
+        ),
+        (
+            "late sent twice",
+            vec![upd("c", Delivered, 8), upd("b", Sent, 3), upd("b", Sent, 3)],
+            vec!["applied", "applied", "unchanged"],
+            Delivered,
+            false,
+        ),
+        (
+            "lower event with nothing new",
+            vec![
+                upd("b", Sent, 3),
+                upd("c", Delivered, 8),
+                upd("b2", Sent, 4),
+            ],
+            vec!["applied", "applied", "unchanged"],
+            Delivered,
+            false,
+        ),
+        (
+            "conflict",
+            vec![upd("c", Delivered, 8), upd("f", Failed, 5)],
+            vec!["applied", "conflict"],
+            Delivered,
+            true,
+        ),
+        (
+            "conflict reversed",
+            vec![upd("f", Failed, 5), upd("c", Delivered, 8)],
+            vec!["applied", "conflict"],
+            Failed,
+            true,
+        ),
+        (
+            "conflict once",
+            vec![
+                upd("c", Delivered, 8),
+                upd("f", Failed, 5),
+                upd("f", Failed, 5),
+                upd("f2", Failed, 9),
+            ],
+            vec!["applied", "conflict", "unchanged", "unchanged"],
+            Delivered,
+            true,
+        ),
+        (
+            "conflict then fill",
+            vec![
+                upd("c", Delivered, 8),
+                upd("f", Failed, 5),
+                upd("b", Sent, 3),
+            ],
+            vec!["applied", "conflict", "applied"],
+            Delivered,
+            true,
+        ),
+        (
+            "authoritative resolves",
+            vec![
+                upd("c", Delivered, 8),
+                upd("f", Failed, 5),
+                auth(Failed, 60),
+            ],
+            vec!["applied", "conflict", "applied"],
+            Failed,
+            false,
+        ),
+        (
+            "authoritative twice",
+            vec![
+                upd("c", Delivered, 8),
+                auth(Delivered, 60),
+                auth(Delivered, 60),
+            ],
+            vec!["applied", "applied", "unchanged"],
+            Delivered,
+            false,
+        ),
+        (
+            "authoritative moves down",
+            vec![upd("c", Delivered, 8), auth(Processing, 60)],
+            vec!["applied", "applied"],
+            Processing,
+            false,
+        ),
+        (
+            "authoritative first",
+            vec![auth(Queued, 60), upd("a", Processing, 1)],
+            vec!["applied", "applied"],
+            Processing,
+            false,
+        ),
     ];
     for (name, updates, tags, status, flagged) in table {
         let (state, got) = run(&updates);
@@ -93,21 +209,34 @@ fn scenarios() {
 
 #[test]
 fn late_lower_event_fills_without_moving_back() {
-    let delivered = merge(None, &upd("c", Status::Delivered, 8)).into_state().unwrap();
-    let MergeOutcome::Applied { state, previous_status } = merge(Some(&delivered), &upd("b", Status::Sent, 3)) else {
+    let delivered = merge(None, &upd("c", Status::Delivered, 8))
+        .into_state()
+        .unwrap();
+    let MergeOutcome::Applied {
+        state,
+        previous_status,
+    } = merge(Some(&delivered), &upd("b", Status::Sent, 3))
+    else {
         panic!("late sent must fill sent_at");
     };
     assert_eq!(previous_status, Some(Status::Delivered));
     assert_eq!(state.status, Status::Delivered);
     assert_eq!(state.sent_at, Some(at(3)));
     assert_eq!(state.delivered_at, Some(at(8)));
-    assert_eq!(state.last_event_at, at(8), "last_event_at is a max, not the latest arrival");
+    assert_eq!(
+        state.last_event_at,
+        at(8),
+        "last_event_at is a max, not the latest arrival"
+    );
 }
 
 #[test]
 fn conflict_changes_nothing_but_the_flag() {
-    let delivered = merge(None, &upd("c", Status::Delivered, 8)).into_state().unwrap();
-    let MergeOutcome::Conflict { state } = merge(Some(&delivered), &upd("f", Status::Failed, 5)) else {
+    let delivered = merge(None, &upd("c", Status::Delivered, 8))
+        .into_state()
+        .unwrap();
+    let MergeOutcome::Conflict { state } = merge(Some(&delivered), &upd("f", Status::Failed, 5))
+    else {
         panic!("expected a conflict");
     };
     let mut want = delivered.clone();
@@ -130,16 +259,27 @@ fn authoritative_answer_replaces_the_losing_terminal() {
     let mut answer = auth(Status::Failed, 60);
     answer.failed_at = Some(at(5));
     answer.carrier = Some("airtel_drc".into());
-    let MergeOutcome::Applied { state, previous_status } = merge(state.as_ref(), &answer) else {
+    let MergeOutcome::Applied {
+        state,
+        previous_status,
+    } = merge(state.as_ref(), &answer)
+    else {
         panic!("authoritative must apply");
     };
     assert_eq!(previous_status, Some(Status::Delivered));
     assert_eq!(state.status, Status::Failed);
-    assert_eq!(state.delivered_at, None, "the losing terminal's time is dropped");
+    assert_eq!(
+        state.delivered_at, None,
+        "the losing terminal's time is dropped"
+    );
     assert_eq!(state.failed_at, Some(at(5)));
     assert_eq!(state.error_code.as_deref(), Some("1502"));
     assert_eq!(state.carrier.as_deref(), Some("airtel_drc"));
-    assert_eq!(state.segments, Some(1), "a field the API leaves null is kept");
+    assert_eq!(
+        state.segments,
+        Some(1),
+        "a field the API leaves null is kept"
+    );
     assert_eq!(state.last_event_at, at(60));
     assert!(!state.needs_reconcile);
     assert_eq!(state.reconcile_reason, None);
@@ -169,7 +309,11 @@ fn message_merge_fills_and_is_idempotent() {
     assert_eq!(first.total_recipients, Some(3));
     assert_eq!(first.total_cost, Some(0.06));
     assert_eq!(first.queued_at, at(0));
-    assert_eq!(merge_message(Some(&first), &q), None, "duplicate changes nothing");
+    assert_eq!(
+        merge_message(Some(&first), &q),
+        None,
+        "duplicate changes nothing"
+    );
 
     let sparse = MessageUpdate {
         total_cost: None,

@@ -115,7 +115,11 @@ fn lisoloo_documented_recipient_events() {
         assert_eq!(u.delivered_at, want.delivered_at.map(t), "{ctx}");
         assert_eq!(u.failed_at, want.failed_at.map(t), "{ctx}");
         assert_eq!(u.segments, want.segments, "{ctx}");
-        let error = (u.error_code.as_deref(), u.error_message.as_deref(), u.retryable);
+        let error = (
+            u.error_code.as_deref(),
+            u.error_message.as_deref(),
+            u.retryable,
+        );
         assert_eq!(error, want.error, "{ctx}");
         assert_eq!(u.dedupe_key, EVENT_ID, "{ctx}");
         assert!(!u.authoritative, "{ctx}");
@@ -184,7 +188,10 @@ fn lisoloo_is_lenient_where_it_may_be() {
         r#"{"recipient_phone":"+1","delivered_at":"garbage","segments":"x"}"#,
     );
     let u = recipient(parse_lisoloo("s", body.as_bytes()).unwrap());
-    assert_eq!((u.status, u.delivered_at, u.segments), (Status::Processing, None, None));
+    assert_eq!(
+        (u.status, u.delivered_at, u.segments),
+        (Status::Processing, None, None)
+    );
 }
 
 /// (case, body, expected kind, text the error's message must contain)
@@ -195,60 +202,242 @@ fn check_errors(cases: Vec<ErrCase>, parse: impl Fn(&[u8]) -> Result<(), ParseEr
         let err = parse(&body).expect_err(case);
         assert_eq!(err.kind(), kind, "{case}: {err}");
         let text = err.to_string();
-        assert!(text.contains(needle), "{case}: `{text}` should mention `{needle}`");
+        assert!(
+            text.contains(needle),
+            "{case}: `{text}` should mention `{needle}`"
+        );
     }
 }
 
 #[test]
 fn lisoloo_error_paths() {
-    let env = |event_type: &str, data: &str| lisoloo(event_type, "2026-05-27T10:15:08Z", data).into_bytes();
+    let env = |event_type: &str, data: &str| {
+        lisoloo(event_type, "2026-05-27T10:15:08Z", data).into_bytes()
+    };
     let without = |field: &str| {
-        let mut v: serde_json::Value = serde_json::from_slice(&env("sms.processing", r#"{"recipient_phone":"+1"}"#)).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&env("sms.processing", r#"{"recipient_phone":"+1"}"#)).unwrap();
         v.as_object_mut().unwrap().remove(field);
         serde_json::to_vec(&v).unwrap()
     };
     let with = |field: &str, value: &str| {
-        let mut v: serde_json::Value = serde_json::from_slice(&env("sms.processing", r#"{"recipient_phone":"+1"}"#)).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&env("sms.processing", r#"{"recipient_phone":"+1"}"#)).unwrap();
         v[field] = serde_json::from_str(value).unwrap();
         serde_json::to_vec(&v).unwrap()
     };
     let cases: Vec<ErrCase> = vec![
         ("empty body", b"".to_vec(), "not_json", "EOF"),
-        ("truncated", b"{\"event_id\":".to_vec(), "not_json", "line 1"),
-        ("not utf-8", b"{\"event_id\":\"\xff\"}".to_vec(), "not_json", "unicode"),
+        (
+            "truncated",
+            b"{\"event_id\":".to_vec(),
+            "not_json",
+            "line 1",
+        ),
+        (
+            "not utf-8",
+            b"{\"event_id\":\"\xff\"}".to_vec(),
+            "not_json",
+            "unicode",
+        ),
         ("array", b"[]".to_vec(), "not_an_object", "Lisoloo event"),
-        ("string", b"\"sms.sent\"".to_vec(), "not_an_object", "Lisoloo event"),
-        ("no event_id", without("event_id"), "missing_field", "event_id"),
-        ("no event_type", without("event_type"), "missing_field", "event_type"),
-        ("no timestamp", without("timestamp"), "missing_field", "timestamp"),
-        ("no message_id", without("message_id"), "missing_field", "message_id"),
+        (
+            "string",
+            b"\"sms.sent\"".to_vec(),
+            "not_an_object",
+            "Lisoloo event",
+        ),
+        (
+            "no event_id",
+            without("event_id"),
+            "missing_field",
+            "event_id",
+        ),
+        (
+            "no event_type",
+            without("event_type"),
+            "missing_field",
+            "event_type",
+        ),
+        (
+            "no timestamp",
+            without("timestamp"),
+            "missing_field",
+            "timestamp",
+        ),
+        (
+            "no message_id",
+            without("message_id"),
+            "missing_field",
+            "message_id",
+        ),
         ("no data", without("data"), "missing_field", "data"),
         ("null data", with("data", "null"), "missing_field", "data"),
-        ("null event_id", with("event_id", "null"), "missing_field", "event_id"),
-        ("event_id not uuid", with("event_id", r#""evt-1""#), "invalid_field", "event_id"),
-        ("event_id object", with("event_id", "{}"), "invalid_field", "event_id"),
-        ("empty message_id", with("message_id", r#""""#), "invalid_field", "message_id"),
-        ("message_id array", with("message_id", "[1]"), "invalid_field", "message_id"),
-        ("bad timestamp", with("timestamp", r#""yesterday""#), "invalid_field", "timestamp"),
-        ("unknown type", env("sms.clicked", "{}"), "unknown_event_type", "sms.clicked"),
-        ("numeric type", with("event_type", "5"), "unknown_event_type", "`5`"),
-        ("data is a number", env("sms.sent", "5"), "not_an_object", "data"),
-        ("data is an array", env("sms.queued", "[]"), "not_an_object", "data"),
-        ("processing no phone", env("sms.processing", r#"{"carrier":"x"}"#), "missing_field", "data.recipient_phone"),
-        ("processing empty phone", env("sms.processing", r#"{"recipient_phone":" "}"#), "invalid_field", "data.recipient_phone"),
-        ("processing carrier bool", env("sms.processing", r#"{"recipient_phone":"+1","carrier":true}"#), "invalid_field", "data.carrier"),
-        ("sent no sent_at", env("sms.sent", r#"{"recipient_phone":"+1"}"#), "missing_field", "data.sent_at"),
-        ("sent bad sent_at", env("sms.sent", r#"{"recipient_phone":"+1","sent_at":"10:15"}"#), "invalid_field", "data.sent_at"),
-        ("delivered no delivered_at", env("sms.delivered", r#"{"recipient_phone":"+1"}"#), "missing_field", "data.delivered_at"),
-        ("delivered bad delivered_at", env("sms.delivered", r#"{"recipient_phone":"+1","delivered_at":"2026-02-30T00:00:00Z"}"#), "invalid_field", "data.delivered_at"),
-        ("delivered segments text", env("sms.delivered", r#"{"recipient_phone":"+1","delivered_at":"2026-05-27T10:15:08Z","segments":"one"}"#), "invalid_field", "data.segments"),
-        ("delivered segments negative", env("sms.delivered", r#"{"recipient_phone":"+1","delivered_at":"2026-05-27T10:15:08Z","segments":-1}"#), "invalid_field", "data.segments"),
-        ("failed no failed_at", env("sms.failed", r#"{"recipient_phone":"+1","error_code":"1"}"#), "missing_field", "data.failed_at"),
-        ("failed retryable text", env("sms.failed", r#"{"recipient_phone":"+1","failed_at":"2026-05-27T10:15:08Z","retryable":"no"}"#), "invalid_field", "data.retryable"),
-        ("failed no phone", env("sms.failed", r#"{"failed_at":"2026-05-27T10:15:08Z"}"#), "missing_field", "data.recipient_phone"),
-        ("queued cost text", env("sms.queued", r#"{"total_cost":"0.06"}"#), "invalid_field", "data.total_cost"),
-        ("queued recipients float", env("sms.queued", r#"{"total_recipients":2.5}"#), "invalid_field", "data.total_recipients"),
-        ("queued bad scheduled_at", env("sms.queued", r#"{"scheduled_at":"soon"}"#), "invalid_field", "data.scheduled_at"),
+        (
+            "null event_id",
+            with("event_id", "null"),
+            "missing_field",
+            "event_id",
+        ),
+        (
+            "event_id not uuid",
+            with("event_id", r#""evt-1""#),
+            "invalid_field",
+            "event_id",
+        ),
+        (
+            "event_id object",
+            with("event_id", "{}"),
+            "invalid_field",
+            "event_id",
+        ),
+        (
+            "empty message_id",
+            with("message_id", r#""""#),
+            "invalid_field",
+            "message_id",
+        ),
+        (
+            "message_id array",
+            with("message_id", "[1]"),
+            "invalid_field",
+            "message_id",
+        ),
+        (
+            "bad timestamp",
+            with("timestamp", r#""yesterday""#),
+            "invalid_field",
+            "timestamp",
+        ),
+        (
+            "unknown type",
+            env("sms.clicked", "{}"),
+            "unknown_event_type",
+            "sms.clicked",
+        ),
+        (
+            "numeric type",
+            with("event_type", "5"),
+            "unknown_event_type",
+            "`5`",
+        ),
+        (
+            "data is a number",
+            env("sms.sent", "5"),
+            "not_an_object",
+            "data",
+        ),
+        (
+            "data is an array",
+            env("sms.queued", "[]"),
+            "not_an_object",
+            "data",
+        ),
+        (
+            "processing no phone",
+            env("sms.processing", r#"{"carrier":"x"}"#),
+            "missing_field",
+            "data.recipient_phone",
+        ),
+        (
+            "processing empty phone",
+            env("sms.processing", r#"{"recipient_phone":" "}"#),
+            "invalid_field",
+            "data.recipient_phone",
+        ),
+        (
+            "processing carrier bool",
+            env(
+                "sms.processing",
+                r#"{"recipient_phone":"+1","carrier":true}"#,
+            ),
+            "invalid_field",
+            "data.carrier",
+        ),
+        (
+            "sent no sent_at",
+            env("sms.sent", r#"{"recipient_phone":"+1"}"#),
+            "missing_field",
+            "data.sent_at",
+        ),
+        (
+            "sent bad sent_at",
+            env("sms.sent", r#"{"recipient_phone":"+1","sent_at":"10:15"}"#),
+            "invalid_field",
+            "data.sent_at",
+        ),
+        (
+            "delivered no delivered_at",
+            env("sms.delivered", r#"{"recipient_phone":"+1"}"#),
+            "missing_field",
+            "data.delivered_at",
+        ),
+        (
+            "delivered bad delivered_at",
+            env(
+                "sms.delivered",
+                r#"{"recipient_phone":"+1","delivered_at":"2026-02-30T00:00:00Z"}"#,
+            ),
+            "invalid_field",
+            "data.delivered_at",
+        ),
+        (
+            "delivered segments text",
+            env(
+                "sms.delivered",
+                r#"{"recipient_phone":"+1","delivered_at":"2026-05-27T10:15:08Z","segments":"one"}"#,
+            ),
+            "invalid_field",
+            "data.segments",
+        ),
+        (
+            "delivered segments negative",
+            env(
+                "sms.delivered",
+                r#"{"recipient_phone":"+1","delivered_at":"2026-05-27T10:15:08Z","segments":-1}"#,
+            ),
+            "invalid_field",
+            "data.segments",
+        ),
+        (
+            "failed no failed_at",
+            env("sms.failed", r#"{"recipient_phone":"+1","error_code":"1"}"#),
+            "missing_field",
+            "data.failed_at",
+        ),
+        (
+            "failed retryable text",
+            env(
+                "sms.failed",
+                r#"{"recipient_phone":"+1","failed_at":"2026-05-27T10:15:08Z","retryable":"no"}"#,
+            ),
+            "invalid_field",
+            "data.retryable",
+        ),
+        (
+            "failed no phone",
+            env("sms.failed", r#"{"failed_at":"2026-05-27T10:15:08Z"}"#),
+            "missing_field",
+            "data.recipient_phone",
+        ),
+        (
+            "queued cost text",
+            env("sms.queued", r#"{"total_cost":"0.06"}"#),
+            "invalid_field",
+            "data.total_cost",
+        ),
+        (
+            "queued recipients float",
+            env("sms.queued", r#"{"total_recipients":2.5}"#),
+            "invalid_field",
+            "data.total_recipients",
+        ),
+        (
+            "queued bad scheduled_at",
+            env("sms.queued", r#"{"scheduled_at":"soon"}"#),
+            "invalid_field",
+            "data.scheduled_at",
+        ),
     ];
     check_errors(cases, |b| parse_lisoloo("s", b).map(|_| ()));
 }
@@ -259,17 +448,77 @@ fn arpoone_doc(status: &str, when: &str, segments: &str, payload: &str) -> Strin
     )
 }
 
+/// (Status, ReportDateTime, TotalSegments json, CustomPayload json, lattice status,
+/// occurred_at, segments, custom_payload)
+type ArpooneCase = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Status,
+    &'static str,
+    Option<u32>,
+    Option<&'static str>,
+);
+
 #[test]
 fn arpoone_documented_reports() {
     // (status, ReportDateTime, TotalSegments, CustomPayload, lattice status, occurred_at, segments, payload)
-    let table: &[(&str, &str, &str, &str, Status, &str, Option<u32>, Option<&str>)] = &[
-        ("DELIVERED", "2026-05-27T10:15:08Z", r#", "TotalSegments": 1"#, r#", "CustomPayload": "{\"abc\": \"123\"}""#, Status::Delivered, "2026-05-27T10:15:08Z", Some(1), Some(r#"{"abc": "123"}"#)),
-        ("PENDING", "2026-05-27T10:15:03", r#", "TotalSegments": null"#, r#", "CustomPayload": null"#, Status::Sent, "2026-05-27T10:15:03Z", None, None),
-        ("NOT_DELIVERED", "2026-05-27T10:15:05.1234567", "", "", Status::Failed, "2026-05-27T10:15:05.1234567Z", None, None),
-        ("delivered", "2026-05-27T11:15:08+01:00", r#", "TotalSegments": 3"#, r#", "CustomPayload": {"abc": "123"}"#, Status::Delivered, "2026-05-27T10:15:08Z", Some(3), Some(r#"{"abc": "123"}"#)),
-        ("Pending", "2026-05-27T10:15:03.5-00:30", "", r#", "CustomPayload": "order-42""#, Status::Sent, "2026-05-27T10:45:03.5Z", None, Some("order-42")),
+    let table: &[ArpooneCase] = &[
+        (
+            "DELIVERED",
+            "2026-05-27T10:15:08Z",
+            r#", "TotalSegments": 1"#,
+            r#", "CustomPayload": "{\"abc\": \"123\"}""#,
+            Status::Delivered,
+            "2026-05-27T10:15:08Z",
+            Some(1),
+            Some(r#"{"abc": "123"}"#),
+        ),
+        (
+            "PENDING",
+            "2026-05-27T10:15:03",
+            r#", "TotalSegments": null"#,
+            r#", "CustomPayload": null"#,
+            Status::Sent,
+            "2026-05-27T10:15:03Z",
+            None,
+            None,
+        ),
+        (
+            "NOT_DELIVERED",
+            "2026-05-27T10:15:05.1234567",
+            "",
+            "",
+            Status::Failed,
+            "2026-05-27T10:15:05.1234567Z",
+            None,
+            None,
+        ),
+        (
+            "delivered",
+            "2026-05-27T11:15:08+01:00",
+            r#", "TotalSegments": 3"#,
+            r#", "CustomPayload": {"abc": "123"}"#,
+            Status::Delivered,
+            "2026-05-27T10:15:08Z",
+            Some(3),
+            Some(r#"{"abc": "123"}"#),
+        ),
+        (
+            "Pending",
+            "2026-05-27T10:15:03.5-00:30",
+            "",
+            r#", "CustomPayload": "order-42""#,
+            Status::Sent,
+            "2026-05-27T10:45:03.5Z",
+            None,
+            Some("order-42"),
+        ),
     ];
-    for (status, when, segments, payload, want_status, want_at, want_segments, want_payload) in table {
+    for (status, when, segments, payload, want_status, want_at, want_segments, want_payload) in
+        table
+    {
         let body = arpoone_doc(status, when, segments, payload);
         let u = parse_arpoone("arp-1", body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
         assert_eq!(u.provider, Provider::Arpoone);
@@ -279,9 +528,30 @@ fn arpoone_documented_reports() {
         assert_eq!(u.status, *want_status, "{status}");
         assert_eq!(u.occurred_at, t(want_at), "{status}");
         let at = Some(t(want_at));
-        assert_eq!(u.sent_at, if *want_status == Status::Sent { at } else { None });
-        assert_eq!(u.delivered_at, if *want_status == Status::Delivered { at } else { None });
-        assert_eq!(u.failed_at, if *want_status == Status::Failed { at } else { None });
+        assert_eq!(
+            u.sent_at,
+            if *want_status == Status::Sent {
+                at
+            } else {
+                None
+            }
+        );
+        assert_eq!(
+            u.delivered_at,
+            if *want_status == Status::Delivered {
+                at
+            } else {
+                None
+            }
+        );
+        assert_eq!(
+            u.failed_at,
+            if *want_status == Status::Failed {
+                at
+            } else {
+                None
+            }
+        );
         let description = (*want_status == Status::Failed).then_some("Carrier said so");
         assert_eq!(u.error_message.as_deref(), description);
         assert_eq!(u.segments, *want_segments);
@@ -299,7 +569,10 @@ fn arpoone_documented_reports() {
 #[test]
 fn arpoone_dedupe_key_is_unambiguous_and_sensitive() {
     let base = arpoone_dedupe_key("s", "m", "n", "PENDING", "2026-05-27T10:15:03Z");
-    assert_eq!(base, arpoone_dedupe_key("s", "m", "n", "PENDING", "2026-05-27T10:15:03Z"));
+    assert_eq!(
+        base,
+        arpoone_dedupe_key("s", "m", "n", "PENDING", "2026-05-27T10:15:03Z")
+    );
     let variants = [
         arpoone_dedupe_key("s2", "m", "n", "PENDING", "2026-05-27T10:15:03Z"),
         arpoone_dedupe_key("s", "m2", "n", "PENDING", "2026-05-27T10:15:03Z"),
@@ -312,7 +585,10 @@ fn arpoone_dedupe_key_is_unambiguous_and_sensitive() {
     for v in &variants {
         assert_ne!(&base, v);
     }
-    assert_ne!(arpoone_dedupe_key("ab", "c", "", "", ""), arpoone_dedupe_key("a", "bc", "", "", ""));
+    assert_ne!(
+        arpoone_dedupe_key("ab", "c", "", "", ""),
+        arpoone_dedupe_key("a", "bc", "", "", "")
+    );
     // The wire's numeric Msisdn keys the same as its string form.
     let a = parse_arpoone("s", br#"{"Msisdn":351912345678,"Status":"PENDING","MessageId":"m","ReportDateTime":"2026-05-27T10:15:03Z"}"#).unwrap();
     let b = parse_arpoone("s", br#"{"Msisdn":"351912345678","Status":"PENDING","MessageId":"m","ReportDateTime":"2026-05-27T10:15:03Z"}"#).unwrap();
@@ -334,17 +610,62 @@ fn arpoone_error_paths() {
     };
     let cases: Vec<ErrCase> = vec![
         ("not json", b"Msisdn=1".to_vec(), "not_json", "line 1"),
-        ("whole array", format!("[{ok}]").into_bytes(), "not_an_object", "one array element"),
+        (
+            "whole array",
+            format!("[{ok}]").into_bytes(),
+            "not_an_object",
+            "one array element",
+        ),
         ("no Msisdn", edit("Msisdn", None), "missing_field", "Msisdn"),
-        ("null Msisdn", edit("Msisdn", Some("null")), "missing_field", "Msisdn"),
-        ("empty Msisdn", edit("Msisdn", Some(r#""""#)), "invalid_field", "Msisdn"),
+        (
+            "null Msisdn",
+            edit("Msisdn", Some("null")),
+            "missing_field",
+            "Msisdn",
+        ),
+        (
+            "empty Msisdn",
+            edit("Msisdn", Some(r#""""#)),
+            "invalid_field",
+            "Msisdn",
+        ),
         ("no Status", edit("Status", None), "missing_field", "Status"),
-        ("no MessageId", edit("MessageId", None), "missing_field", "MessageId"),
-        ("no ReportDateTime", edit("ReportDateTime", None), "missing_field", "ReportDateTime"),
-        ("unknown Status", edit("Status", Some(r#""READ""#)), "unknown_status", "READ"),
-        ("bad ReportDateTime", edit("ReportDateTime", Some(r#""27/05/2026 10:15""#)), "invalid_field", "ReportDateTime"),
-        ("TotalSegments text", edit("TotalSegments", Some(r#""two""#)), "invalid_field", "TotalSegments"),
-        ("Status object", edit("Status", Some("{}")), "invalid_field", "Status"),
+        (
+            "no MessageId",
+            edit("MessageId", None),
+            "missing_field",
+            "MessageId",
+        ),
+        (
+            "no ReportDateTime",
+            edit("ReportDateTime", None),
+            "missing_field",
+            "ReportDateTime",
+        ),
+        (
+            "unknown Status",
+            edit("Status", Some(r#""READ""#)),
+            "unknown_status",
+            "READ",
+        ),
+        (
+            "bad ReportDateTime",
+            edit("ReportDateTime", Some(r#""27/05/2026 10:15""#)),
+            "invalid_field",
+            "ReportDateTime",
+        ),
+        (
+            "TotalSegments text",
+            edit("TotalSegments", Some(r#""two""#)),
+            "invalid_field",
+            "TotalSegments",
+        ),
+        (
+            "Status object",
+            edit("Status", Some("{}")),
+            "invalid_field",
+            "Status",
+        ),
     ];
     check_errors(cases, |b| parse_arpoone("s", b).map(|_| ()));
 }
@@ -390,27 +711,59 @@ fn status_api_documented_response() {
         assert_eq!(u.source, "src-a");
         assert_eq!(u.dedupe_key.len(), 64);
     }
-    let [d, p, f] = &snap.recipients[..] else { unreachable!() };
-    assert_eq!((d.recipient.as_str(), d.status), ("+243998857000", Status::Delivered));
+    let [d, p, f] = &snap.recipients[..] else {
+        unreachable!()
+    };
+    assert_eq!(
+        (d.recipient.as_str(), d.status),
+        ("+243998857000", Status::Delivered)
+    );
     assert_eq!(d.carrier.as_deref(), Some("vodacom_drc"));
     assert_eq!(d.sent_at, Some(t("2026-05-27T10:15:03Z")));
     assert_eq!(d.delivered_at, Some(t("2026-05-27T10:15:08Z")));
-    assert_eq!((d.failed_at, d.error_code.as_deref(), d.retryable, d.segments), (None, None, None, Some(1)));
-    assert_eq!((p.recipient.as_str(), p.status), ("+243998857001", Status::Queued));
-    assert_eq!((p.sent_at, p.carrier.as_deref(), p.segments), (None, None, None));
+    assert_eq!(
+        (
+            d.failed_at,
+            d.error_code.as_deref(),
+            d.retryable,
+            d.segments
+        ),
+        (None, None, None, Some(1))
+    );
+    assert_eq!(
+        (p.recipient.as_str(), p.status),
+        ("+243998857001", Status::Queued)
+    );
+    assert_eq!(
+        (p.sent_at, p.carrier.as_deref(), p.segments),
+        (None, None, None)
+    );
     assert_eq!(f.status, Status::Failed);
     assert_eq!(f.sent_at, Some(t("2026-05-27T10:15:03.25Z")));
     assert_eq!(f.failed_at, Some(t("2026-05-27T10:15:05.123456Z")));
     assert_eq!(f.error_code.as_deref(), Some("1502"));
     assert_eq!(f.error_message.as_deref(), Some("Number unreachable"));
     assert_eq!(f.retryable, Some(false));
-    let keys: std::collections::HashSet<_> = snap.recipients.iter().map(|u| &u.dedupe_key).collect();
+    let keys: std::collections::HashSet<_> =
+        snap.recipients.iter().map(|u| &u.dedupe_key).collect();
     assert_eq!(keys.len(), 3, "one key per recipient");
 
     // Minimal answers are fine: no status, no recipients.
     let snap = parse_status_response("s", br#"{"message_id":"m"}"#, fetched).unwrap();
-    assert_eq!((snap.message_status.as_str(), snap.total_recipients, snap.recipients.len()), ("", None, 0));
-    let snap = parse_status_response("s", br#"{"message_id":"m","status":"sent","recipients":null,"total_recipients":null}"#, fetched).unwrap();
+    assert_eq!(
+        (
+            snap.message_status.as_str(),
+            snap.total_recipients,
+            snap.recipients.len()
+        ),
+        ("", None, 0)
+    );
+    let snap = parse_status_response(
+        "s",
+        br#"{"message_id":"m","status":"sent","recipients":null,"total_recipients":null}"#,
+        fetched,
+    )
+    .unwrap();
     assert!(snap.recipients.is_empty());
 }
 
@@ -429,27 +782,47 @@ fn status_api_error_paths() {
         ("recipient retryable number", br#"{"message_id":"m","recipients":[{"recipient_phone":"+1","status":"failed","retryable":0}]}"#.to_vec(), "invalid_field", "recipients[0].retryable"),
     ];
     let fetched = Utc.with_ymd_and_hms(2026, 5, 27, 10, 16, 0).unwrap();
-    check_errors(cases, |b| parse_status_response("s", b, fetched).map(|_| ()));
+    check_errors(cases, |b| {
+        parse_status_response("s", b, fetched).map(|_| ())
+    });
 }
 
 #[test]
 fn parse_record_refuses_status_api() {
     let err = parse_record(Provider::StatusApi, "s", STATUS_DOC.as_bytes()).unwrap_err();
-    assert!(matches!(err, ParseError::UnsupportedProvider(Provider::StatusApi)));
+    assert!(matches!(
+        err,
+        ParseError::UnsupportedProvider(Provider::StatusApi)
+    ));
 }
 
 #[test]
 fn enums_spell_and_order_as_documented() {
-    assert_eq!(serde_json::to_string(&Provider::StatusApi).unwrap(), r#""status_api""#);
-    assert_eq!(serde_json::to_string(&Provider::Lisoloo).unwrap(), r#""lisoloo""#);
-    assert_eq!(serde_json::to_string(&Provider::Arpoone).unwrap(), r#""arpoone""#);
+    assert_eq!(
+        serde_json::to_string(&Provider::StatusApi).unwrap(),
+        r#""status_api""#
+    );
+    assert_eq!(
+        serde_json::to_string(&Provider::Lisoloo).unwrap(),
+        r#""lisoloo""#
+    );
+    assert_eq!(
+        serde_json::to_string(&Provider::Arpoone).unwrap(),
+        r#""arpoone""#
+    );
     for p in [Provider::Lisoloo, Provider::Arpoone, Provider::StatusApi] {
         assert_eq!(p.as_str().parse::<Provider>().unwrap(), p);
-        assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{}\"", p.as_str()));
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            format!("\"{}\"", p.as_str())
+        );
     }
     for s in Status::ALL {
         assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
-        assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            format!("\"{}\"", s.as_str())
+        );
         assert_eq!(s.is_terminal(), s.rank() == 3);
     }
     assert!("pending".parse::<Status>().is_err());
@@ -457,7 +830,10 @@ fn enums_spell_and_order_as_documented() {
     assert!(Status::Sent < Status::Delivered && Status::Sent < Status::Failed);
     assert_eq!(Status::Delivered.rank(), Status::Failed.rank());
     // DeliveryUpdate round-trips through JSON (it rides on the delivery topic).
-    let u = parse_status_response("s", STATUS_DOC.as_bytes(), Utc::now()).unwrap().recipients.remove(2);
+    let u = parse_status_response("s", STATUS_DOC.as_bytes(), Utc::now())
+        .unwrap()
+        .recipients
+        .remove(2);
     let back: DeliveryUpdate = serde_json::from_str(&serde_json::to_string(&u).unwrap()).unwrap();
     assert_eq!(back, u);
 }
