@@ -1,0 +1,511 @@
+//! The reconciler's typed configuration. Defaults live in [`DEFAULTS`]; a file
+//! and `DLRFLOW_…` environment variables override them (see
+//! `dlrflow_runtime::config`): `DLRFLOW_STATUS_API__API_KEY=…`,
+//! `DLRFLOW_RECONCILE__SOURCES='["acme"]'`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use dlrflow_runtime::config::{self, ConfigError};
+use dlrflow_runtime::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+pub const DEFAULTS: &str = r#"
+[http]
+listen = "127.0.0.1:8082"
+shutdown_grace_ms = 10000
+
+[status_api]
+base_url = "http://127.0.0.1:8090"
+api_key = ""
+auth_header = "Authorization"
+auth_scheme = "Bearer"
+timeout_ms = 10000
+connect_timeout_ms = 2000
+
+[budget]
+reads = 120
+window_ms = 60000
+safety_margin_ms = 1000
+key_id = ""
+unauthorized_hold_secs = 3600
+
+[redis]
+url = "redis://127.0.0.1:6379"
+prefix = "dlrflow:reconcile"
+
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/dlrflow"
+schema = "public"
+max_connections = 8
+migrate = true
+
+[reconcile]
+sources = []
+strict_sources = []
+sweep_interval_ms = 5000
+sweep_batch = 5000
+debounce_ms = 5000
+deadline_queued_secs = 600
+deadline_processing_secs = 600
+deadline_sent_secs = 7200
+incomplete_after_secs = 600
+conflict_reread_secs = 600
+max_age_secs = 259200
+give_up_after_secs = 86400
+backoff_initial_ms = 5000
+backoff_max_ms = 600000
+lease_ms = 120000
+concurrency = 4
+poll_interval_ms = 500
+job_retention_secs = 604800
+"#;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub status_api: StatusApiConfig,
+    pub budget: BudgetConfig,
+    pub redis: RedisConfig,
+    pub postgres: PostgresConfig,
+    pub reconcile: ReconcileConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpConfig {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub listen: SocketAddr,
+    /// How long shutdown waits for in-flight reads and writes.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusApiConfig {
+    /// `GET {base_url}/status/{message_id}`.
+    pub base_url: String,
+    /// The gateway API key; never logged. Required.
+    pub api_key: SecretString,
+    /// The header carrying the key (default `Authorization`).
+    pub auth_header: String,
+    /// Put before the key with one space (default `Bearer`); empty sends the bare key.
+    pub auth_scheme: String,
+    /// Whole-request timeout; a timeout counts as a read (it may have reached the gateway).
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BudgetConfig {
+    /// Reads allowed per window per API key, across every replica (gateway: 120).
+    pub reads: u32,
+    /// The gateway's window (gateway: 60 000 ms).
+    pub window_ms: u64,
+    /// The limiter counts over `window_ms + safety_margin_ms`, which covers the
+    /// time between a grant in Redis and the request reaching the gateway. A
+    /// grant older than half the margin is not used.
+    pub safety_margin_ms: u64,
+    /// Names the API key in Redis keys and metrics; default: the first 16 hex
+    /// digits of the key's SHA-256 (a new key gets a fresh budget and state).
+    pub key_id: String,
+    /// After a 401, reads with this key stop on every replica for this long
+    /// (or until the process runs with another key); then one read probes again.
+    pub unauthorized_hold_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every Redis key (tests use a unique one).
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PostgresConfig {
+    pub url: SecretString,
+    /// Schema holding dlrflow's tables (`search_path`).
+    pub schema: String,
+    pub max_connections: u32,
+    /// Run the migrations (dlrflow-state's, then ours) at start.
+    pub migrate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReconcileConfig {
+    /// The sources (tenants) this API key serves. Required.
+    pub sources: Vec<String>,
+    /// Sources in strict mode: every change is confirmed by one read per
+    /// message once the message has been quiet for `debounce_ms`.
+    pub strict_sources: Vec<String>,
+    pub sweep_interval_ms: u64,
+    /// At most this many messages enqueued per trigger per sweep.
+    pub sweep_batch: i64,
+    pub debounce_ms: u64,
+    /// A recipient with no news for this long in `queued` is stuck.
+    pub deadline_queued_secs: u64,
+    pub deadline_processing_secs: u64,
+    /// In `sent`: longer than the gateway's webhook retries (30 s + 2 m + 10 m + 1 h ≈ 73 min).
+    pub deadline_sent_secs: u64,
+    /// A message announcing more recipients than we have seen is read this long after it was queued.
+    pub incomplete_after_secs: u64,
+    /// A conflict that a read could not clear is read again after this long.
+    pub conflict_reread_secs: u64,
+    /// Recipients created longer ago than this are no longer swept as stuck or incomplete.
+    pub max_age_secs: u64,
+    /// A job failing (404, 5xx, timeout) for this long since it was requested is abandoned.
+    pub give_up_after_secs: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How long a replica owns a claimed job; a crashed replica's jobs return after it.
+    pub lease_ms: u64,
+    /// Reads in flight per replica.
+    pub concurrency: usize,
+    /// How often an idle worker looks for a due job.
+    pub poll_interval_ms: u64,
+    /// Finished jobs are deleted after this long.
+    pub job_retention_secs: u64,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+fn secs(v: u64) -> Duration {
+    Duration::from_secs(v)
+}
+
+impl Config {
+    /// Loads and validates the configuration.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: Config = config::load(DEFAULTS, file)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The embedded defaults, unvalidated (tests fill in the rest).
+    pub fn defaults() -> Self {
+        config::load::<Config>(DEFAULTS, None).expect("embedded defaults parse")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let api = &self.status_api;
+        if !(api.base_url.starts_with("http://") || api.base_url.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                "status_api.base_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if reqwest::Url::parse(&api.base_url).is_err() {
+            return Err(ConfigError::invalid(
+                "status_api.base_url",
+                "not a valid URL",
+            ));
+        }
+        if api.api_key.expose_secret().trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "status_api.api_key",
+                "required (DLRFLOW_STATUS_API__API_KEY)",
+            ));
+        }
+        if reqwest::header::HeaderName::from_bytes(api.auth_header.as_bytes()).is_err() {
+            return Err(ConfigError::invalid(
+                "status_api.auth_header",
+                "not a valid HTTP header name",
+            ));
+        }
+        if reqwest::header::HeaderValue::from_str(&self.auth_value()).is_err() {
+            return Err(ConfigError::invalid(
+                "status_api.auth_scheme",
+                "scheme and key must be printable ASCII",
+            ));
+        }
+        if api.timeout_ms == 0 || api.connect_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "status_api.timeout_ms",
+                "timeouts must be positive",
+            ));
+        }
+        let b = &self.budget;
+        if b.reads == 0 {
+            return Err(ConfigError::invalid("budget.reads", "must be at least 1"));
+        }
+        if b.window_ms < 10 {
+            return Err(ConfigError::invalid(
+                "budget.window_ms",
+                "must be at least 10 ms",
+            ));
+        }
+        if b.safety_margin_ms < 2 {
+            return Err(ConfigError::invalid(
+                "budget.safety_margin_ms",
+                "must be at least 2 ms: a grant is only used within half the margin",
+            ));
+        }
+        if !b.key_id.is_empty()
+            && !b
+                .key_id
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            return Err(ConfigError::invalid(
+                "budget.key_id",
+                "use letters, digits, '-' and '_'",
+            ));
+        }
+        if self.redis.prefix.trim().is_empty() {
+            return Err(ConfigError::invalid("redis.prefix", "must not be empty"));
+        }
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+            return Err(ConfigError::invalid("redis.url", "must be a redis:// URL"));
+        }
+        let pg = &self.postgres;
+        let valid_schema = !pg.schema.is_empty()
+            && pg
+                .schema
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
+        if !valid_schema {
+            return Err(ConfigError::invalid(
+                "postgres.schema",
+                "use lower-case letters, digits and '_'",
+            ));
+        }
+        if pg.max_connections < 2 {
+            return Err(ConfigError::invalid(
+                "postgres.max_connections",
+                "must be at least 2",
+            ));
+        }
+        let r = &self.reconcile;
+        if r.sources.is_empty() {
+            return Err(ConfigError::invalid(
+                "reconcile.sources",
+                "list the sources this API key serves",
+            ));
+        }
+        if let Some(s) = r.strict_sources.iter().find(|s| !r.sources.contains(s)) {
+            return Err(ConfigError::invalid(
+                "reconcile.strict_sources",
+                format!("`{s}` is not in reconcile.sources"),
+            ));
+        }
+        for (name, v) in [
+            ("reconcile.sweep_interval_ms", r.sweep_interval_ms),
+            ("reconcile.deadline_queued_secs", r.deadline_queued_secs),
+            (
+                "reconcile.deadline_processing_secs",
+                r.deadline_processing_secs,
+            ),
+            ("reconcile.deadline_sent_secs", r.deadline_sent_secs),
+            ("reconcile.backoff_initial_ms", r.backoff_initial_ms),
+            ("reconcile.poll_interval_ms", r.poll_interval_ms),
+            ("reconcile.max_age_secs", r.max_age_secs),
+            ("reconcile.give_up_after_secs", r.give_up_after_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(name, "must be positive"));
+            }
+        }
+        if r.sweep_batch < 1 {
+            return Err(ConfigError::invalid(
+                "reconcile.sweep_batch",
+                "must be at least 1",
+            ));
+        }
+        if r.backoff_max_ms < r.backoff_initial_ms {
+            return Err(ConfigError::invalid(
+                "reconcile.backoff_max_ms",
+                "must be at least reconcile.backoff_initial_ms",
+            ));
+        }
+        if r.concurrency == 0 || r.concurrency > 64 {
+            return Err(ConfigError::invalid(
+                "reconcile.concurrency",
+                "must be between 1 and 64",
+            ));
+        }
+        let needed = api.timeout_ms.saturating_mul(3);
+        if r.lease_ms < needed {
+            return Err(ConfigError::invalid(
+                "reconcile.lease_ms",
+                format!("must be at least 3 × status_api.timeout_ms ({needed} ms): a read and its write must finish inside the lease"),
+            ));
+        }
+        if r.job_retention_secs < r.max_age_secs {
+            return Err(ConfigError::invalid(
+                "reconcile.job_retention_secs",
+                "must be at least reconcile.max_age_secs (a deleted job forgets when its message was last read)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The value of the auth header: `{scheme} {key}` or the bare key.
+    pub(crate) fn auth_value(&self) -> String {
+        let key = self.status_api.api_key.expose_secret();
+        if self.status_api.auth_scheme.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{} {key}", self.status_api.auth_scheme)
+        }
+    }
+
+    /// The key's name in Redis and metrics (never the key itself).
+    pub fn key_id(&self) -> String {
+        if !self.budget.key_id.is_empty() {
+            return self.budget.key_id.clone();
+        }
+        let digest = Sha256::digest(self.status_api.api_key.expose_secret().as_bytes());
+        hex::encode(&digest[..8])
+    }
+}
+
+impl HttpConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        ms(self.shutdown_grace_ms)
+    }
+}
+
+impl BudgetConfig {
+    pub fn window(&self) -> Duration {
+        ms(self.window_ms)
+    }
+    pub fn safety_margin(&self) -> Duration {
+        ms(self.safety_margin_ms)
+    }
+}
+
+impl ReconcileConfig {
+    pub fn sweep_interval(&self) -> Duration {
+        ms(self.sweep_interval_ms)
+    }
+    pub fn debounce(&self) -> Duration {
+        ms(self.debounce_ms)
+    }
+    pub fn deadline_queued(&self) -> Duration {
+        secs(self.deadline_queued_secs)
+    }
+    pub fn deadline_processing(&self) -> Duration {
+        secs(self.deadline_processing_secs)
+    }
+    pub fn deadline_sent(&self) -> Duration {
+        secs(self.deadline_sent_secs)
+    }
+    pub fn incomplete_after(&self) -> Duration {
+        secs(self.incomplete_after_secs)
+    }
+    pub fn conflict_reread(&self) -> Duration {
+        secs(self.conflict_reread_secs)
+    }
+    pub fn max_age(&self) -> Duration {
+        secs(self.max_age_secs)
+    }
+    pub fn give_up_after(&self) -> Duration {
+        secs(self.give_up_after_secs)
+    }
+    pub fn backoff_initial(&self) -> Duration {
+        ms(self.backoff_initial_ms)
+    }
+    pub fn backoff_max(&self) -> Duration {
+        ms(self.backoff_max_ms)
+    }
+    pub fn lease(&self) -> Duration {
+        ms(self.lease_ms)
+    }
+    pub fn poll_interval(&self) -> Duration {
+        ms(self.poll_interval_ms)
+    }
+    pub fn job_retention(&self) -> Duration {
+        secs(self.job_retention_secs)
+    }
+
+    /// Exponential backoff after `attempts` failed reads, capped.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u64 << attempts.saturating_sub(1).min(20);
+        ms(self
+            .backoff_initial_ms
+            .saturating_mul(factor)
+            .min(self.backoff_max_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        let mut c = Config::defaults();
+        c.status_api.api_key = SecretString::from("k-123");
+        c.reconcile.sources = vec!["acme".into()];
+        c
+    }
+
+    #[test]
+    fn defaults_with_a_key_and_a_source_are_valid() {
+        valid().validate().unwrap();
+        assert_eq!(valid().http.listen.to_string(), "127.0.0.1:8082");
+        assert_eq!(valid().budget.reads, 120);
+        assert_eq!(valid().auth_value(), "Bearer k-123");
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+            (
+                "status_api.api_key",
+                Box::new(|c| c.status_api.api_key = SecretString::from("")),
+            ),
+            (
+                "reconcile.sources",
+                Box::new(|c| c.reconcile.sources.clear()),
+            ),
+            (
+                "reconcile.strict_sources",
+                Box::new(|c| c.reconcile.strict_sources = vec!["other".into()]),
+            ),
+            ("budget.reads", Box::new(|c| c.budget.reads = 0)),
+            (
+                "status_api.base_url",
+                Box::new(|c| c.status_api.base_url = "ftp://x".into()),
+            ),
+            (
+                "status_api.auth_header",
+                Box::new(|c| c.status_api.auth_header = "bad header".into()),
+            ),
+            (
+                "reconcile.lease_ms",
+                Box::new(|c| c.reconcile.lease_ms = 1000),
+            ),
+            (
+                "postgres.schema",
+                Box::new(|c| c.postgres.schema = "x; drop".into()),
+            ),
+        ];
+        for (setting, change) in cases {
+            let mut c = valid();
+            change(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(setting), "{setting}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_key_id_is_a_hash_never_the_key() {
+        let c = valid();
+        let id = c.key_id();
+        assert_eq!(id.len(), 16);
+        assert!(!id.contains("k-123"));
+        let mut d = valid();
+        d.budget.key_id = "tenant-a".into();
+        assert_eq!(d.key_id(), "tenant-a");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let r = valid().reconcile;
+        assert_eq!(r.backoff(1), Duration::from_secs(5));
+        assert_eq!(r.backoff(2), Duration::from_secs(10));
+        assert_eq!(r.backoff(30), Duration::from_secs(600));
+    }
+}

@@ -1,0 +1,385 @@
+//! The job table: the sweeper turns triggers into jobs, workers lease them.
+//!
+//! A job is one message to read. It is *open* (`done_at IS NULL`) until a read
+//! succeeds or it is abandoned; a trigger firing again reopens a done job. Every
+//! statement here is safe to run from any number of replicas at once: the
+//! sweep is serialized by an advisory lock, a claim uses `FOR UPDATE SKIP
+//! LOCKED` and a lease, and a worker only finishes a job it still leases.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::config::ReconcileConfig;
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// One leased job.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Job {
+    pub message_id: String,
+    pub source: String,
+    pub reason: String,
+    pub attempts: i32,
+    pub first_requested_at: DateTime<Utc>,
+    /// Database time at the claim, before the read.
+    pub claimed_at: DateTime<Utc>,
+}
+
+/// What one sweep enqueued, by trigger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub stuck: u64,
+    pub flagged: u64,
+    pub strict: u64,
+    pub incomplete: u64,
+    pub deleted: u64,
+    /// False when another replica held the sweep lock.
+    pub ran: bool,
+}
+
+/// Gauges computed after a sweep.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Backlog {
+    pub open_jobs: i64,
+    pub due_jobs: i64,
+    pub oldest_open_job_secs: f64,
+    pub oldest_stuck_secs: f64,
+}
+
+/// The sweep parameters, from the configuration.
+pub struct SweepParams<'a> {
+    pub sources: &'a [String],
+    pub strict_sources: &'a [String],
+    pub lock_name: &'a str,
+    pub cfg: &'a ReconcileConfig,
+}
+
+const UPSERT_TAIL: &str = r#"
+ON CONFLICT (message_id) DO UPDATE
+   SET reason = excluded.reason, since = excluded.since, due_at = excluded.due_at,
+       first_requested_at = excluded.first_requested_at, attempts = 0,
+       last_error = NULL, done_at = NULL, gave_up = false
+ WHERE reconcile_jobs.done_at IS NOT NULL
+"#;
+
+/// The deadline of a recipient's status, in ms, as SQL.
+const DEADLINE: &str =
+    "(CASE rs.status WHEN 'queued' THEN $3 WHEN 'processing' THEN $4 ELSE $5 END) * interval '1 millisecond'";
+
+/// Finds the recipients the webhooks did not settle and opens a job per message.
+#[tracing::instrument(skip_all)]
+pub async fn sweep(pool: &PgPool, p: &SweepParams<'_>) -> sqlx::Result<Swept> {
+    let cfg = p.cfg;
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+        .bind(p.lock_name)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(Swept::default());
+    }
+    let mut out = Swept {
+        ran: true,
+        ..Swept::default()
+    };
+
+    // Stuck: non-terminal with no news past the deadline of its status, and not
+    // read within that deadline either.
+    let stuck = format!(
+        r#"
+WITH cand AS (
+    SELECT rs.message_id, min(rs.source) AS source, min(rs.last_event_at) AS since
+      FROM recipient_state rs
+      LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
+     WHERE rs.source = ANY($1)
+       AND rs.status IN ('queued', 'processing', 'sent')
+       AND rs.created_at > now() - $2 * interval '1 millisecond'
+       AND rs.last_event_at < now() - {DEADLINE}
+       AND (j.message_id IS NULL
+            OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR j.last_read_at < now() - {DEADLINE})))
+     GROUP BY rs.message_id
+     ORDER BY min(rs.last_event_at)
+     LIMIT $6
+)
+INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_requested_at)
+SELECT message_id, source, 'stuck', since, now(), now() FROM cand
+{UPSERT_TAIL}"#
+    );
+    out.stuck = sqlx::query(&stuck)
+        .bind(p.sources)
+        .bind(ms(cfg.max_age()))
+        .bind(ms(cfg.deadline_queued()))
+        .bind(ms(cfg.deadline_processing()))
+        .bind(ms(cfg.deadline_sent()))
+        .bind(cfg.sweep_batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+
+    // Flagged by dlrflow-state (conflict, or any other reason it sets): read at
+    // once unless read since the flag was set (then after conflict_reread).
+    let flagged = format!(
+        r#"
+WITH cand AS (
+    SELECT rs.message_id, min(rs.source) AS source,
+           min(coalesce(rs.reconcile_reason, 'conflict')) AS reason, min(rs.updated_at) AS since
+      FROM recipient_state rs
+      LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
+     WHERE rs.needs_reconcile
+       AND rs.source = ANY($1)
+       AND (j.message_id IS NULL
+            OR (j.done_at IS NOT NULL
+                AND (j.last_read_at IS NULL OR rs.updated_at > j.last_read_at
+                     OR j.last_read_at < now() - $2 * interval '1 millisecond')))
+     GROUP BY rs.message_id
+     ORDER BY min(rs.updated_at)
+     LIMIT $3
+)
+INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_requested_at)
+SELECT message_id, source, reason, since, now(), now() FROM cand
+{UPSERT_TAIL}"#
+    );
+    out.flagged = sqlx::query(&flagged)
+        .bind(p.sources)
+        .bind(ms(cfg.conflict_reread()))
+        .bind(cfg.sweep_batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+
+    // Strict: any change since the last read, once the message is quiet.
+    if !p.strict_sources.is_empty() {
+        let strict = format!(
+            r#"
+WITH cand AS (
+    SELECT rs.message_id, min(rs.source) AS source, min(rs.updated_at) AS since
+      FROM recipient_state rs
+      LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
+     WHERE rs.source = ANY($1)
+       AND rs.updated_at > now() - $3 * interval '1 millisecond'
+       AND (j.message_id IS NULL
+            OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR rs.updated_at > j.last_read_at)))
+     GROUP BY rs.message_id
+    HAVING max(rs.updated_at) < now() - $2 * interval '1 millisecond'
+     ORDER BY min(rs.updated_at)
+     LIMIT $4
+)
+INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_requested_at)
+SELECT message_id, source, 'strict', since, now(), now() FROM cand
+{UPSERT_TAIL}"#
+        );
+        out.strict = sqlx::query(&strict)
+            .bind(p.strict_sources)
+            .bind(ms(cfg.debounce()))
+            .bind(ms(cfg.max_age()))
+            .bind(cfg.sweep_batch)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+
+    // Incomplete: the message announced more recipients than we have seen.
+    let incomplete = format!(
+        r#"
+WITH cand AS (
+    SELECT m.message_id, m.source, coalesce(m.queued_at, m.first_seen_at) AS since
+      FROM messages m
+      LEFT JOIN reconcile_jobs j ON j.message_id = m.message_id
+     WHERE m.source = ANY($1)
+       AND m.total_recipients IS NOT NULL
+       AND coalesce(m.queued_at, m.first_seen_at) < now() - $2 * interval '1 millisecond'
+       AND coalesce(m.queued_at, m.first_seen_at) > now() - $3 * interval '1 millisecond'
+       AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)
+       AND (j.message_id IS NULL
+            OR (j.done_at IS NOT NULL
+                AND (j.last_read_at IS NULL OR j.last_read_at < now() - $2 * interval '1 millisecond')))
+     ORDER BY 3
+     LIMIT $4
+)
+INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_requested_at)
+SELECT message_id, source, 'incomplete', since, now(), now() FROM cand
+{UPSERT_TAIL}"#
+    );
+    out.incomplete = sqlx::query(&incomplete)
+        .bind(p.sources)
+        .bind(ms(cfg.incomplete_after()))
+        .bind(ms(cfg.max_age()))
+        .bind(cfg.sweep_batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+
+    out.deleted = sqlx::query(
+        "DELETE FROM reconcile_jobs WHERE done_at IS NOT NULL AND done_at < now() - $1 * interval '1 millisecond'",
+    )
+    .bind(ms(cfg.job_retention()))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// The backlog gauges.
+pub async fn backlog(
+    pool: &PgPool,
+    sources: &[String],
+    cfg: &ReconcileConfig,
+) -> sqlx::Result<Backlog> {
+    let (open_jobs, due_jobs, oldest_open_job_secs): (i64, i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE due_at <= now()),
+                extract(epoch FROM now() - min(first_requested_at))::float8
+           FROM reconcile_jobs WHERE done_at IS NULL AND source = ANY($1)",
+    )
+    .bind(sources)
+    .fetch_one(pool)
+    .await?;
+    let oldest_stuck_secs: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT extract(epoch FROM now() - min(rs.last_event_at))::float8
+           FROM recipient_state rs
+          WHERE rs.source = ANY($1)
+            AND rs.status IN ('queued', 'processing', 'sent')
+            AND rs.created_at > now() - $2 * interval '1 millisecond'
+            AND rs.last_event_at < now() - {DEADLINE}"
+    ))
+    .bind(sources)
+    .bind(ms(cfg.max_age()))
+    .bind(ms(cfg.deadline_queued()))
+    .bind(ms(cfg.deadline_processing()))
+    .bind(ms(cfg.deadline_sent()))
+    .fetch_one(pool)
+    .await?;
+    Ok(Backlog {
+        open_jobs,
+        due_jobs,
+        oldest_open_job_secs: oldest_open_job_secs.unwrap_or(0.0),
+        oldest_stuck_secs: oldest_stuck_secs.unwrap_or(0.0),
+    })
+}
+
+/// Leases the oldest due open job of `sources`, if any.
+pub async fn claim(
+    pool: &PgPool,
+    owner: &str,
+    sources: &[String],
+    lease: Duration,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        r#"
+UPDATE reconcile_jobs j
+   SET lease_owner = $1,
+       lease_until = clock_timestamp() + $2 * interval '1 millisecond',
+       last_attempt_at = clock_timestamp()
+  FROM (SELECT message_id FROM reconcile_jobs
+         WHERE done_at IS NULL AND due_at <= now()
+           AND (lease_until IS NULL OR lease_until < now())
+           AND source = ANY($3)
+         ORDER BY since, message_id
+         LIMIT 1
+         FOR UPDATE SKIP LOCKED) p
+ WHERE j.message_id = p.message_id
+RETURNING j.message_id, j.source, j.reason, j.attempts, j.first_requested_at,
+          clock_timestamp() AS claimed_at"#,
+    )
+    .bind(owner)
+    .bind(ms(lease))
+    .bind(sources)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Gives a job back without counting an attempt (no read was made).
+pub async fn release(pool: &PgPool, job: &Job, owner: &str, delay: Duration) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE reconcile_jobs SET lease_owner = NULL, lease_until = NULL,
+                due_at = greatest(due_at, now() + $3 * interval '1 millisecond')
+          WHERE message_id = $1 AND lease_owner = $2",
+    )
+    .bind(&job.message_id)
+    .bind(owner)
+    .bind(ms(delay))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A read that did not settle the message: try again after `delay`, or give
+/// up once the job is older than `give_up_after`. Returns whether it gave up.
+pub async fn retry_later(
+    pool: &PgPool,
+    job: &Job,
+    owner: &str,
+    error: &str,
+    delay: Duration,
+    count_attempt: bool,
+    give_up_after: Duration,
+) -> sqlx::Result<bool> {
+    let gave_up: Option<bool> = sqlx::query_scalar(
+        r#"
+UPDATE reconcile_jobs
+   SET attempts = attempts + $4, reads = reads + 1, last_error = $3,
+       due_at = now() + $5 * interval '1 millisecond',
+       lease_owner = NULL, lease_until = NULL,
+       gave_up = (now() - first_requested_at > $6 * interval '1 millisecond'),
+       done_at = CASE WHEN now() - first_requested_at > $6 * interval '1 millisecond' THEN now() END,
+       last_read_at = CASE WHEN now() - first_requested_at > $6 * interval '1 millisecond'
+                           THEN now() ELSE last_read_at END
+ WHERE message_id = $1 AND lease_owner = $2
+RETURNING gave_up"#,
+    )
+    .bind(&job.message_id)
+    .bind(owner)
+    .bind(error)
+    .bind(i32::from(count_attempt))
+    .bind(ms(delay))
+    .bind(ms(give_up_after))
+    .fetch_optional(pool)
+    .await?;
+    Ok(gave_up.unwrap_or(false))
+}
+
+/// Finishes a job inside the transaction that wrote the read's answer.
+///
+/// `last_read_at` becomes the later of the claim time and the newest
+/// `updated_at` among the answer's recipients, so the write of the answer
+/// itself does not look like a new change to the strict trigger.
+pub async fn complete(
+    tx: &mut Transaction<'_, Postgres>,
+    job: &Job,
+    owner: &str,
+    recipients: &[String],
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        r#"
+UPDATE reconcile_jobs
+   SET done_at = now(), reads = reads + 1, attempts = attempts + 1, last_error = NULL,
+       lease_owner = NULL, lease_until = NULL, gave_up = false,
+       last_read_at = greatest($3, (SELECT max(updated_at) FROM recipient_state
+                                     WHERE message_id = $1 AND recipient = ANY($4)))
+ WHERE message_id = $1 AND lease_owner = $2"#,
+    )
+    .bind(&job.message_id)
+    .bind(owner)
+    .bind(job.claimed_at)
+    .bind(recipients)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
+/// Conflicts flagged on a message right now (to count the ones a read resolved).
+pub async fn conflicts(tx: &mut Transaction<'_, Postgres>, message_id: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM recipient_state
+          WHERE message_id = $1 AND needs_reconcile AND reconcile_reason = 'conflict'",
+    )
+    .bind(message_id)
+    .fetch_one(&mut **tx)
+    .await
+}

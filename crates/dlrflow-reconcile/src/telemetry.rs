@@ -1,0 +1,102 @@
+//! One function per thing worth counting: each logs it and bumps its metric.
+
+use std::time::Duration;
+
+use crate::jobs::{Backlog, Swept};
+
+pub(crate) fn read(outcome: &'static str) {
+    metrics::counter!("dlrflow_reconcile_reads_total", "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn budget_left(left: u32) {
+    metrics::gauge!("dlrflow_reconcile_budget_left").set(f64::from(left));
+}
+
+pub(crate) fn grant_dropped() {
+    tracing::warn!("a budget grant arrived too late to be used safely; dropped");
+    metrics::counter!("dlrflow_reconcile_grants_dropped_total").increment(1);
+}
+
+pub(crate) fn swept(s: &Swept) {
+    if !s.ran {
+        return;
+    }
+    for (trigger, n) in [
+        ("stuck", s.stuck),
+        ("flagged", s.flagged),
+        ("strict", s.strict),
+        ("incomplete", s.incomplete),
+    ] {
+        if n > 0 {
+            metrics::counter!("dlrflow_reconcile_jobs_opened_total", "trigger" => trigger)
+                .increment(n);
+        }
+    }
+    if s.stuck + s.flagged + s.strict + s.incomplete > 0 {
+        tracing::info!(
+            stuck = s.stuck,
+            flagged = s.flagged,
+            strict = s.strict,
+            incomplete = s.incomplete,
+            "sweep opened jobs"
+        );
+    }
+}
+
+pub(crate) fn backlog(b: &Backlog) {
+    metrics::gauge!("dlrflow_reconcile_backlog").set(b.open_jobs as f64);
+    metrics::gauge!("dlrflow_reconcile_backlog_due").set(b.due_jobs as f64);
+    metrics::gauge!("dlrflow_reconcile_oldest_job_age_seconds").set(b.oldest_open_job_secs);
+    metrics::gauge!("dlrflow_reconcile_oldest_stuck_age_seconds").set(b.oldest_stuck_secs);
+}
+
+pub(crate) fn written(changed: usize, conflicts_resolved: i64) {
+    metrics::counter!("dlrflow_reconcile_recipients_changed_total").increment(changed as u64);
+    if conflicts_resolved > 0 {
+        metrics::counter!("dlrflow_reconcile_conflicts_resolved_total")
+            .increment(conflicts_resolved as u64);
+    }
+}
+
+pub(crate) fn rate_limited(pause: Duration) {
+    tracing::warn!(
+        pause_ms = pause.as_millis() as u64,
+        "status API answered 429: every replica pauses"
+    );
+    metrics::counter!("dlrflow_reconcile_rate_limited_total").increment(1);
+}
+
+pub(crate) fn unauthorized(reason: &str) {
+    tracing::error!(%reason, "status API refused the key: reads with it stop on every replica");
+    metrics::counter!("dlrflow_reconcile_unauthorized_total").increment(1);
+}
+
+pub(crate) fn unauthorized_state(on: bool) {
+    metrics::gauge!("dlrflow_reconcile_unauthorized").set(if on { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn bad_answer(e: &dlrflow_events::ParseError) {
+    tracing::warn!(error = %e, "status API answer could not be parsed");
+    metrics::counter!("dlrflow_reconcile_bad_answers_total").increment(1);
+}
+
+pub(crate) fn gave_up(message_id: &str, error: &str) {
+    tracing::warn!(
+        message_id,
+        error,
+        "giving up on a message: reconcile.give_up_after_secs passed"
+    );
+    metrics::counter!("dlrflow_reconcile_gave_up_total").increment(1);
+}
+
+pub(crate) fn db_error(stage: &'static str, e: &sqlx::Error) {
+    tracing::error!(stage, error = %e, "PostgreSQL error");
+    metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "postgres", "stage" => stage)
+        .increment(1);
+}
+
+pub(crate) fn redis_error(stage: &'static str, e: &redis::RedisError) {
+    tracing::error!(stage, error = %e, "Redis error");
+    metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "redis", "stage" => stage)
+        .increment(1);
+}
