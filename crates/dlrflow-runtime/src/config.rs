@@ -98,7 +98,10 @@ mod tests {
             jail.set_env("DLRFLOW_KAFKA__TIMEOUT_MS", "soon");
             let err =
                 load::<Sample>("[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 1\n", None).unwrap_err();
-            assert!(err.to_string().contains("timeout_ms"), "{err}");
+            assert!(
+                err.to_string().to_lowercase().contains("kafka.timeout_ms"),
+                "{err}"
+            );
             Ok(())
         });
     }
