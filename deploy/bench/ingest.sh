@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Ingest load benchmark (not part of the test suite).
+#
+# Starts the local stack, builds the ingest in release mode and, in one run,
+# measures two producer settings side by side: linger.ms=0 (dlrflow's default)
+# and linger.ms=5 (librdkafka's default). For each, wrk posts a Lisoloo event
+# with HTTP Basic auth at 10, 50 and 200 concurrent connections. Prints a table
+# and writes reports/ingest-bench.md with requests/s, p50, p99 and the
+# ingest's peak RSS.
+#
+#   deploy/bench/ingest.sh [seconds-per-step, default 10]
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$REPO"
+DURATION=${1:-10}
+PORT=${DLRFLOW_BENCH_PORT:-18080}
+OUT=reports/ingest-bench.md
+mkdir -p reports .stack
+
+deploy/local/stack.sh up
+command -v wrk >/dev/null || { [ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; }
+command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)" >&2; exit 1; }
+cargo build --release -q -p dlrflow-ingest
+BIN=target/release/dlrflow-ingest
+TOPIC=dlrflow.bench.raw.v1
+"$(command -v tansu || echo "$HOME/.cargo/bin/tansu")" topic create "$TOPIC" --partitions 6 --broker tcp://127.0.0.1:9092 >/dev/null 2>&1 || true
+
+LUA=.stack/bench-lisoloo.lua
+cat >"$LUA" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Basic YmVuY2g6YmVuY2gtcGFzc3dvcmQ="
+wrk.body = '{"event_id":"f8a3b7c1-2e4d-4a9b-9d8f-7c6e5b4a3d2c","event_type":"sms.delivered","timestamp":"2026-05-27T10:15:08Z","message_id":"507f1f77bcf86cd799439011","data":{"recipient_phone":"+243998857000","carrier":"vodacom_drc","delivered_at":"2026-05-27T10:15:08Z","segments":1}}'
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %.1f %.1f %.1f\n", summary.requests, summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+LUA
+
+rows=()
+for linger in 0 5; do
+  DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_KAFKA__RAW_TOPIC=$TOPIC DLRFLOW_KAFKA__LINGER_MS=$linger \
+  DLRFLOW_SOURCES='[{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{username="bench",password="bench-password"}]}]' \
+  RUST_LOG=warn "$BIN" serve >.stack/bench-ingest.log 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+  for c in 10 50 200; do
+    threads=2; [ "$c" -lt 2 ] && threads=1
+    line=$(wrk -t"$threads" -c"$c" -d"${DURATION}s" --latency -s "$LUA" "http://127.0.0.1:$PORT/lisoloo/webhook" | grep '^RESULT')
+    rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+    read -r _ reqs errs rps p50 p99 <<<"$line"
+    rows+=("| $linger | $c | $rps | $p50 | $p99 | $errs | $((rss / 1024)) |")
+    echo "linger.ms=$linger c=$c: $rps req/s, p50 $p50 ms, p99 $p99 ms, non-2xx/errors $errs, peak RSS $((rss / 1024)) MiB" >&2
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
+
+{
+  echo "# Ingest benchmark ($(date -u +%FT%TZ), $(nproc) cores, ${DURATION}s per step)"
+  echo
+  echo "wrk posting one Lisoloo event with HTTP Basic auth; Tansu 0.6.0 (SQLite) on 127.0.0.1; acks=all, idempotent."
+  echo
+  echo "| linger.ms | connections | requests/s | p50 ms | p99 ms | errors | peak RSS MiB |"
+  echo "|---|---|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+} | tee "$OUT"
