@@ -1,1 +1,145 @@
-//! dlrflow-state (work in progress).
+//! `dlrflow-state` owns the way from the raw webhook topic to the exact,
+//! queryable per-recipient delivery state: it consumes
+//! `dlrflow.webhooks.raw.v1` in a consumer group, parses each record with
+//! `dlrflow-events`, sends what cannot be parsed to the DLQ, dedupes through
+//! Redis (a cache) and PostgreSQL (the truth: `delivery_events.dedupe_key`),
+//! merges into `recipient_state` / `messages` in one transaction per batch,
+//! writes every change to a transactional outbox and relays it to
+//! `dlrflow.delivery.v1`. It serves the read API for the merchant backend and
+//! the shared write path ([`apply_updates`]) that dlrflow-reconcile uses. It
+//! must never store a Kafka offset before the state of its record is
+//! committed, never mark a dedupe key in Redis before PostgreSQL holds it,
+//! never decide a status itself (that is `dlrflow_events::merge`), and never
+//! talk to the gateway's status API (that is dlrflow-reconcile).
+
+pub mod analytics;
+pub mod api;
+pub mod config;
+pub mod consumer;
+pub mod dedupe;
+pub mod replay;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::producer::{FutureProducer, Producer};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::{Config, PostgresConfig};
+pub use crate::store::{
+    apply_batch, apply_updates, connect, migrate, update_id, Applied, BatchResult, Incoming,
+    Outcome, StoreError,
+};
+
+/// A built service: PostgreSQL migrated, Redis connected, consumer subscribed,
+/// listener bound.
+pub struct App {
+    listener: TcpListener,
+    pipeline: consumer::Pipeline,
+    api: api::ApiState,
+    producer: FutureProducer,
+    cfg: Config,
+}
+
+impl App {
+    /// Connects, migrates and binds. PostgreSQL and Redis must be reachable;
+    /// the broker need not be yet (`/readyz` says).
+    pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        cfg.validate()?;
+        let pool = store::connect(&cfg.postgres)
+            .await
+            .context("connecting to postgres.url")?;
+        store::migrate(&pool).await.context("running migrations")?;
+        let dedupe = dedupe::Dedupe::connect(&cfg.redis.url, &cfg.redis.prefix, cfg.redis.ttl_secs)
+            .await
+            .with_context(|| format!("connecting to redis.url = {}", cfg.redis.url))?;
+        let consumer = consumer::create_consumer(&cfg)?;
+        let producer = consumer::create_producer(&cfg, "dlrflow-state")?;
+        let meta: BaseConsumer = cfg
+            .kafka
+            .client
+            .client_config(&[("client.id", "dlrflow-state-meta".into())])
+            .create()
+            .context("creating the Kafka metadata client")?;
+        let listener = TcpListener::bind(cfg.http.listen)
+            .await
+            .with_context(|| format!("binding http.listen = {}", cfg.http.listen))?;
+        let api = api::ApiState {
+            pool: pool.clone(),
+            redis: dedupe.connection(),
+            kafka: Arc::new(meta),
+            raw_topic: cfg.kafka.raw_topic.clone(),
+        };
+        let pipeline = consumer::Pipeline {
+            consumer,
+            producer: producer.clone(),
+            pool,
+            dedupe,
+            cfg: cfg.clone(),
+            outbox_wake: Arc::new(Notify::new()),
+        };
+        Ok(App {
+            listener,
+            pipeline,
+            api,
+            producer,
+            cfg,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn pool(&self) -> PgPool {
+        self.api.pool.clone()
+    }
+
+    /// Runs the consumer, the outbox relay and the HTTP API until `shutdown`;
+    /// then the consumer finishes its batch and commits, the relay finishes
+    /// its round, HTTP drains, and the producer is flushed.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let grace = Duration::from_millis(self.cfg.http.shutdown_grace_ms);
+        tracing::info!(addr = %self.local_addr(), "dlrflow-state listening");
+        let http = {
+            let shutdown = shutdown.clone();
+            let server = axum::serve(self.listener, api::router(self.api.clone()))
+                .with_graceful_shutdown(async move { shutdown.cancelled().await });
+            tokio::spawn(async move { server.await })
+        };
+        let relay = tokio::spawn(analytics::run_relay(
+            self.api.pool.clone(),
+            self.producer.clone(),
+            self.cfg.kafka.delivery_topic.clone(),
+            self.cfg.outbox.clone(),
+            self.cfg.kafka.produce_timeout(),
+            self.pipeline.outbox_wake.clone(),
+            shutdown.clone(),
+        ));
+        let consumer = tokio::spawn(consumer::run(self.pipeline, shutdown.clone()));
+        let result = consumer.await.context("consumer task");
+        // The consumer only stops on shutdown or a fatal error: stop the rest.
+        shutdown.cancel();
+        let _ = tokio::time::timeout(grace, relay).await;
+        match tokio::time::timeout(grace, http).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server"),
+            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+            _ => {}
+        }
+        let producer = self.producer;
+        tokio::task::spawn_blocking(move || producer.flush(grace))
+            .await?
+            .ok();
+        tracing::info!("dlrflow-state stopped");
+        result?
+    }
+}

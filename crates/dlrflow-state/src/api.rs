@@ -1,0 +1,200 @@
+//! The read API for the merchant backend, health and metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+use sqlx::{FromRow, PgPool};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: PgPool,
+    pub redis: redis::aio::ConnectionManager,
+    /// Metadata-only client for `/readyz`.
+    pub kafka: Arc<BaseConsumer>,
+    pub raw_topic: String,
+}
+
+/// The one place that decides status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("not found")]
+    NotFound,
+    #[error("database unavailable")]
+    Database(#[from] sqlx::Error),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Database(e) => {
+                tracing::warn!(error = %e, "read API: database error");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        (status, Json(serde_json::json!({"error": self.to_string()}))).into_response()
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/messages/{message_id}", get(get_message))
+        .route(
+            "/v1/messages/{message_id}/recipients/{phone}",
+            get(get_recipient),
+        )
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(dlrflow_runtime::telemetry::metrics_endpoint),
+        )
+        .with_state(state)
+}
+
+#[derive(Debug, Serialize, FromRow)]
+pub struct MessageView {
+    pub message_id: String,
+    pub source: String,
+    pub provider: String,
+    pub total_recipients: Option<i32>,
+    pub total_messages: Option<i32>,
+    pub total_cost: Option<f64>,
+    pub currency: Option<String>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub queued_at: Option<DateTime<Utc>>,
+    #[sqlx(skip)]
+    pub recipients: Vec<RecipientView>,
+}
+
+#[derive(Debug, Serialize, FromRow)]
+pub struct RecipientView {
+    pub recipient: String,
+    pub status: String,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub processing_at: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<DateTime<Utc>>,
+    pub carrier: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub retryable: Option<bool>,
+    pub segments: Option<i32>,
+    pub last_event_at: DateTime<Utc>,
+    pub needs_reconcile: bool,
+    pub reconcile_reason: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const RECIPIENT_COLUMNS: &str = "recipient, status, queued_at, processing_at, sent_at, delivered_at, failed_at, \
+    carrier, error_code, error_message, retryable, segments, last_event_at, needs_reconcile, reconcile_reason, updated_at";
+
+/// A message with all its recipients, or `None`.
+pub async fn load_message(
+    pool: &PgPool,
+    message_id: &str,
+) -> Result<Option<MessageView>, sqlx::Error> {
+    let msg: Option<MessageView> = sqlx::query_as(
+        "SELECT message_id, source, provider, total_recipients, total_messages, total_cost, currency, \
+                scheduled_at, queued_at FROM messages WHERE message_id = $1",
+    )
+    .bind(message_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(mut msg) = msg else { return Ok(None) };
+    msg.recipients = sqlx::query_as(&format!(
+        "SELECT {RECIPIENT_COLUMNS} FROM recipient_state WHERE message_id = $1 ORDER BY recipient"
+    ))
+    .bind(message_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(msg))
+}
+
+async fn get_message(
+    State(s): State<ApiState>,
+    Path(message_id): Path<String>,
+) -> Result<Json<MessageView>, ApiError> {
+    load_message(&s.pool, &message_id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound)
+}
+
+async fn get_recipient(
+    State(s): State<ApiState>,
+    Path((message_id, phone)): Path<(String, String)>,
+) -> Result<Json<RecipientView>, ApiError> {
+    let row: Option<RecipientView> = sqlx::query_as(&format!(
+        "SELECT {RECIPIENT_COLUMNS} FROM recipient_state WHERE message_id = $1 AND recipient = $2"
+    ))
+    .bind(&message_id)
+    .bind(&phone)
+    .fetch_optional(&s.pool)
+    .await?;
+    row.map(Json).ok_or(ApiError::NotFound)
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let pg = async {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&s.pool),
+        )
+        .await
+        .map_err(|_| "postgres: timeout".to_owned())?
+        .map(|_| ())
+        .map_err(|e| format!("postgres: {e}"))
+    };
+    let redis = async {
+        let mut conn = s.redis.clone();
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await
+        .map_err(|_| "redis: timeout".to_owned())?
+        .map(|_| ())
+        .map_err(|e| format!("redis: {e}"))
+    };
+    let kafka = {
+        let client = s.kafka.clone();
+        let topic = s.raw_topic.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                dlrflow_runtime::kafka::topic_ready(client.client(), &topic, Duration::from_secs(2))
+            })
+            .await
+            .map_err(|e| format!("kafka: {e}"))?
+            .map(|_| ())
+            .map_err(|e| format!("kafka: {e}"))
+        }
+    };
+    let (pg, redis, kafka) = tokio::join!(pg, redis, kafka);
+    let problems: Vec<String> = [pg, redis, kafka]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if problems.is_empty() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "problems": problems})),
+        )
+            .into_response()
+    }
+}

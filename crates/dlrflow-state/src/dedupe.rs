@@ -1,0 +1,88 @@
+//! The Redis fast path of dedupe: a key `{prefix}d:{dedupe_key}` with a TTL per
+//! event already written to PostgreSQL. Redis is only a cache: a key missing
+//! (flushed, expired, restarted Redis) sends the record to PostgreSQL, whose
+//! unique `delivery_events.dedupe_key` decides. A key is only set after the
+//! transaction that recorded the event committed.
+//!
+//! One round trip per batch: the keys committed by the previous batch are set
+//! in the same pipeline that checks the current batch's keys.
+
+use redis::aio::ConnectionManager;
+
+pub struct Dedupe {
+    conn: ConnectionManager,
+    prefix: String,
+    ttl_secs: u64,
+    /// Keys committed to PostgreSQL but not yet marked in Redis.
+    pending_marks: Vec<String>,
+}
+
+impl Dedupe {
+    pub async fn connect(url: &str, prefix: &str, ttl_secs: u64) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(std::time::Duration::from_secs(2))
+            .set_response_timeout(std::time::Duration::from_secs(5))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, cfg).await?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            ttl_secs,
+            pending_marks: Vec::new(),
+        })
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn key(&self, dedupe_key: &str) -> String {
+        format!("{}d:{}", self.prefix, dedupe_key)
+    }
+
+    /// Marks the pending keys and returns, for each of `keys`, whether Redis
+    /// has seen it. On error nothing is lost: the pending marks stay pending.
+    pub async fn check(&mut self, keys: &[&str]) -> redis::RedisResult<Vec<bool>> {
+        if keys.is_empty() && self.pending_marks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in &self.pending_marks {
+            pipe.cmd("SET")
+                .arg(k)
+                .arg(1)
+                .arg("EX")
+                .arg(self.ttl_secs)
+                .ignore();
+        }
+        if keys.is_empty() {
+            pipe.query_async::<()>(&mut self.conn).await?;
+            self.pending_marks.clear();
+            return Ok(Vec::new());
+        }
+        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        pipe.cmd("MGET").arg(&full);
+        let (found,): (Vec<Option<String>>,) = pipe.query_async(&mut self.conn).await?;
+        self.pending_marks.clear();
+        Ok(found.into_iter().map(|v| v.is_some()).collect())
+    }
+
+    /// Remembers keys that PostgreSQL now holds, to mark on the next round trip.
+    pub fn committed<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) {
+        let keys: Vec<String> = keys.into_iter().map(|k| self.key(k)).collect();
+        self.pending_marks.extend(keys);
+    }
+
+    /// Sets the pending marks now (idle or shutting down).
+    pub async fn flush(&mut self) -> redis::RedisResult<()> {
+        if self.pending_marks.is_empty() {
+            return Ok(());
+        }
+        self.check(&[]).await.map(|_| ())
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending_marks.is_empty()
+    }
+}

@@ -1,0 +1,68 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// dlrflow-state: raw webhook topic → deduped per-recipient delivery state in
+/// PostgreSQL, analytics stream, DLQ, and the read API.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML); `DLRFLOW_CONFIG` works too. Environment
+    /// variables `DLRFLOW_…` override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the consumer, the outbox relay and the read API (the default).
+    Serve,
+    /// Run the PostgreSQL migrations and exit.
+    Migrate,
+    /// Move DLQ records back to the raw topic.
+    Replay {
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Stop when no record arrived for this many seconds.
+        #[arg(long, default_value_t = 3)]
+        idle_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    dlrflow_runtime::telemetry::init_logs();
+    let cfg = dlrflow_state::Config::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let shutdown = dlrflow_runtime::shutdown::signal_token();
+            let app = dlrflow_state::App::build(cfg).await?;
+            app.run(shutdown).await
+        }
+        Command::Migrate => {
+            let pool = dlrflow_state::connect(&cfg.postgres)
+                .await
+                .context("connecting to postgres.url")?;
+            dlrflow_state::migrate(&pool)
+                .await
+                .context("running migrations")?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Replay { max, idle_secs } => {
+            let opts = dlrflow_state::replay::ReplayOptions {
+                max,
+                idle: std::time::Duration::from_secs(idle_secs),
+                ..Default::default()
+            };
+            let moved = dlrflow_state::replay::replay(&cfg, &opts).await?;
+            println!("{}", serde_json::json!({"replayed": moved}));
+            Ok(())
+        }
+    }
+}

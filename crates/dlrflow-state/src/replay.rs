@@ -1,0 +1,131 @@
+//! `dlrflow-state replay`: moves DLQ records back to the raw topic.
+//!
+//! It reads the DLQ in its own consumer group (`{kafka.group_id}-replay`),
+//! produces each record to the raw topic with its original key, value and
+//! headers (minus the DLQ's own), waits for the acknowledgements, and only
+//! then commits the DLQ offsets. A crash in between replays some records twice;
+//! the raw consumer dedupes them.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::consumer::{create_producer, dlq_header};
+
+/// Options of one replay run.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Stop after this many records.
+    pub max: Option<usize>,
+    /// Stop when nothing arrived for this long (after the first record, or
+    /// `first_wait` before it).
+    pub idle: Duration,
+    pub first_wait: Duration,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            max: None,
+            idle: Duration::from_secs(3),
+            first_wait: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Replays DLQ records; returns how many were moved.
+pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize> {
+    let consumer: StreamConsumer = cfg
+        .kafka
+        .client
+        .client_config(&[
+            ("group.id", format!("{}-replay", cfg.kafka.group_id)),
+            ("client.id", "dlrflow-state-replay".into()),
+            ("enable.auto.commit", "false".into()),
+            ("auto.offset.reset", "earliest".into()),
+        ])
+        .create()
+        .context("creating the DLQ consumer")?;
+    consumer
+        .subscribe(&[&cfg.kafka.dlq_topic])
+        .with_context(|| format!("subscribing to kafka.dlq_topic = {}", cfg.kafka.dlq_topic))?;
+    let producer = create_producer(cfg, "dlrflow-state-replay")?;
+    let max = opts.max.unwrap_or(usize::MAX);
+    let mut moved = 0usize;
+    while moved < max {
+        let wait = if moved == 0 {
+            opts.first_wait
+        } else {
+            opts.idle
+        };
+        let chunk_max = (max - moved).min(500);
+        let mut chunk = Vec::new();
+        match tokio::time::timeout(wait, consumer.recv()).await {
+            Err(_) => break,
+            Ok(m) => chunk.push(m.context("reading the DLQ")?.detach()),
+        }
+        while chunk.len() < chunk_max {
+            match tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await {
+                Err(_) => break,
+                Ok(m) => chunk.push(m.context("reading the DLQ")?.detach()),
+            }
+        }
+        let mut pending = Vec::with_capacity(chunk.len());
+        for m in &chunk {
+            let mut headers = OwnedHeaders::new();
+            if let Some(h) = m.headers() {
+                for h in h.iter() {
+                    if !dlq_header::ALL.contains(&h.key) {
+                        headers = headers.insert(Header {
+                            key: h.key,
+                            value: h.value,
+                        });
+                    }
+                }
+            }
+            let from = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+            headers = headers.insert(Header {
+                key: "replayed-from",
+                value: Some(from.as_str()),
+            });
+            let mut record = FutureRecord::<[u8], [u8]>::to(&cfg.kafka.raw_topic).headers(headers);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(v) = m.payload() {
+                record = record.payload(v);
+            }
+            let fut = producer
+                .send_result(record)
+                .map_err(|(e, _)| anyhow::anyhow!("enqueueing to the raw topic: {e}"))?;
+            pending.push(fut);
+        }
+        for fut in pending {
+            match tokio::time::timeout(cfg.kafka.produce_timeout(), fut).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((e, _)))) => anyhow::bail!("producing to {}: {e}", cfg.kafka.raw_topic),
+                _ => anyhow::bail!("no acknowledgement from {}", cfg.kafka.raw_topic),
+            }
+        }
+        let mut next: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
+        for m in &chunk {
+            let e = next.entry((m.topic(), m.partition())).or_default();
+            *e = (*e).max(m.offset() + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .context("committing DLQ offsets")?;
+        moved += chunk.len();
+    }
+    consumer.unsubscribe();
+    Ok(moved)
+}

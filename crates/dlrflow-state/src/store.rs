@@ -1,0 +1,646 @@
+//! PostgreSQL: connection, migrations, and the one write path
+//! ([`apply_batch`] / [`apply_updates`]) shared by the consumer and
+//! dlrflow-reconcile. Everything a batch changes — recipient rows, message
+//! rows, the durable dedupe record and the analytics outbox — is written in the
+//! caller's transaction, so a crash either keeps all of it or none.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dlrflow_events::{
+    merge, merge_message, DeliveryUpdate, Event, MergeOutcome, MessageState, MessageUpdate,
+    RecipientState, ReconcileReason, Status,
+};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+pub use crate::config::PostgresConfig;
+
+/// Migrations 1..999 of this crate. dlrflow-reconcile keeps its own, numbered
+/// from 1000, in the same `_sqlx_migrations` table: each side ignores the
+/// other's versions.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// The namespace of `update_id` (UUIDv5 over `dedupe_key \n recipient`).
+pub const UPDATE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0c_5d1e_8f3b_4c2a_9e71_d3f0_b5a4_c817);
+
+/// A PostgreSQL failure. The consumer treats every one as transient (back off,
+/// do not store offsets): input that PostgreSQL would refuse is rejected
+/// before it reaches here (see `crate::consumer::validate`).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("postgres migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("configuration setting `postgres.url`: {0}")]
+    Url(#[source] sqlx::Error),
+}
+
+/// Opens a pool. With `postgres.schema`, the schema is created if missing and
+/// every connection's `search_path` is set to it.
+pub async fn connect(cfg: &PostgresConfig) -> Result<PgPool, StoreError> {
+    let mut opts = PgConnectOptions::from_str(&cfg.url).map_err(StoreError::Url)?;
+    if let Some(schema) = &cfg.schema {
+        // Validated as a plain identifier by `Config::validate`; quoted anyway.
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
+            .connect_with(opts.clone())
+            .await?;
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            schema.replace('"', "")
+        );
+        // Two processes creating the same schema at once may race on the
+        // catalog's unique index; the loser retries once.
+        if admin.execute(sql.as_str()).await.is_err() {
+            admin.execute(sql.as_str()).await?;
+        }
+        admin.close().await;
+        opts = opts.options([("search_path", schema.as_str())]);
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(cfg.pool_size)
+        .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
+        .connect_with(opts)
+        .await?;
+    Ok(pool)
+}
+
+/// Runs this crate's migrations (ignoring versions it does not know, i.e.
+/// dlrflow-reconcile's).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let mut m = Migrator {
+        migrations: MIGRATOR.migrations.clone(),
+        ..Migrator::DEFAULT
+    };
+    m.set_ignore_missing(true);
+    m.run(pool).await?;
+    Ok(())
+}
+
+/// One record for [`apply_batch`].
+#[derive(Debug, Clone)]
+pub struct Incoming<'a> {
+    pub event: &'a Event,
+    /// The provider the record came from (`messages.provider` of a new message).
+    pub provider: &'a str,
+    /// The exact record as JSON text, stored in `delivery_events.raw`.
+    pub raw: Option<&'a str>,
+    /// When the ingest received it (`received-at` header).
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+/// What happened to one record of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its dedupe key was already recorded (earlier, or earlier in this batch).
+    Duplicate,
+    /// New, but it changed nothing.
+    Unchanged,
+    /// It changed the recipient's state (an analytics record was written).
+    Applied,
+    /// A second terminal status: the recipient was flagged for reconcile (an
+    /// analytics record was written).
+    Conflict,
+    /// A message-level update (changed or not).
+    Message,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Duplicate => "duplicate",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Applied => "applied",
+            Outcome::Conflict => "conflict",
+            Outcome::Message => "message",
+        }
+    }
+}
+
+/// One change written to `recipient_state` and to the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// Stable id of the analytics record: UUIDv5 over dedupe key and recipient.
+    pub update_id: Uuid,
+    pub dedupe_key: String,
+    /// [`Outcome::Applied`] or [`Outcome::Conflict`].
+    pub outcome: Outcome,
+    pub previous_status: Option<Status>,
+    /// The recipient's state after this update.
+    pub state: RecipientState,
+    /// `recipient_state.version` after this update (1 for a new recipient).
+    pub version: i64,
+}
+
+/// The result of [`apply_batch`]: one outcome per input, in input order, and
+/// the changes.
+#[derive(Debug, Clone, Default)]
+pub struct BatchResult {
+    pub outcomes: Vec<Outcome>,
+    pub applied: Vec<Applied>,
+}
+
+/// The stable analytics id of an update.
+pub fn update_id(dedupe_key: &str, recipient: &str) -> Uuid {
+    let mut name = Vec::with_capacity(dedupe_key.len() + recipient.len() + 1);
+    name.extend_from_slice(dedupe_key.as_bytes());
+    name.push(b'\n');
+    name.extend_from_slice(recipient.as_bytes());
+    Uuid::new_v5(&UPDATE_ID_NAMESPACE, &name)
+}
+
+/// Applies authoritative or webhook updates exactly as the consumer does:
+/// rows are locked, merged with [`dlrflow_events::merge`], written, recorded
+/// in `delivery_events` (an update whose `dedupe_key` is already there is
+/// skipped) and every change gets an outbox row for `dlrflow.delivery.v1`. The
+/// caller commits `tx`. `delivery_events.raw` holds the update as JSON.
+pub async fn apply_updates(
+    tx: &mut Transaction<'_, Postgres>,
+    updates: &[DeliveryUpdate],
+    received_at: DateTime<Utc>,
+) -> Result<Vec<Applied>, StoreError> {
+    let events: Vec<Event> = updates.iter().cloned().map(Event::Recipient).collect();
+    let raws: Vec<Option<String>> = updates
+        .iter()
+        .map(|u| serde_json::to_string(u).ok())
+        .collect();
+    let items: Vec<Incoming<'_>> = events
+        .iter()
+        .zip(updates)
+        .zip(&raws)
+        .map(|((event, u), raw)| Incoming {
+            event,
+            provider: u.provider.as_str(),
+            raw: raw.as_deref(),
+            received_at: Some(received_at),
+        })
+        .collect();
+    Ok(apply_batch(tx, &items).await?.applied)
+}
+
+/// A stable 64-bit lock key (FNV-1a) for one recipient, identical in every
+/// process and binary.
+fn lock_key(message_id: &str, recipient: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"dlrflow.r\0"
+        .iter()
+        .chain(message_id.as_bytes())
+        .chain(b"\0")
+        .chain(recipient.as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// Writes one batch in `tx` (see the module docs). Records are merged in input
+/// order; a dedupe key seen before (in PostgreSQL, or earlier in the batch) is
+/// a [`Outcome::Duplicate`] and changes nothing.
+pub async fn apply_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+) -> Result<BatchResult, StoreError> {
+    let mut result = BatchResult {
+        outcomes: vec![Outcome::Duplicate; items.len()],
+        applied: Vec::new(),
+    };
+    if items.is_empty() {
+        return Ok(result);
+    }
+
+    // 1. Serialize with any other writer of the same recipients (another
+    //    replica during a rebalance, reconcile): advisory locks in one global
+    //    order, before anything else, so writers never wait on each other in a
+    //    cycle. The same dedupe key always belongs to the same recipient, so
+    //    the dedupe check below is race-free once these are held.
+    let mut locks: Vec<i64> = items
+        .iter()
+        .filter_map(|i| match i.event {
+            Event::Recipient(u) => Some(lock_key(&u.message_id, &u.recipient)),
+            Event::Message(m) => Some(lock_key(&m.message_id, "")),
+        })
+        .collect();
+    locks.sort_unstable();
+    locks.dedup();
+    sqlx::query("SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k")
+        .bind(&locks)
+        .execute(&mut **tx)
+        .await?;
+
+    // 2. Durable dedupe: which keys are already recorded.
+    let keys: Vec<&str> = items.iter().map(|i| i.event.dedupe_key()).collect();
+    let seen_rows =
+        sqlx::query("SELECT dedupe_key FROM delivery_events WHERE dedupe_key = ANY($1)")
+            .bind(&keys)
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut seen: HashSet<String> = seen_rows.iter().map(|r| r.get::<String, _>(0)).collect();
+    let fresh: Vec<usize> = (0..items.len())
+        .filter(|&i| seen.insert(items[i].event.dedupe_key().to_owned()))
+        .collect();
+    if fresh.is_empty() {
+        return Ok(result);
+    }
+
+    // 3. Every message touched has a `messages` row (sorted: one lock order).
+    let mut msgs: Vec<(&str, &str, &str)> = Vec::new();
+    {
+        let mut ids = BTreeSet::new();
+        for &i in &fresh {
+            let it = &items[i];
+            let (id, source) = match it.event {
+                Event::Recipient(u) => (u.message_id.as_str(), u.source.as_str()),
+                Event::Message(m) => (m.message_id.as_str(), m.source.as_str()),
+            };
+            if ids.insert(id) {
+                msgs.push((id, source, it.provider));
+            }
+        }
+        msgs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
+    sqlx::query(
+        "INSERT INTO messages (message_id, source, provider) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (message_id) DO NOTHING",
+    )
+    .bind(msgs.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(msgs.iter().map(|m| m.1).collect::<Vec<_>>())
+    .bind(msgs.iter().map(|m| m.2).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+
+    // 4. Load the current recipient rows.
+    let mut pairs: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut source_of: HashMap<(&str, &str), (&str, &str)> = HashMap::new();
+    for &i in &fresh {
+        if let Event::Recipient(u) = items[i].event {
+            pairs.insert((&u.message_id, &u.recipient));
+            source_of
+                .entry((&u.message_id, &u.recipient))
+                .or_insert((&u.source, items[i].provider));
+        }
+    }
+    let mut current: HashMap<(String, String), (RecipientState, i64)> = HashMap::new();
+    if !pairs.is_empty() {
+        let rows = sqlx::query(
+            "SELECT r.message_id, r.recipient, r.status, r.queued_at, r.processing_at, r.sent_at, \
+                    r.delivered_at, r.failed_at, r.carrier, r.error_code, r.error_message, r.retryable, \
+                    r.segments, r.last_event_at, r.needs_reconcile, r.reconcile_reason, r.version \
+             FROM recipient_state r \
+             JOIN unnest($1::text[], $2::text[]) AS k(m, p) ON r.message_id = k.m AND r.recipient = k.p \
+             ORDER BY r.message_id, r.recipient \
+             FOR UPDATE OF r",
+        )
+        .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
+        .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in &rows {
+            let (state, version) = state_from_row(row)?;
+            current.insert(
+                (state.message_id.clone(), state.recipient.clone()),
+                (state, version),
+            );
+        }
+    }
+
+    // 5. Merge in input order.
+    let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut message_updates: Vec<(usize, &MessageUpdate)> = Vec::new();
+    for &i in &fresh {
+        match items[i].event {
+            Event::Message(m) => {
+                message_updates.push((i, m));
+                result.outcomes[i] = Outcome::Message;
+            }
+            Event::Recipient(u) => {
+                let key = (u.message_id.clone(), u.recipient.clone());
+                let cur = current.get(&key);
+                let outcome = merge(cur.map(|c| &c.0), u);
+                let version = cur.map_or(0, |c| c.1) + 1;
+                let (state, previous_status, kind) = match outcome {
+                    MergeOutcome::Unchanged => {
+                        result.outcomes[i] = Outcome::Unchanged;
+                        continue;
+                    }
+                    MergeOutcome::Applied {
+                        state,
+                        previous_status,
+                    } => (state, previous_status, Outcome::Applied),
+                    MergeOutcome::Conflict { state } => {
+                        let prev = Some(state.status);
+                        (state, prev, Outcome::Conflict)
+                    }
+                };
+                result.outcomes[i] = kind;
+                result.applied.push(Applied {
+                    update_id: update_id(&u.dedupe_key, &u.recipient),
+                    dedupe_key: u.dedupe_key.clone(),
+                    outcome: kind,
+                    previous_status,
+                    state: state.clone(),
+                    version,
+                });
+                touched.insert(key.clone());
+                current.insert(key, (state, version));
+            }
+        }
+    }
+
+    // 6. Write the recipient rows that changed.
+    if !touched.is_empty() {
+        write_recipients(tx, &touched, &current, &source_of).await?;
+    }
+
+    // 7. Message-level facts.
+    if !message_updates.is_empty() {
+        write_messages(tx, &message_updates).await?;
+    }
+
+    // 8. The durable dedupe record of every fresh input.
+    let mut ev = EventRows::default();
+    for &i in &fresh {
+        let it = &items[i];
+        let (message_id, recipient, source, status) = match it.event {
+            Event::Recipient(u) => (
+                &u.message_id,
+                Some(u.recipient.as_str()),
+                &u.source,
+                Some(u.status.as_str()),
+            ),
+            Event::Message(m) => (&m.message_id, None, &m.source, None),
+        };
+        ev.key.push(it.event.dedupe_key());
+        ev.message_id.push(message_id);
+        ev.recipient.push(recipient);
+        ev.source.push(source);
+        ev.provider.push(it.provider);
+        ev.status.push(status);
+        // PostgreSQL's jsonb cannot hold U+0000; such a record keeps no raw copy.
+        ev.raw.push(it.raw.filter(|r| !r.contains("\\u0000")));
+        ev.received_at.push(it.received_at);
+        ev.outcome.push(result.outcomes[i].as_str());
+    }
+    sqlx::query(
+        "INSERT INTO delivery_events (dedupe_key, message_id, recipient, source, provider, status, raw, received_at, outcome) \
+         SELECT k, m, r, s, p, st, raw::jsonb, ra, o \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[]) \
+              AS u(k, m, r, s, p, st, raw, ra, o) \
+         ON CONFLICT (dedupe_key) DO NOTHING",
+    )
+    .bind(&ev.key)
+    .bind(&ev.message_id)
+    .bind(&ev.recipient)
+    .bind(&ev.source)
+    .bind(&ev.provider)
+    .bind(&ev.status)
+    .bind(&ev.raw)
+    .bind(&ev.received_at)
+    .bind(&ev.outcome)
+    .execute(&mut **tx)
+    .await?;
+
+    // 9. The outbox.
+    if !result.applied.is_empty() {
+        let now = Utc::now();
+        let mut ids = Vec::with_capacity(result.applied.len());
+        let mut mids = Vec::with_capacity(result.applied.len());
+        let mut payloads = Vec::with_capacity(result.applied.len());
+        for (a, &i) in result.applied.iter().zip(
+            fresh
+                .iter()
+                .filter(|&&i| matches!(result.outcomes[i], Outcome::Applied | Outcome::Conflict)),
+        ) {
+            let Event::Recipient(u) = items[i].event else {
+                continue;
+            };
+            ids.push(a.update_id);
+            mids.push(a.state.message_id.as_str());
+            payloads.push(crate::analytics::payload(a, u, items[i].provider, now));
+        }
+        sqlx::query(
+            "INSERT INTO delivery_outbox (update_id, message_id, payload) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) ON CONFLICT (update_id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&mids)
+        .bind(&payloads)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(result)
+}
+
+#[derive(Default)]
+struct EventRows<'a> {
+    key: Vec<&'a str>,
+    message_id: Vec<&'a str>,
+    recipient: Vec<Option<&'a str>>,
+    source: Vec<&'a str>,
+    provider: Vec<&'a str>,
+    status: Vec<Option<&'static str>>,
+    raw: Vec<Option<&'a str>>,
+    received_at: Vec<Option<DateTime<Utc>>>,
+    outcome: Vec<&'static str>,
+}
+
+fn state_from_row(row: &sqlx::postgres::PgRow) -> Result<(RecipientState, i64), sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let status = Status::from_str(&status).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    let reason: Option<String> = row.try_get("reconcile_reason")?;
+    let reconcile_reason = reason
+        .map(|r| ReconcileReason::from_str(&r))
+        .transpose()
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    let segments: Option<i32> = row.try_get("segments")?;
+    Ok((
+        RecipientState {
+            message_id: row.try_get("message_id")?,
+            recipient: row.try_get("recipient")?,
+            status,
+            queued_at: row.try_get("queued_at")?,
+            processing_at: row.try_get("processing_at")?,
+            sent_at: row.try_get("sent_at")?,
+            delivered_at: row.try_get("delivered_at")?,
+            failed_at: row.try_get("failed_at")?,
+            carrier: row.try_get("carrier")?,
+            error_code: row.try_get("error_code")?,
+            error_message: row.try_get("error_message")?,
+            retryable: row.try_get("retryable")?,
+            segments: segments.map(|s| s.max(0) as u32),
+            last_event_at: row.try_get("last_event_at")?,
+            needs_reconcile: row.try_get("needs_reconcile")?,
+            reconcile_reason,
+        },
+        row.try_get("version")?,
+    ))
+}
+
+async fn write_recipients(
+    tx: &mut Transaction<'_, Postgres>,
+    touched: &BTreeSet<(String, String)>,
+    current: &HashMap<(String, String), (RecipientState, i64)>,
+    source_of: &HashMap<(&str, &str), (&str, &str)>,
+) -> Result<(), StoreError> {
+    let n = touched.len();
+    let mut mid = Vec::with_capacity(n);
+    let mut rcp = Vec::with_capacity(n);
+    let mut src = Vec::with_capacity(n);
+    let mut prov = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut queued = Vec::with_capacity(n);
+    let mut processing = Vec::with_capacity(n);
+    let mut sent = Vec::with_capacity(n);
+    let mut delivered = Vec::with_capacity(n);
+    let mut failed = Vec::with_capacity(n);
+    let mut carrier = Vec::with_capacity(n);
+    let mut code = Vec::with_capacity(n);
+    let mut msg = Vec::with_capacity(n);
+    let mut retryable = Vec::with_capacity(n);
+    let mut segments = Vec::with_capacity(n);
+    let mut last = Vec::with_capacity(n);
+    let mut needs = Vec::with_capacity(n);
+    let mut reason = Vec::with_capacity(n);
+    let mut version = Vec::with_capacity(n);
+    for key in touched {
+        let (s, v) = &current[key];
+        let (source, provider) = source_of
+            .get(&(key.0.as_str(), key.1.as_str()))
+            .copied()
+            .unwrap_or(("", ""));
+        mid.push(s.message_id.as_str());
+        rcp.push(s.recipient.as_str());
+        src.push(source);
+        prov.push(provider);
+        status.push(s.status.as_str());
+        queued.push(s.queued_at);
+        processing.push(s.processing_at);
+        sent.push(s.sent_at);
+        delivered.push(s.delivered_at);
+        failed.push(s.failed_at);
+        carrier.push(s.carrier.as_deref());
+        code.push(s.error_code.as_deref());
+        msg.push(s.error_message.as_deref());
+        retryable.push(s.retryable);
+        segments.push(s.segments.map(|x| x.min(i32::MAX as u32) as i32));
+        last.push(s.last_event_at);
+        needs.push(s.needs_reconcile);
+        reason.push(s.reconcile_reason.map(ReconcileReason::as_str));
+        version.push(*v);
+    }
+    sqlx::query(
+        "INSERT INTO recipient_state (message_id, recipient, source, provider, status, queued_at, processing_at, \
+            sent_at, delivered_at, failed_at, carrier, error_code, error_message, retryable, segments, \
+            last_event_at, needs_reconcile, reconcile_reason, version) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
+            $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[], \
+            $13::text[], $14::bool[], $15::int4[], $16::timestamptz[], $17::bool[], $18::text[], $19::int8[]) \
+         ON CONFLICT (message_id, recipient) DO UPDATE SET \
+            status = EXCLUDED.status, queued_at = EXCLUDED.queued_at, processing_at = EXCLUDED.processing_at, \
+            sent_at = EXCLUDED.sent_at, delivered_at = EXCLUDED.delivered_at, failed_at = EXCLUDED.failed_at, \
+            carrier = EXCLUDED.carrier, error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message, \
+            retryable = EXCLUDED.retryable, segments = EXCLUDED.segments, last_event_at = EXCLUDED.last_event_at, \
+            needs_reconcile = EXCLUDED.needs_reconcile, reconcile_reason = EXCLUDED.reconcile_reason, \
+            version = EXCLUDED.version, updated_at = now()",
+    )
+    .bind(&mid)
+    .bind(&rcp)
+    .bind(&src)
+    .bind(&prov)
+    .bind(&status)
+    .bind(&queued)
+    .bind(&processing)
+    .bind(&sent)
+    .bind(&delivered)
+    .bind(&failed)
+    .bind(&carrier)
+    .bind(&code)
+    .bind(&msg)
+    .bind(&retryable)
+    .bind(&segments)
+    .bind(&last)
+    .bind(&needs)
+    .bind(&reason)
+    .bind(&version)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_messages(
+    tx: &mut Transaction<'_, Postgres>,
+    updates: &[(usize, &MessageUpdate)],
+) -> Result<(), StoreError> {
+    let mut ids: Vec<&str> = updates.iter().map(|(_, m)| m.message_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = sqlx::query(
+        "SELECT message_id, source, total_recipients, total_messages, total_cost, currency, scheduled_at, queued_at \
+         FROM messages WHERE message_id = ANY($1) ORDER BY message_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut states: HashMap<String, Option<MessageState>> = HashMap::new();
+    for row in &rows {
+        let id: String = row.try_get("message_id")?;
+        let queued_at: Option<DateTime<Utc>> = row.try_get("queued_at")?;
+        let state = match queued_at {
+            None => None,
+            Some(queued_at) => {
+                let tr: Option<i32> = row.try_get("total_recipients")?;
+                let tm: Option<i32> = row.try_get("total_messages")?;
+                Some(MessageState {
+                    message_id: id.clone(),
+                    source: row.try_get("source")?,
+                    total_recipients: tr.map(|v| v.max(0) as u32),
+                    total_messages: tm.map(|v| v.max(0) as u32),
+                    total_cost: row.try_get("total_cost")?,
+                    currency: row.try_get("currency")?,
+                    scheduled_at: row.try_get("scheduled_at")?,
+                    queued_at,
+                })
+            }
+        };
+        states.insert(id, state);
+    }
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    for (_, m) in updates {
+        let cur = states.get(&m.message_id).cloned().flatten();
+        if let Some(next) = merge_message(cur.as_ref(), m) {
+            states.insert(m.message_id.clone(), Some(next));
+            changed.insert(m.message_id.clone());
+        }
+    }
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<&MessageState> = changed
+        .iter()
+        .filter_map(|id| states[id].as_ref())
+        .collect();
+    sqlx::query(
+        "UPDATE messages m SET total_recipients = u.tr, total_messages = u.tm, total_cost = u.tc, \
+            currency = u.cur, scheduled_at = u.sa, queued_at = u.qa, updated_at = now() \
+         FROM unnest($1::text[], $2::int4[], $3::int4[], $4::float8[], $5::text[], $6::timestamptz[], $7::timestamptz[]) \
+            AS u(id, tr, tm, tc, cur, sa, qa) \
+         WHERE m.message_id = u.id",
+    )
+    .bind(list.iter().map(|s| s.message_id.as_str()).collect::<Vec<_>>())
+    .bind(list.iter().map(|s| s.total_recipients.map(|v| v.min(i32::MAX as u32) as i32)).collect::<Vec<_>>())
+    .bind(list.iter().map(|s| s.total_messages.map(|v| v.min(i32::MAX as u32) as i32)).collect::<Vec<_>>())
+    .bind(list.iter().map(|s| s.total_cost).collect::<Vec<_>>())
+    .bind(list.iter().map(|s| s.currency.as_deref()).collect::<Vec<_>>())
+    .bind(list.iter().map(|s| s.scheduled_at).collect::<Vec<_>>())
+    .bind(list.iter().map(|s| Some(s.queued_at)).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
