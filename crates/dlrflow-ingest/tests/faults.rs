@@ -121,3 +121,40 @@ async fn no_broker_at_all_gives_503_within_the_timeout() {
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish_and_then_stops() {
+    let cluster = MockCluster::new(1).unwrap();
+    let app = spawn_with(mock_config(&cluster)).await;
+    healthy(&app).await;
+    // Acknowledgements take 700 ms, so the request is in flight when the
+    // shutdown signal arrives.
+    cluster
+        .broker_round_trip_time(-1, Duration::from_millis(700))
+        .unwrap();
+    let client = app.client.clone();
+    let url = app.url("/lisoloo/webhook");
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("Authorization", basic(USER, PASS))
+            .body(lisoloo_event(&message_id()))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    // Give the request time to reach the server (it then waits ~700 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = app.addr;
+    app.stop().await.unwrap();
+    assert_eq!(
+        in_flight.await.unwrap(),
+        StatusCode::NO_CONTENT,
+        "the in-flight request was answered"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
