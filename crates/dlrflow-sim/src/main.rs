@@ -48,7 +48,7 @@ struct SendArgs {
     /// HTTP Basic user name.
     #[arg(long, env = "DLRFLOW_SIM_USERNAME")]
     username: Option<String>,
-    /// HTTP Basic password (sent only when --username is set too).
+    /// HTTP Basic password (Basic auth is sent when both are set).
     #[arg(long, env = "DLRFLOW_SIM_PASSWORD", hide_env_values = true)]
     password: Option<String>,
     /// Number of messages (sends).
@@ -193,8 +193,10 @@ impl SendArgs {
     fn delivery(&self, provider: &str) -> anyhow::Result<DeliveryConfig> {
         let basic_auth = match (&self.username, &self.password) {
             (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-            (Some(u), None) => Some((u.clone(), String::new())),
-            (None, Some(_)) => anyhow::bail!("--password needs --username"),
+            // The gateway sends Basic auth only when both are configured.
+            (Some(_), None) | (None, Some(_)) => {
+                anyhow::bail!("--username and --password go together (Basic auth needs both)")
+            }
             (None, None) => None,
         };
         anyhow::ensure!(
