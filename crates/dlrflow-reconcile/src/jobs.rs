@@ -346,8 +346,8 @@ RETURNING gave_up"#,
 /// Finishes a job inside the transaction that wrote the read's answer.
 ///
 /// `last_read_at` becomes the later of the claim time and the newest
-/// `updated_at` among the answer's recipients, so the write of the answer
-/// itself does not look like a new change to the strict trigger.
+/// `updated_at` among the recipients the answer changed, so the write of the
+/// answer itself does not look like a new change to the strict trigger.
 pub async fn complete(
     tx: &mut Transaction<'_, Postgres>,
     job: &Job,

@@ -87,6 +87,9 @@ impl App {
     /// migrations if `postgres.migrate`) and Redis, and binds the listener.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         cfg.validate()?;
+        // Install the Prometheus recorder now: counts made before the first
+        // scrape would otherwise go to the no-op recorder.
+        let _ = dlrflow_runtime::telemetry::metrics_handle();
         let pool = store::connect(&cfg.postgres).await?;
         if cfg.postgres.migrate {
             store::migrate(&pool).await?;

@@ -266,20 +266,15 @@ async fn write(
     let before = jobs::conflicts(&mut tx, &job.message_id).await?;
     let written = crate::store::write_answer(&mut tx, &snapshot.recipients).await?;
     let after = jobs::conflicts(&mut tx, &job.message_id).await?;
-    let recipients: Vec<String> = snapshot
-        .recipients
-        .iter()
-        .map(|u| u.recipient.clone())
-        .collect();
-    let still_ours = jobs::complete(&mut tx, job, owner, &recipients).await?;
+    let still_ours = jobs::complete(&mut tx, job, owner, &written.changed).await?;
     tx.commit().await?;
     if !still_ours {
         tracing::warn!("the lease expired during the read; the answer was written anyway");
     }
-    telemetry::written(written.changed, before.saturating_sub(after));
+    telemetry::written(written.changed.len(), before.saturating_sub(after));
     tracing::debug!(
-        changed = written.changed,
-        recipients = recipients.len(),
+        changed = written.changed.len(),
+        recipients = snapshot.recipients.len(),
         "answer written"
     );
     Ok(())

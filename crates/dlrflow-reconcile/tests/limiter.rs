@@ -1,0 +1,137 @@
+//! The shared limiter's property against real Redis: no interval of the
+//! window's length holds more grants than the budget, whatever the parameters
+//! and however many callers race.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use dlrflow_reconcile::limiter::{Acquire, Limiter, LimiterSettings};
+use dlrflow_runtime::testing::unique_name;
+
+async fn limiter(prefix: &str, limit: u32, window: Duration) -> Limiter {
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    Limiter::new(
+        conn,
+        &LimiterSettings {
+            prefix: prefix.to_owned(),
+            key_id: "k".into(),
+            limit,
+            window,
+            unauthorized_hold: Duration::from_secs(5),
+        },
+    )
+}
+
+/// The most grants (Redis µs timestamps) inside any interval `[a, a + w)`.
+fn max_in_window(mut grants: Vec<i64>, window_us: i64) -> usize {
+    grants.sort_unstable();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..grants.len() {
+        while grants[end] - grants[start] >= window_us {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+/// `callers` tasks (each with its own Redis connection, like replicas) hammer
+/// one budget for `run`; returns every grant's Redis time.
+async fn hammer(limit: u32, window: Duration, callers: usize, run: Duration) -> Vec<i64> {
+    let prefix = unique_name("dlrflow-test-limiter");
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let l = limiter(&prefix, limit, window).await;
+        tasks.push(tokio::spawn(async move {
+            let end = Instant::now() + run;
+            let mut grants = Vec::new();
+            let mut i = 0;
+            while Instant::now() < end {
+                i += 1;
+                match l.acquire(&format!("{c}/{i}")).await.unwrap() {
+                    Acquire::Granted { at_us, .. } => grants.push(at_us),
+                    // Come back early and often: the harshest caller there is.
+                    Acquire::Wait { wait, .. } => {
+                        tokio::time::sleep(wait.min(Duration::from_millis(3))).await
+                    }
+                    Acquire::Unauthorized { reason } => panic!("{reason}"),
+                }
+            }
+            grants
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_window_ever_holds_more_than_the_budget() {
+    for (limit, window_ms, callers) in [(10u32, 300u64, 8usize), (1, 50, 4), (25, 700, 12)] {
+        let window = Duration::from_millis(window_ms);
+        let run = Duration::from_millis(window_ms * 4 + 100);
+        let grants = hammer(limit, window, callers, run).await;
+        let w = i64::try_from(window.as_micros()).unwrap();
+        let worst = max_in_window(grants.clone(), w);
+        assert!(
+            worst <= limit as usize,
+            "limit {limit}/{window_ms} ms: {worst} grants in one window"
+        );
+        // And the budget is used, not starved: about limit per window.
+        let windows = run.as_millis() as f64 / window_ms as f64;
+        let expected = (windows.floor() as usize) * limit as usize;
+        assert!(
+            grants.len() >= expected,
+            "limit {limit}/{window_ms} ms: only {} grants in {run:?}",
+            grants.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_stops_grants_and_a_401_marker_stops_them_until_it_is_gone() {
+    let prefix = unique_name("dlrflow-test-limiter");
+    let a = limiter(&prefix, 100, Duration::from_secs(60)).await;
+    let b = limiter(&prefix, 100, Duration::from_secs(60)).await;
+    assert!(matches!(
+        a.acquire("1").await.unwrap(),
+        Acquire::Granted { left: 99, .. }
+    ));
+    a.pause(Duration::from_millis(400)).await.unwrap();
+    // A shorter pause never shortens a longer one.
+    b.pause(Duration::from_millis(10)).await.unwrap();
+    match b.acquire("2").await.unwrap() {
+        Acquire::Wait { wait, paused: true } => {
+            assert!(wait > Duration::from_millis(300), "{wait:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(matches!(
+        b.acquire("3").await.unwrap(),
+        Acquire::Granted { left: 98, .. }
+    ));
+    a.mark_unauthorized("401 for key k").await.unwrap();
+    match b.acquire("4").await.unwrap() {
+        Acquire::Unauthorized { reason } => assert_eq!(reason, "401 for key k"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        b.unauthorized_reason().await.unwrap().as_deref(),
+        Some("401 for key k")
+    );
+    assert_eq!(a.in_window().await.unwrap(), 2);
+    // Clean up the marker (its TTL would too).
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:k:unauthorized"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
