@@ -513,3 +513,59 @@ pub(crate) fn spawn_progress(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn url_templates_expand() {
+        let cfg = DeliveryConfig {
+            target: "http://127.0.0.1:8080/".to_owned(),
+            source: "arpoone".to_owned(),
+            ..DeliveryConfig::default()
+        };
+        assert_eq!(
+            cfg.url("{target}/{source}/webhook/{status}", "not_delivered", ""),
+            "http://127.0.0.1:8080/arpoone/webhook/not_delivered"
+        );
+        let cfg = DeliveryConfig {
+            url_template: Some("{target}/hooks/{token}/{status}".to_owned()),
+            ..cfg
+        };
+        assert_eq!(
+            cfg.url("ignored", "pending", "t0k"),
+            "http://127.0.0.1:8080/hooks/t0k/pending"
+        );
+    }
+
+    #[test]
+    fn time_scale_shrinks_the_documented_schedule() {
+        let scaled: Vec<Duration> = DEFAULT_RETRY_SCHEDULE
+            .iter()
+            .map(|d| scale(*d, 0.01))
+            .collect();
+        let ms: Vec<u128> = scaled.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, vec![300, 1200, 6000, 36000]);
+    }
+
+    #[tokio::test]
+    async fn shuffle_reorders_but_loses_nothing() {
+        let (in_tx, in_rx) = mpsc::channel(1000);
+        let (out_tx, mut out_rx) = mpsc::channel(1000);
+        let task = tokio::spawn(shuffle(in_rx, out_tx, 16, StdRng::seed_from_u64(1)));
+        for i in 0..200u32 {
+            in_tx.send(i).await.unwrap();
+        }
+        drop(in_tx);
+        let mut got = Vec::new();
+        while let Some(i) = out_rx.recv().await {
+            got.push(i);
+        }
+        task.await.unwrap();
+        assert_ne!(got, (0..200).collect::<Vec<_>>(), "order changed");
+        got.sort_unstable();
+        assert_eq!(got, (0..200).collect::<Vec<_>>(), "nothing lost or doubled");
+    }
+}

@@ -394,3 +394,59 @@ impl StatusServer {
         let _ = self.task.await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(statuses: &[RecipientStatus]) -> Vec<StatusRecipient> {
+        statuses
+            .iter()
+            .map(|s| StatusRecipient {
+                status: *s,
+                ..StatusRecipient::pending("+243000000000")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn message_status_is_derived_from_recipients() {
+        use RecipientStatus::*;
+        let cases: &[(&[RecipientStatus], &str)] = &[
+            (&[Pending, Pending], "pending"),
+            (&[Pending, Processing], "processing"),
+            (&[Sent, Processing], "processing"),
+            (&[Sent, Sent], "sent"),
+            (&[Sent, Delivered], "sent"),
+            (&[Delivered, Delivered], "delivered"),
+            (&[Failed, Failed], "failed"),
+            (&[Delivered, Failed], "partially_delivered"),
+            (&[Pending, Delivered], "processing"),
+        ];
+        for (statuses, want) in cases {
+            assert_eq!(
+                derive_message_status(&with(statuses)),
+                *want,
+                "{statuses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+}

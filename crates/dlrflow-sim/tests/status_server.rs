@@ -233,7 +233,12 @@ async fn a_message_is_visible_from_sms_queued_on() {
     })
     .await;
     let s = gateway.status(&id).unwrap();
-    assert_eq!(s.status, "pending");
+    // Processing follows 0.3–3 s later; a slow machine may already see it.
+    assert!(
+        s.status == "pending" || s.status == "processing",
+        "{}",
+        s.status
+    );
     assert_eq!(s.total_recipients, 1);
     cancel.cancel();
     let report = bounded(10, run).await.unwrap().unwrap();
