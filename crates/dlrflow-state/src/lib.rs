@@ -19,6 +19,7 @@ pub mod consumer;
 pub mod dedupe;
 pub mod replay;
 pub mod store;
+pub mod testkit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +54,8 @@ impl App {
     /// the broker need not be yet (`/readyz` says).
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         cfg.validate()?;
+        // Install the Prometheus recorder before the first counter moves.
+        let _ = dlrflow_runtime::telemetry::metrics_handle();
         let pool = store::connect(&cfg.postgres)
             .await
             .context("connecting to postgres.url")?;

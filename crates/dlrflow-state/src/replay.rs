@@ -55,9 +55,17 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
         .subscribe(&[&cfg.kafka.dlq_topic])
         .with_context(|| format!("subscribing to kafka.dlq_topic = {}", cfg.kafka.dlq_topic))?;
     let producer = create_producer(cfg, "dlrflow-state-replay")?;
+    // Only what is in the DLQ now: a record replayed that is still poison
+    // comes back to the DLQ, and must not be replayed again in this run.
+    let end = high_watermarks(&consumer, &cfg.kafka.dlq_topic)?;
+    let mut finished: std::collections::HashSet<i32> = end
+        .iter()
+        .filter(|(_, e)| **e == 0)
+        .map(|(p, _)| *p)
+        .collect();
     let max = opts.max.unwrap_or(usize::MAX);
     let mut moved = 0usize;
-    while moved < max {
+    while moved < max && finished.len() < end.len() {
         let wait = if moved == 0 {
             opts.first_wait
         } else {
@@ -74,6 +82,16 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
                 Err(_) => break,
                 Ok(m) => chunk.push(m.context("reading the DLQ")?.detach()),
             }
+        }
+        chunk.retain(|m| {
+            let last = end.get(&m.partition()).copied().unwrap_or(0) - 1;
+            if m.offset() >= last {
+                finished.insert(m.partition());
+            }
+            m.offset() <= last
+        });
+        if chunk.is_empty() {
+            continue;
         }
         let mut pending = Vec::with_capacity(chunk.len());
         for m in &chunk {
@@ -128,4 +146,27 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
     }
     consumer.unsubscribe();
     Ok(moved)
+}
+
+/// The DLQ's end offsets per partition at the start of the run.
+fn high_watermarks(
+    consumer: &StreamConsumer,
+    topic: &str,
+) -> anyhow::Result<std::collections::HashMap<i32, i64>> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("metadata of kafka.dlq_topic = {topic}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .with_context(|| format!("kafka.dlq_topic = {topic} does not exist"))?;
+    let mut out = std::collections::HashMap::new();
+    for p in t.partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .with_context(|| format!("watermarks of {topic}/{}", p.id()))?;
+        out.insert(p.id(), high);
+    }
+    Ok(out)
 }

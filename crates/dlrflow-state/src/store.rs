@@ -52,14 +52,23 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<PgPool, StoreError> {
             .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
             .connect_with(opts.clone())
             .await?;
-        let sql = format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-            schema.replace('"', "")
-        );
-        // Two processes creating the same schema at once may race on the
-        // catalog's unique index; the loser retries once.
-        if admin.execute(sql.as_str()).await.is_err() {
-            admin.execute(sql.as_str()).await?;
+        // Only created when missing, so a role without CREATE on the database
+        // can use a schema prepared for it.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(&admin)
+                .await?;
+        if !exists {
+            let sql = format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+                schema.replace('"', "")
+            );
+            // Two processes creating the same schema at once may race on the
+            // catalog's unique index; the loser retries once.
+            if admin.execute(sql.as_str()).await.is_err() {
+                admin.execute(sql.as_str()).await?;
+            }
         }
         admin.close().await;
         opts = opts.options([("search_path", schema.as_str())]);

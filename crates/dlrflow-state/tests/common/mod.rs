@@ -1,0 +1,219 @@
+//! Per-test isolation: own topics, group, Redis prefix and PostgreSQL schema.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name, wait_for};
+use dlrflow_state::Config;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+pub struct Env {
+    pub brokers: String,
+    pub raw: String,
+    pub dlq: String,
+    pub delivery: String,
+    pub group: String,
+    pub prefix: String,
+    pub schema: String,
+}
+
+impl Env {
+    pub async fn new(partitions: i32) -> Env {
+        dlrflow_runtime::telemetry::init_test_logs();
+        let brokers = test_brokers();
+        let id = unique_name("st");
+        let env = Env {
+            raw: format!("{id}.raw"),
+            dlq: format!("{id}.dlq"),
+            delivery: format!("{id}.delivery"),
+            group: format!("{id}-group"),
+            prefix: format!("{id}:"),
+            schema: id.replace('-', "_"),
+            brokers,
+        };
+        create_topic(&env.brokers, &env.raw, partitions)
+            .await
+            .unwrap();
+        create_topic(&env.brokers, &env.dlq, 1).await.unwrap();
+        create_topic(&env.brokers, &env.delivery, partitions)
+            .await
+            .unwrap();
+        env
+    }
+
+    pub fn config(&self) -> Config {
+        let mut cfg = Config::defaults();
+        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.http.shutdown_grace_ms = 5000;
+        cfg.kafka.client.brokers = self.brokers.clone();
+        cfg.kafka.raw_topic = self.raw.clone();
+        cfg.kafka.dlq_topic = self.dlq.clone();
+        cfg.kafka.delivery_topic = self.delivery.clone();
+        cfg.kafka.group_id = self.group.clone();
+        cfg.redis.prefix = self.prefix.clone();
+        cfg.postgres.url = PG_BASE.into();
+        cfg.postgres.schema = Some(self.schema.clone());
+        cfg.postgres.pool_size = 4;
+        cfg.batch.retry_max_ms = 1000;
+        cfg.outbox.idle_poll_ms = 20;
+        cfg
+    }
+
+    /// Environment variables that make a `dlrflow-state` process use this env.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        [
+            ("DLRFLOW_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+            ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
+            ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw.clone()),
+            ("DLRFLOW_KAFKA__DLQ_TOPIC", self.dlq.clone()),
+            ("DLRFLOW_KAFKA__DELIVERY_TOPIC", self.delivery.clone()),
+            ("DLRFLOW_KAFKA__GROUP_ID", self.group.clone()),
+            ("DLRFLOW_REDIS__PREFIX", self.prefix.clone()),
+            ("DLRFLOW_POSTGRES__URL", PG_BASE.to_owned()),
+            ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
+            ("DLRFLOW_POSTGRES__POOL_SIZE", "3".to_owned()),
+            ("DLRFLOW_BATCH__RETRY_MAX_MS", "1000".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// A pool on the test's schema (for assertions).
+    pub async fn pool(&self) -> PgPool {
+        let cfg = self.config();
+        let pool = dlrflow_state::connect(&cfg.postgres).await.unwrap();
+        dlrflow_state::migrate(&pool).await.unwrap();
+        pool
+    }
+
+    pub async fn drop_schema(&self) {
+        let pool = PgPool::connect(PG_BASE).await.unwrap();
+        let _ = sqlx::query(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        ))
+        .execute(&pool)
+        .await;
+    }
+
+    /// Deletes this test's Redis keys (never FLUSHALL: Redis is shared).
+    pub async fn delete_redis_keys(&self) -> usize {
+        let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        keys.len()
+    }
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("app stops within 30 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+pub async fn spawn_app(cfg: Config) -> Running {
+    let app = dlrflow_state::App::build(cfg).await.unwrap();
+    let addr = app.local_addr();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app.run(shutdown.clone()));
+    Running {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1)
+}
+
+/// Waits until `sql` (a count) returns `want`; panics with the last value.
+pub async fn wait_count(pool: &PgPool, sql: &str, want: i64, timeout: Duration) {
+    let ok = wait_for(timeout, || async {
+        (count(pool, sql).await == want).then_some(())
+    })
+    .await;
+    if ok.is_none() {
+        panic!(
+            "`{sql}` is {} after {timeout:?}, want {want}",
+            count(pool, sql).await
+        );
+    }
+}
+
+/// Checks every expected recipient row.
+pub async fn assert_expected(pool: &PgPool, scenario: &dlrflow_state::testkit::Scenario) {
+    type Row = (
+        String,
+        String,
+        String,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT message_id, recipient, status, delivered_at, failed_at, error_code FROM recipient_state",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), scenario.expected.len(), "recipient rows");
+    for (m, r, status, delivered_at, failed_at, error_code) in rows {
+        let want = &scenario.expected[&(m.clone(), r.clone())];
+        assert_eq!(status, want.status, "{m}/{r}");
+        assert_eq!(delivered_at, want.delivered_at, "{m}/{r}");
+        assert_eq!(failed_at, want.failed_at, "{m}/{r}");
+        assert_eq!(error_code, want.error_code, "{m}/{r}");
+    }
+}
+
+/// The `update_id`s on the analytics topic (with duplicates).
+pub async fn analytics_ids(env: &Env, expected: usize) -> Vec<uuid::Uuid> {
+    let records = dlrflow_runtime::testing::read_topic(
+        &env.brokers,
+        &env.delivery,
+        expected,
+        Duration::from_secs(60),
+        Duration::from_millis(1500),
+    )
+    .await
+    .unwrap();
+    records
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            v["update_id"].as_str().unwrap().parse().unwrap()
+        })
+        .collect()
+}
