@@ -57,6 +57,13 @@ async fn a_recipient_whose_terminal_event_was_never_delivered_ends_in_its_true_s
         .count(&format!("SELECT count(*) FROM reconcile_jobs WHERE message_id = '{stuck}' AND done_at IS NOT NULL AND reads = 1"))
         .await;
     assert_eq!(done, 1);
+    // The change went out on the analytics outbox like any update.
+    let published: i64 = db
+        .count(&format!(
+            "SELECT count(*) FROM delivery_outbox WHERE message_id = '{stuck}' AND payload LIKE '%\"provider\":\"status_api\"%' AND payload LIKE '%\"status\":\"delivered\"%'"
+        ))
+        .await;
+    assert!(published >= 1, "no outbox record for the reconciled change");
     let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
         .await
         .unwrap()
