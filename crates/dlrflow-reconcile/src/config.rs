@@ -451,7 +451,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_setting() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        type Change = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "status_api.api_key",
                 Box::new(|c| c.status_api.api_key = SecretString::from("")),
