@@ -57,6 +57,8 @@ pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<
 }
 
 #[cfg(test)]
+// `figment::Jail`'s closure must return `figment::Error`, which is large.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use serde::Deserialize;
