@@ -1,0 +1,166 @@
+//! Faults mid-stream; after each, every recipient's final state is exact.
+//! Retries of the simulated gateway come after 0.3 s, 1.2 s, 6 s, 36 s
+//! (time scale 0.01).
+
+use std::time::Duration;
+
+use dlrflow_e2e::{delivery, timed, verify_all, Options, Pipeline};
+use dlrflow_sim::{run_lisoloo, Gateway, LisolooConfig, SimReport};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A send of `messages` × 3 recipients spread over about 20 s, in the
+/// background, so that a fault lands in the middle of it.
+fn send(p: &Pipeline, messages: usize, duplicate_rate: f64) -> JoinHandle<SimReport> {
+    let cfg = LisolooConfig {
+        delivery: dlrflow_sim::DeliveryConfig {
+            reorder_window: 64,
+            duplicate_rate,
+            ..delivery(&p.ingest_url(), "lisoloo")
+        },
+        messages,
+        recipients: 3,
+        send_rate: messages as f64 / 20.0,
+        failure_rate: 0.1,
+        seed: 4242,
+    };
+    tokio::spawn(async move {
+        run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new())
+            .await
+            .unwrap()
+    })
+}
+
+fn check_report(report: &SimReport) {
+    eprintln!("{}", report.table());
+    assert_eq!(report.totals.dropped_4xx, 0, "the ingest refused an event");
+    assert_eq!(
+        report.totals.dropped_exhausted, 0,
+        "an event was dropped after every retry"
+    );
+}
+
+/// `dlrflow-ingest` is SIGKILLed mid-send and restarted on the same port
+/// 2 s later; requests that got no answer are retried by the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_killed_and_restarted_mid_send() {
+    let _t = timed("ingest_killed_and_restarted_mid_send");
+    let mut p = Pipeline::new("fault-ingest", &Options::default()).await.unwrap();
+    p.start_ingest().await.unwrap();
+    p.start_state(1).await.unwrap();
+    let sender = send(&p, 400, 0.02);
+
+    let at = p.wait_applied(1000, WAIT).await.unwrap();
+    p.kill9("ingest");
+    eprintln!("e2e: ingest killed at {at} applied events");
+    tokio::time::sleep(Duration::from_secs(2)).await; // down across the first retries
+    p.restart("ingest").await.unwrap();
+
+    let report = sender.await.unwrap();
+    check_report(&report);
+    assert!(report.totals.retries > 0, "the outage caused retries");
+    verify_all(&report.truth, &p.api_url(0), Duration::from_secs(90)).await;
+    p.finish().await;
+}
+
+/// Three state replicas; one is SIGKILLed mid-stream and restarted. The
+/// group rebalances; uncommitted work is redone without visible duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_replica_killed_and_restarted() {
+    let _t = timed("state_replica_killed_and_restarted");
+    let mut p = Pipeline::new("fault-state", &Options::default()).await.unwrap();
+    p.start_ingest().await.unwrap();
+    p.start_state(3).await.unwrap();
+    let sender = send(&p, 400, 0.05);
+
+    let at = p.wait_applied(1000, WAIT).await.unwrap();
+    p.kill9("state-1");
+    eprintln!("e2e: state-1 killed at {at} applied events");
+    p.restart("state-1").await.unwrap();
+
+    let report = sender.await.unwrap();
+    check_report(&report);
+    verify_all(&report.truth, &p.api_url(0), Duration::from_secs(90)).await;
+    p.analytics(Duration::from_secs(60)).await.unwrap().assert_clean();
+    p.finish().await;
+}
+
+/// A private broker is SIGKILLed mid-send and restarted 5 s later (longer
+/// than the 0.3 s and 1.2 s retries): the ingest answers 503 meanwhile, the
+/// gateway retries, the state consumer and the outbox relay reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_longer_than_the_first_retry() {
+    let _t = timed("broker_down_longer_than_the_first_retry");
+    let opts = Options {
+        private_broker: true,
+        ..Options::default()
+    };
+    let mut p = Pipeline::new("fault-broker", &opts).await.unwrap();
+    p.start_ingest().await.unwrap();
+    p.start_state(2).await.unwrap();
+    let sender = send(&p, 400, 0.02);
+
+    let at = p.wait_applied(1000, WAIT).await.unwrap();
+    p.broker().kill9();
+    eprintln!("e2e: broker killed at {at} applied events");
+    tokio::time::sleep(Duration::from_secs(5)).await; // the outage itself
+    p.broker().start().unwrap();
+
+    let report = sender.await.unwrap();
+    check_report(&report);
+    assert!(report.totals.retries > 0, "the outage caused retries");
+    verify_all(&report.truth, &p.api_url(0), Duration::from_secs(120)).await;
+    p.analytics(Duration::from_secs(60)).await.unwrap().assert_clean();
+    p.finish().await;
+}
+
+/// Every Redis key of this test's prefix is deleted mid-stream (the dedupe
+/// fast path forgets everything); with 10 % duplicates PostgreSQL's unique
+/// key must still keep each event applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_prefix_flushed_mid_stream() {
+    let _t = timed("redis_prefix_flushed_mid_stream");
+    let mut p = Pipeline::new("fault-redis", &Options::default()).await.unwrap();
+    p.start_ingest().await.unwrap();
+    p.start_state(2).await.unwrap();
+    let sender = send(&p, 400, 0.10);
+
+    let at = p.wait_applied(1500, WAIT).await.unwrap();
+    let deleted = p.flush_redis_prefix().await.unwrap();
+    eprintln!("e2e: deleted {deleted} redis keys at {at} applied events");
+    assert!(deleted > 0, "the state service keeps dedupe keys under its prefix");
+
+    let report = sender.await.unwrap();
+    check_report(&report);
+    verify_all(&report.truth, &p.api_url(0), Duration::from_secs(90)).await;
+    let a = p.analytics(Duration::from_secs(60)).await.unwrap();
+    a.assert_clean();
+    p.finish().await;
+}
+
+/// A private PostgreSQL is restarted (`pg_ctl restart -m fast`) mid-stream:
+/// every connection is cut; batches are retried, offsets were not committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_stream() {
+    let _t = timed("postgres_restarted_mid_stream");
+    let opts = Options {
+        private_postgres: true,
+        ..Options::default()
+    };
+    let mut p = Pipeline::new("fault-postgres", &opts).await.unwrap();
+    p.start_ingest().await.unwrap();
+    p.start_state(2).await.unwrap();
+    let sender = send(&p, 400, 0.02);
+
+    let at = p.wait_applied(1000, WAIT).await.unwrap();
+    p.postgres().restart().unwrap();
+    eprintln!("e2e: postgres restarted at {at} applied events");
+
+    let report = sender.await.unwrap();
+    check_report(&report);
+    verify_all(&report.truth, &p.api_url(0), Duration::from_secs(90)).await;
+    p.analytics(Duration::from_secs(60)).await.unwrap().assert_clean();
+    p.finish().await;
+}

@@ -1,0 +1,1062 @@
+//! `dlrflow-e2e` is the end-to-end harness: it runs the real service binaries
+//! (`dlrflow-ingest`, N × `dlrflow-state`, `dlrflow-reconcile`) as separate
+//! processes against real Kafka-protocol broker, Redis and PostgreSQL, while
+//! `dlrflow-sim` plays the gateway in-process, and checks the outcome the way a
+//! user would: the simulator's `verify` against its ground truth, the status
+//! server's read log and the analytics topic.
+//!
+//! Every [`Pipeline`] has its own topics, consumer group, Redis prefix,
+//! PostgreSQL schema and ports, so tests run in parallel without seeing each
+//! other. It may also own a private broker or a private PostgreSQL server that
+//! a test is allowed to stop; it must never stop, flush or drop anything shared
+//! (no `FLUSHALL`, never the broker on 9092).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context};
+use dlrflow_runtime::testing::{create_topic, read_topic, test_brokers, unique_name};
+use dlrflow_sim::{DeliveryConfig, ReadRecord, Truth, VerifyOptions, VerifyReport};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+/// HTTP Basic credentials the ingest accepts and the simulator sends.
+pub const USERNAME: &str = "e2e";
+pub const PASSWORD: &str = "e2e-password";
+/// The status API key the simulator accepts and the reconciler uses.
+pub const STATUS_KEY: &str = "e2e-status-key";
+/// Partitions of every topic a test creates.
+pub const PARTITIONS: i32 = 6;
+/// How long a service may take to answer `/readyz` with 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------
+// Locations and binaries
+// ---------------------------------------------------------------------------
+
+/// The workspace root (this package lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `<target>/<profile>`, derived from the running test binary
+/// (`<target>/<profile>/deps/<test>-<hash>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe has a parent").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// `<target>`: the parent of the profile directory.
+pub fn target_dir() -> PathBuf {
+    profile_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+/// The path of binary `name` of package `pkg` in this profile, built with
+/// `cargo build -p pkg --bin name` when missing or older than its sources
+/// (the crates it is made of, their migrations, `Cargo.lock`).
+/// `DLRFLOW_E2E_NO_BUILD=1` uses whatever binary exists.
+pub fn binary(pkg: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = profile_dir().join(name);
+    let no_build = std::env::var_os("DLRFLOW_E2E_NO_BUILD").is_some();
+    if path.is_file() && (no_build || !stale(&path, pkg)) {
+        return Ok(path);
+    }
+    ensure!(
+        !no_build,
+        "{} is missing and DLRFLOW_E2E_NO_BUILD is set",
+        path.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args(["build", "-q", "-p", pkg, "--bin", name])
+        .env("CARGO_TARGET_DIR", target_dir());
+    if profile_dir().file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    eprintln!("e2e: building {pkg} --bin {name} …");
+    let status = cmd.status().context("running cargo build")?;
+    ensure!(status.success(), "cargo build -p {pkg} --bin {name} failed");
+    ensure!(path.is_file(), "{} not found after the build", path.display());
+    Ok(path)
+}
+
+/// True when any source file the binary is built from is newer than it.
+fn stale(bin: &Path, pkg: &str) -> bool {
+    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
+        return true;
+    };
+    let root = workspace_root();
+    let mut dirs = vec![
+        root.join("crates/dlrflow-events"),
+        root.join("crates/dlrflow-runtime"),
+        root.join(format!("crates/{pkg}")),
+    ];
+    if pkg == "dlrflow-reconcile" {
+        dirs.push(root.join("crates/dlrflow-state"));
+    }
+    let newest = dirs
+        .iter()
+        .map(|d| newest_source(d))
+        .chain([mtime(&root.join("Cargo.lock"))])
+        .max()
+        .flatten();
+    newest.is_some_and(|n| n > built)
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    p.metadata().and_then(|m| m.modified()).ok()
+}
+
+/// The newest modification time of the files that go into a crate's binary:
+/// `Cargo.toml`, `src/**`, `migrations/**` (tests, benches and fuzz excluded).
+fn newest_source(krate: &Path) -> Option<SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, newest);
+            } else if let Some(t) = mtime(&p) {
+                *newest = (*newest).max(Some(t));
+            }
+        }
+    }
+    let mut newest = mtime(&krate.join("Cargo.toml"));
+    walk(&krate.join("src"), &mut newest);
+    walk(&krate.join("migrations"), &mut newest);
+    newest
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn open_log(path: &Path, what: &str) -> anyhow::Result<File> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "=== e2e: {what} at {}", chrono::Utc::now().to_rfc3339())?;
+    Ok(f)
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// Service processes
+// ---------------------------------------------------------------------------
+
+/// Which binary a service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Ingest,
+    State,
+    Reconcile,
+}
+
+impl Kind {
+    fn binary(self) -> anyhow::Result<PathBuf> {
+        match self {
+            Kind::Ingest => binary("dlrflow-ingest", "dlrflow-ingest"),
+            Kind::State => binary("dlrflow-state", "dlrflow-state"),
+            Kind::Reconcile => binary("dlrflow-reconcile", "dlrflow-reconcile"),
+        }
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Kind::Ingest | Kind::State => &["serve"],
+            Kind::Reconcile => &[],
+        }
+    }
+}
+
+/// One service process: its command line, its port, its log file.
+struct Service {
+    kind: Kind,
+    port: u16,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = self.kind.binary()?;
+        let log = open_log(&self.log, "start")?;
+        let err = log.try_clone()?;
+        let rust_log = std::env::var("DLRFLOW_E2E_RUST_LOG").unwrap_or_else(|_| "info".into());
+        let child = Command::new(&bin)
+            .args(self.kind.args())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", rust_log)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+            if let Ok(mut f) = open_log(&self.log, "SIGKILL") {
+                let _ = f.flush();
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn terminate(&mut self, grace: Duration) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn wait_ready(&mut self, name: &str) -> anyhow::Result<()> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()?;
+        let url = format!("{}/readyz", self.url());
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    bail!(
+                        "{name} exited with {status} before it was ready; log {}:\n{}",
+                        self.log.display(),
+                        log_tail(&self.log, 30)
+                    );
+                }
+            } else {
+                bail!("{name} is not running");
+            }
+            match client.get(&url).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} not ready after {READY_TIMEOUT:?} (last answer: {last}); log {}:\n{}",
+                    self.log.display(),
+                    log_tail(&self.log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Private infrastructure a test may stop
+// ---------------------------------------------------------------------------
+
+/// A Tansu broker on its own port and SQLite file, for tests that stop the
+/// broker (never the shared one on 9092).
+pub struct PrivateBroker {
+    dir: PathBuf,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+fn tansu_binary() -> anyhow::Result<PathBuf> {
+    [
+        std::env::var_os("DLRFLOW_TANSU").map(PathBuf::from),
+        which("tansu"),
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/tansu")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.is_file())
+    .context("the tansu binary (deploy/local/stack.sh up installs it)")
+}
+
+impl PrivateBroker {
+    fn new(dir: PathBuf, log: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let mut b = PrivateBroker {
+            dir,
+            port: free_port(),
+            log,
+            child: None,
+        };
+        b.start()?;
+        Ok(b)
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "the private broker already runs");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = open_log(&self.log, "tansu start")?;
+        let err = log.try_clone()?;
+        let child = Command::new(tansu_binary()?)
+            .current_dir(&self.dir)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .context("starting tansu")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "tansu did not listen on {} within 30 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// `kill -9`: the broker disappears without a goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = open_log(&self.log, "tansu SIGKILL");
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL server of its own (initdb into a temporary directory, trust
+/// auth, 127.0.0.1 only), for tests that restart PostgreSQL.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    root: PathBuf,
+    port: u16,
+    log: PathBuf,
+    running: bool,
+}
+
+fn as_postgres(program: &Path) -> Command {
+    // Running as root: PostgreSQL refuses to run as root, so run as `postgres`.
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("/usr/lib/postgresql (install postgresql)")?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("pg_ctl").is_file())
+        .collect();
+    bins.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    bins.pop().context("no PostgreSQL under /usr/lib/postgresql/*/bin")
+}
+
+impl PrivatePostgres {
+    fn new(id: &str, log: PathBuf) -> anyhow::Result<Self> {
+        let bin = pg_bin()?;
+        let root = std::env::temp_dir().join(format!("dlrflow-e2e-pg-{id}"));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        File::create(&log)?;
+        let chown = |p: &Path| {
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(p)
+                .status()
+        };
+        // Harmless when not root and already the owner.
+        let _ = chown(&root);
+        let _ = chown(&log);
+        let data = root.join("data");
+        let out = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .context("initdb")?;
+        ensure!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = PrivatePostgres {
+            bin,
+            root,
+            port: free_port(),
+            log,
+            running: false,
+        };
+        pg.ctl(&["start"])?;
+        pg.running = true;
+        Ok(pg)
+    }
+
+    fn ctl(&self, action: &[&str]) -> anyhow::Result<()> {
+        let opts = format!(
+            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port
+        );
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.root.join("data"))
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "60", "-o", &opts])
+            .args(action)
+            .output()
+            .context("pg_ctl")?;
+        ensure!(
+            out.status.success(),
+            "pg_ctl {action:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `pg_ctl restart -m fast`: every connection is cut.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        self.ctl(&["restart", "-m", "fast"])
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = self.ctl(&["stop", "-m", "immediate"]);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The pipeline
+// ---------------------------------------------------------------------------
+
+/// What a [`Pipeline`] owns besides the shared services.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Run a private Tansu broker (the test may stop it).
+    pub private_broker: bool,
+    /// Run a private PostgreSQL server (the test may restart it).
+    pub private_postgres: bool,
+}
+
+/// The reconciler's settings a test picks.
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    /// The status server's base URL (`GET {base}/status/{id}`).
+    pub status_api: String,
+    pub sources: Vec<String>,
+    /// Deadline for every non-terminal status (queued, processing, sent).
+    pub deadline_secs: u64,
+    pub sweep_interval_ms: u64,
+}
+
+/// One test's private dlrflow deployment.
+pub struct Pipeline {
+    pub id: String,
+    pub logs: PathBuf,
+    pub brokers: String,
+    pub raw_topic: String,
+    pub dlq_topic: String,
+    pub delivery_topic: String,
+    pub group: String,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub reconcile_prefix: String,
+    pub postgres_url: String,
+    pub schema: String,
+    services: BTreeMap<String, Service>,
+    broker: Option<PrivateBroker>,
+    postgres: Option<PrivatePostgres>,
+    finished: bool,
+}
+
+impl Pipeline {
+    /// Creates this test's topics (and private services) and names for
+    /// everything else; starts no dlrflow process yet.
+    pub async fn new(test: &str, opts: &Options) -> anyhow::Result<Self> {
+        let id = unique_name(test);
+        let short = id.rsplit('-').next().unwrap_or(&id).to_owned();
+        let logs = target_dir().join("e2e-logs").join(&id);
+        std::fs::create_dir_all(&logs)?;
+        eprintln!("e2e: {test}: logs in {}", logs.display());
+        let broker = if opts.private_broker {
+            Some(PrivateBroker::new(
+                std::env::temp_dir().join(format!("dlrflow-e2e-tansu-{short}")),
+                logs.join("tansu.log"),
+            )?)
+        } else {
+            None
+        };
+        let postgres = if opts.private_postgres {
+            Some(PrivatePostgres::new(&short, logs.join("postgres.log"))?)
+        } else {
+            None
+        };
+        let brokers = broker.as_ref().map_or_else(test_brokers, |b| b.brokers());
+        let postgres_url = postgres.as_ref().map_or_else(
+            || {
+                std::env::var("DLRFLOW_TEST_POSTGRES_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/dlrflow".into())
+            },
+            |p| p.url(),
+        );
+        let redis_url = std::env::var("DLRFLOW_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let p = Pipeline {
+            raw_topic: format!("e2e.{short}.raw"),
+            dlq_topic: format!("e2e.{short}.dlq"),
+            delivery_topic: format!("e2e.{short}.delivery"),
+            group: format!("e2e-{short}"),
+            redis_prefix: format!("e2e:{short}:state:"),
+            reconcile_prefix: format!("e2e:{short}:reconcile"),
+            schema: format!("e2e_{short}"),
+            id,
+            logs,
+            brokers,
+            redis_url,
+            postgres_url,
+            services: BTreeMap::new(),
+            broker,
+            postgres,
+            finished: false,
+        };
+        for t in [&p.raw_topic, &p.dlq_topic, &p.delivery_topic] {
+            create_topic(&p.brokers, t, PARTITIONS)
+                .await
+                .with_context(|| format!("creating topic {t}"))?;
+        }
+        Ok(p)
+    }
+
+    fn add(&mut self, name: &str, kind: Kind, env: Vec<(&str, String)>) -> u16 {
+        let port = free_port();
+        let mut env: Vec<(String, String)> =
+            env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        env.push((
+            "DLRFLOW_HTTP__LISTEN".into(),
+            format!("127.0.0.1:{port}"),
+        ));
+        self.services.insert(
+            name.to_owned(),
+            Service {
+                kind,
+                port,
+                env,
+                log: self.logs.join(format!("{name}.log")),
+                child: None,
+            },
+        );
+        port
+    }
+
+    async fn launch(&mut self, name: &str) -> anyhow::Result<()> {
+        let s = self
+            .services
+            .get_mut(name)
+            .with_context(|| format!("no service {name}"))?;
+        s.spawn()?;
+        s.wait_ready(name).await
+    }
+
+    /// Starts `dlrflow-ingest` as `ingest` and waits for `/readyz`.
+    pub async fn start_ingest(&mut self) -> anyhow::Result<()> {
+        let sources = format!(
+            r#"[{{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}},{{name="arpoone",provider="arpoone",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}}]"#
+        );
+        let env = vec![
+            ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
+            ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw_topic.clone()),
+            ("DLRFLOW_SOURCES", sources),
+        ];
+        self.add("ingest", Kind::Ingest, env);
+        self.launch("ingest").await
+    }
+
+    /// Starts `n` `dlrflow-state` replicas named `state-0` … (the first alone,
+    /// so that it creates the schema and migrates; the others together).
+    pub async fn start_state(&mut self, n: usize) -> anyhow::Result<()> {
+        for i in 0..n {
+            let env = vec![
+                ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
+                ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw_topic.clone()),
+                ("DLRFLOW_KAFKA__DLQ_TOPIC", self.dlq_topic.clone()),
+                ("DLRFLOW_KAFKA__DELIVERY_TOPIC", self.delivery_topic.clone()),
+                ("DLRFLOW_KAFKA__GROUP_ID", self.group.clone()),
+                ("DLRFLOW_REDIS__URL", self.redis_url.clone()),
+                ("DLRFLOW_REDIS__PREFIX", self.redis_prefix.clone()),
+                ("DLRFLOW_POSTGRES__URL", self.postgres_url.clone()),
+                ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
+                ("DLRFLOW_HTTP__SHUTDOWN_GRACE_MS", "3000".into()),
+            ];
+            self.add(&format!("state-{i}"), Kind::State, env);
+        }
+        self.launch("state-0").await?;
+        for i in 1..n {
+            let s = self.services.get_mut(&format!("state-{i}")).unwrap();
+            s.spawn()?;
+        }
+        for i in 1..n {
+            let name = format!("state-{i}");
+            self.services.get_mut(&name).unwrap().wait_ready(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts `dlrflow-reconcile` as `reconcile` and waits for `/readyz`.
+    pub async fn start_reconcile(&mut self, o: &ReconcileOptions) -> anyhow::Result<()> {
+        let d = o.deadline_secs.to_string();
+        let sources = format!(
+            "[{}]",
+            o.sources
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let env = vec![
+            ("DLRFLOW_STATUS_API__BASE_URL", o.status_api.clone()),
+            ("DLRFLOW_STATUS_API__API_KEY", STATUS_KEY.to_owned()),
+            ("DLRFLOW_REDIS__URL", self.redis_url.clone()),
+            ("DLRFLOW_REDIS__PREFIX", self.reconcile_prefix.clone()),
+            ("DLRFLOW_POSTGRES__URL", self.postgres_url.clone()),
+            ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
+            ("DLRFLOW_RECONCILE__SOURCES", sources),
+            ("DLRFLOW_RECONCILE__DEADLINE_QUEUED_SECS", d.clone()),
+            ("DLRFLOW_RECONCILE__DEADLINE_PROCESSING_SECS", d.clone()),
+            ("DLRFLOW_RECONCILE__DEADLINE_SENT_SECS", d.clone()),
+            ("DLRFLOW_RECONCILE__INCOMPLETE_AFTER_SECS", d.clone()),
+            ("DLRFLOW_RECONCILE__CONFLICT_REREAD_SECS", d),
+            (
+                "DLRFLOW_RECONCILE__SWEEP_INTERVAL_MS",
+                o.sweep_interval_ms.to_string(),
+            ),
+            ("DLRFLOW_RECONCILE__POLL_INTERVAL_MS", "200".into()),
+            ("DLRFLOW_RECONCILE__BACKOFF_INITIAL_MS", "1000".into()),
+            ("DLRFLOW_RECONCILE__BACKOFF_MAX_MS", "5000".into()),
+            ("DLRFLOW_HTTP__SHUTDOWN_GRACE_MS", "3000".into()),
+        ];
+        self.add("reconcile", Kind::Reconcile, env);
+        self.launch("reconcile").await
+    }
+
+    /// The ingest's base URL (what the gateway posts to).
+    pub fn ingest_url(&self) -> String {
+        self.services["ingest"].url()
+    }
+
+    /// The read API of replica `state-i`.
+    pub fn api_url(&self, i: usize) -> String {
+        self.services[&format!("state-{i}")].url()
+    }
+
+    /// SIGKILL `name` (it stays down until [`Pipeline::restart`]).
+    pub fn kill9(&mut self, name: &str) {
+        if let Some(s) = self.services.get_mut(name) {
+            s.kill9();
+        }
+    }
+
+    /// Starts `name` again with the same settings and port; waits for `/readyz`.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some(s) = self.services.get_mut(name) {
+            s.kill9();
+        }
+        self.launch(name).await
+    }
+
+    /// The private broker (for tests created with `private_broker`).
+    pub fn broker(&mut self) -> &mut PrivateBroker {
+        self.broker.as_mut().expect("Options::private_broker")
+    }
+
+    /// The private PostgreSQL (for tests created with `private_postgres`).
+    pub fn postgres(&self) -> &PrivatePostgres {
+        self.postgres.as_ref().expect("Options::private_postgres")
+    }
+
+    /// A small pool on this test's schema.
+    pub async fn pool(&self) -> anyhow::Result<PgPool> {
+        let opts = PgConnectOptions::from_str(&self.postgres_url)?
+            .options([("search_path", self.schema.as_str())]);
+        Ok(PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await?)
+    }
+
+    /// `SELECT count(*) …` on this test's schema; `None` while it fails.
+    pub async fn count(&self, pool: &PgPool, sql: &str) -> Option<i64> {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.ok()
+    }
+
+    /// Waits until `dlrflow-state` applied at least `n` events (the fault
+    /// injection point of a test).
+    pub async fn wait_applied(&self, n: i64, timeout: Duration) -> anyhow::Result<i64> {
+        let pool = self.pool().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self
+                .count(&pool, "SELECT count(*) FROM delivery_events")
+                .await
+                .unwrap_or(0);
+            if c >= n {
+                pool.close().await;
+                return Ok(c);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {c} of {n} events applied after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deletes every Redis key of this test's state prefix (`SCAN` + `DEL`,
+    /// never `FLUSHALL`). Returns how many were deleted.
+    pub async fn flush_redis_prefix(&self) -> anyhow::Result<usize> {
+        delete_redis_prefix(&self.redis_url, &self.redis_prefix).await
+    }
+
+    /// Checks the analytics topic once the outbox is drained: every record
+    /// parses, distinct `update_id`s equal the outbox rows, the copies of one
+    /// `update_id` are identical and one (message, recipient, version) never
+    /// carries two `update_id`s.
+    pub async fn analytics(&self, timeout: Duration) -> anyhow::Result<Analytics> {
+        let pool = self.pool().await?;
+        let deadline = Instant::now() + timeout;
+        let outbox = loop {
+            let pending = self
+                .count(
+                    &pool,
+                    "SELECT count(*) FROM delivery_outbox WHERE published_at IS NULL",
+                )
+                .await;
+            if pending == Some(0) {
+                break self
+                    .count(&pool, "SELECT count(*) FROM delivery_outbox")
+                    .await
+                    .context("counting the outbox")?;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "outbox not drained after {timeout:?} ({pending:?} unpublished)"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let events = self
+            .count(&pool, "SELECT count(*) FROM delivery_events")
+            .await
+            .unwrap_or(-1);
+        pool.close().await;
+        let records = read_topic(
+            &self.brokers,
+            &self.delivery_topic,
+            outbox as usize,
+            timeout,
+            Duration::from_secs(2),
+        )
+        .await?;
+        let mut by_id: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+        let mut versions: HashMap<(String, String, i64), HashSet<String>> = HashMap::new();
+        for r in &records {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload)
+                .context("an analytics record is not JSON")?;
+            let id = v["update_id"]
+                .as_str()
+                .context("analytics record without update_id")?
+                .to_owned();
+            let key = (
+                v["message_id"].as_str().unwrap_or_default().to_owned(),
+                v["recipient"].as_str().unwrap_or_default().to_owned(),
+                v["version"].as_i64().unwrap_or(-1),
+            );
+            versions.entry(key).or_default().insert(id.clone());
+            by_id.entry(id).or_default().push(v);
+        }
+        let conflicting_ids: Vec<String> = by_id
+            .iter()
+            .filter(|(_, copies)| copies.iter().any(|c| c != &copies[0]))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let conflicting_versions = versions.values().filter(|ids| ids.len() > 1).count();
+        Ok(Analytics {
+            records: records.len(),
+            distinct: by_id.len(),
+            duplicates: records.len() - by_id.len(),
+            outbox_rows: outbox as usize,
+            delivery_events: events,
+            conflicting_ids,
+            conflicting_versions,
+        })
+    }
+
+    /// Stops everything and removes the schema and Redis keys (the logs stay).
+    pub async fn finish(mut self) {
+        for s in self.services.values_mut() {
+            s.terminate(Duration::from_secs(5));
+        }
+        if let Ok(pool) = self.pool().await {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        }
+        let _ = delete_redis_prefix(&self.redis_url, &format!("e2e:{}:", self.short())).await;
+        self.finished = true;
+    }
+
+    fn short(&self) -> &str {
+        self.id.rsplit('-').next().unwrap_or(&self.id)
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for s in self.services.values_mut() {
+            s.kill9();
+        }
+        if !self.finished || std::thread::panicking() {
+            eprintln!("e2e: logs of {}: {}", self.id, self.logs.display());
+        }
+    }
+}
+
+async fn delete_redis_prefix(url: &str, prefix: &str) -> anyhow::Result<usize> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: usize = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+/// What the analytics topic held.
+#[derive(Debug, Clone)]
+pub struct Analytics {
+    pub records: usize,
+    pub distinct: usize,
+    /// Extra copies of an `update_id` (allowed: at-least-once).
+    pub duplicates: usize,
+    pub outbox_rows: usize,
+    pub delivery_events: i64,
+    /// `update_id`s whose copies differ (never allowed).
+    pub conflicting_ids: Vec<String>,
+    /// (message, recipient, version) carried by more than one `update_id`.
+    pub conflicting_versions: usize,
+}
+
+impl Analytics {
+    /// Asserts what a subscriber relies on.
+    pub fn assert_clean(&self) {
+        eprintln!("e2e: analytics {self:?}");
+        assert!(
+            self.conflicting_ids.is_empty(),
+            "different records for one update_id: {:?}",
+            &self.conflicting_ids[..self.conflicting_ids.len().min(10)]
+        );
+        assert_eq!(
+            self.conflicting_versions, 0,
+            "a recipient version carried by two update_ids"
+        );
+        assert_eq!(
+            self.distinct, self.outbox_rows,
+            "every outbox row reached the analytics topic exactly as one update_id"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The gateway side
+// ---------------------------------------------------------------------------
+
+/// The simulator's delivery settings for this pipeline's ingest.
+pub fn delivery(target: &str, source: &str) -> DeliveryConfig {
+    DeliveryConfig {
+        target: target.to_owned(),
+        source: source.to_owned(),
+        basic_auth: Some((USERNAME.to_owned(), PASSWORD.to_owned())),
+        time_scale: 0.01,
+        concurrency: 32,
+        ..DeliveryConfig::default()
+    }
+}
+
+/// Verifies `truth` against the read API, polling for up to `wait`, and
+/// asserts 100 % matching. Returns the report.
+pub async fn verify_all(truth: &Truth, api: &str, wait: Duration) -> VerifyReport {
+    let started = Instant::now();
+    let report = dlrflow_sim::verify_with(
+        truth,
+        api,
+        &VerifyOptions {
+            wait,
+            poll_interval: Duration::from_millis(500),
+            concurrency: 16,
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .expect("verify ran");
+    let c = report.counts();
+    eprintln!(
+        "e2e: verify after {:.1}s: {} recipients, matching {}, wrong {}, missing {}",
+        started.elapsed().as_secs_f64(),
+        truth.recipients.len(),
+        c.matching,
+        c.wrong,
+        c.missing
+    );
+    assert!(report.is_ok(), "verify failed:\n{}", report.table(30));
+    assert_eq!(c.matching, truth.recipients.len(), "every recipient matches");
+    report
+}
+
+/// The most reads (any status) inside any sliding `window` of the read log.
+pub fn max_reads_in_window(reads: &[ReadRecord], window: Duration) -> usize {
+    let mut at: Vec<_> = reads.iter().map(|r| r.at).collect();
+    at.sort();
+    let w = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..at.len() {
+        while at[hi] - at[lo] >= w {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+/// Runs `f` and prints how long it took (the runtime each test reports).
+pub fn timed(name: &str) -> Timer {
+    Timer {
+        name: name.to_owned(),
+        started: Instant::now(),
+    }
+}
+
+pub struct Timer {
+    name: String,
+    started: Instant,
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        eprintln!(
+            "e2e: {} took {:.1}s",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
