@@ -26,19 +26,26 @@ CREATE TABLE IF NOT EXISTS reconcile_jobs (
 CREATE INDEX IF NOT EXISTS reconcile_jobs_open ON reconcile_jobs (since, message_id) WHERE done_at IS NULL;
 CREATE INDEX IF NOT EXISTS reconcile_jobs_done ON reconcile_jobs (done_at) WHERE done_at IS NOT NULL;
 
--- Sweep indexes on dlrflow-state's tables, when they exist (they do when
--- dlrflow-state's migrations ran first, which App::build ensures).
+-- Where the strict sweep got to: it only scans changes since (minus the debounce).
+CREATE TABLE IF NOT EXISTS reconcile_watermarks (
+    name text PRIMARY KEY,
+    at   timestamptz NOT NULL
+);
+
+-- The strict sweep scans recent changes per source and the incomplete sweep
+-- announced messages by age. (dlrflow-state's own migration already indexes
+-- open and flagged recipients, which the other triggers use.) Only when the
+-- tables exist: dlrflow-state's migrations run first in App::build.
 DO $$
 BEGIN
     IF to_regclass('recipient_state') IS NOT NULL THEN
-        CREATE INDEX IF NOT EXISTS reconcile_recipient_open
-            ON recipient_state (last_event_at)
-            WHERE status IN ('queued', 'processing', 'sent');
-        CREATE INDEX IF NOT EXISTS reconcile_recipient_flagged
-            ON recipient_state (message_id)
-            WHERE needs_reconcile;
         CREATE INDEX IF NOT EXISTS reconcile_recipient_updated
             ON recipient_state (source, updated_at);
+    END IF;
+    IF to_regclass('messages') IS NOT NULL THEN
+        CREATE INDEX IF NOT EXISTS reconcile_messages_announced
+            ON messages ((coalesce(queued_at, first_seen_at)))
+            WHERE total_recipients IS NOT NULL;
     END IF;
 END
 $$;

@@ -87,18 +87,21 @@ pub async fn sweep(pool: &PgPool, p: &SweepParams<'_>) -> sqlx::Result<Swept> {
         ..Swept::default()
     };
 
-    // Stuck: non-terminal with no news past the deadline of its status, and not
-    // read within that deadline either.
+    // Stuck: non-terminal with no news past the deadline of its status (and
+    // past the message's scheduled time), and not read within that deadline.
     let stuck = format!(
         r#"
 WITH cand AS (
     SELECT rs.message_id, min(rs.source) AS source, min(rs.last_event_at) AS since
       FROM recipient_state rs
       LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
+      LEFT JOIN messages m ON m.message_id = rs.message_id
      WHERE rs.source = ANY($1)
-       AND rs.status IN ('queued', 'processing', 'sent')
+       AND rs.status NOT IN ('delivered', 'failed') -- dlrflow-state's open-recipient index predicate
        AND rs.created_at > now() - $2 * interval '1 millisecond'
+       AND rs.last_event_at > now() - $2 * interval '1 millisecond'
        AND rs.last_event_at < now() - {DEADLINE}
+       AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})
        AND (j.message_id IS NULL
             OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR j.last_read_at < now() - {DEADLINE})))
      GROUP BY rs.message_id
@@ -160,7 +163,9 @@ WITH cand AS (
       FROM recipient_state rs
       LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
      WHERE rs.source = ANY($1)
-       AND rs.updated_at > now() - $3 * interval '1 millisecond'
+       AND rs.updated_at > greatest(now() - $3 * interval '1 millisecond',
+                                    (SELECT at FROM reconcile_watermarks WHERE name = 'strict')
+                                      - $2 * interval '1 millisecond' - interval '1 minute')
        AND (j.message_id IS NULL
             OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR rs.updated_at > j.last_read_at)))
      GROUP BY rs.message_id
@@ -180,6 +185,17 @@ SELECT message_id, source, 'strict', since, now(), now() FROM cand
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        // Next sweeps only look at changes since this one (minus the debounce
+        // and a minute of slack for transactions committing late) — unless this
+        // sweep hit its batch limit and left candidates behind.
+        if out.strict < u64::try_from(cfg.sweep_batch).unwrap_or(u64::MAX) {
+            sqlx::query(
+                "INSERT INTO reconcile_watermarks (name, at) VALUES ('strict', now())
+                 ON CONFLICT (name) DO UPDATE SET at = excluded.at",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
     }
 
     // Incomplete: the message announced more recipients than we have seen.
@@ -193,6 +209,7 @@ WITH cand AS (
        AND m.total_recipients IS NOT NULL
        AND coalesce(m.queued_at, m.first_seen_at) < now() - $2 * interval '1 millisecond'
        AND coalesce(m.queued_at, m.first_seen_at) > now() - $3 * interval '1 millisecond'
+       AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - $2 * interval '1 millisecond')
        AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)
        AND (j.message_id IS NULL
             OR (j.done_at IS NOT NULL
@@ -243,7 +260,7 @@ pub async fn backlog(
         "SELECT extract(epoch FROM now() - min(rs.last_event_at))::float8
            FROM recipient_state rs
           WHERE rs.source = ANY($1)
-            AND rs.status IN ('queued', 'processing', 'sent')
+            AND rs.status NOT IN ('delivered', 'failed')
             AND rs.created_at > now() - $2 * interval '1 millisecond'
             AND rs.last_event_at < now() - {DEADLINE}"
     ))

@@ -20,6 +20,7 @@ async fn a_recipient_whose_terminal_event_was_never_delivered_ends_in_its_true_s
     let db = TestDb::new().await;
     let stuck = unique_name("m");
     let fresh = unique_name("m");
+    let scheduled = unique_name("m");
     let phones = phones(2);
     // The gateway delivered to both recipients of `stuck`; we heard "sent" 3 h
     // ago for one and "delivered" for the other. `fresh` was sent a minute ago.
@@ -27,8 +28,17 @@ async fn a_recipient_whose_terminal_event_was_never_delivered_ends_in_its_true_s
         webhook(&stuck, &phones[0], Status::Sent, ago(3 * 3600)),
         webhook(&stuck, &phones[1], Status::Delivered, ago(3 * 3600)),
         webhook(&fresh, &phones[0], Status::Sent, ago(60)),
+        webhook(&scheduled, &phones[0], Status::Queued, ago(3 * 3600)),
     ])
     .await;
+    // `scheduled` waits for its send time, tomorrow: queued is not stuck.
+    sqlx::query(
+        "UPDATE messages SET scheduled_at = now() + interval '1 day' WHERE message_id = $1",
+    )
+    .bind(&scheduled)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     server.set_truth(
         &stuck,
         &[
