@@ -270,7 +270,10 @@ fn overwrite(s: &mut RecipientState, u: &DeliveryUpdate) {
 ///   fields it carries.
 /// * A different terminal status on a terminal state is a
 ///   [`MergeOutcome::Conflict`] (or `Unchanged` if already flagged as one).
-/// * An authoritative update always wins and clears the reconcile flag.
+/// * An authoritative update wins — over a conflict too — and clears the
+///   reconcile flag, unless it ranks below the current status: then it is a
+///   stale read and only fills fields, like a late webhook (rule 4: status
+///   never moves back).
 /// * A duplicate (or anything that adds nothing) is [`MergeOutcome::Unchanged`].
 ///
 /// The caller is responsible for `update` being about `current`'s recipient.
@@ -287,7 +290,13 @@ pub fn merge(current: Option<&RecipientState>, update: &DeliveryUpdate) -> Merge
             previous_status: None,
         };
     };
-    if !update.authoritative
+    // The status API answers with the gateway's state when it was read. The
+    // gateway's own state only moves up, so an answer ranked below what we
+    // already hold was read before a webhook we have since applied: it is
+    // stale, and is joined like a late webhook (fills fields, never moves the
+    // status back, keeps any flag) instead of overwriting.
+    let authoritative = update.authoritative && update.status.rank() >= cur.status.rank();
+    if !authoritative
         && cur.status.is_terminal()
         && update.status.is_terminal()
         && cur.status != update.status
@@ -299,11 +308,11 @@ pub fn merge(current: Option<&RecipientState>, update: &DeliveryUpdate) -> Merge
             MergeOutcome::Unchanged
         };
     }
-    if !update.authoritative && !join_changes(cur, update) {
+    if !authoritative && !join_changes(cur, update) {
         return MergeOutcome::Unchanged;
     }
     let mut state = cur.clone();
-    if update.authoritative {
+    if authoritative {
         overwrite(&mut state, update);
     } else {
         join(&mut state, update);

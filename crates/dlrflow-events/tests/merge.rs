@@ -182,11 +182,18 @@ fn scenarios() {
             false,
         ),
         (
-            "authoritative moves down",
+            "a stale authoritative answer never moves down",
             vec![upd("c", Delivered, 8), auth(Processing, 60)],
             vec!["applied", "applied"],
-            Processing,
+            Delivered,
             false,
+        ),
+        (
+            "a stale authoritative answer leaves a conflict flagged",
+            vec![upd("c", Delivered, 8), upd("f", Failed, 5), auth(Sent, 60)],
+            vec!["applied", "conflict", "applied"],
+            Delivered,
+            true,
         ),
         (
             "authoritative first",
