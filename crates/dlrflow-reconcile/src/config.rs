@@ -190,12 +190,10 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let api = &self.status_api;
-        // The workspace builds reqwest without TLS: an https:// URL would fail
-        // every read, so it fails here instead (add a TLS feature to allow it).
-        if !api.base_url.starts_with("http://") {
+        if !(api.base_url.starts_with("http://") || api.base_url.starts_with("https://")) {
             return Err(ConfigError::invalid(
                 "status_api.base_url",
-                "must be an http:// URL (this build has no TLS support)",
+                "must be an http:// or https:// URL",
             ));
         }
         if reqwest::Url::parse(&api.base_url).is_err() {
@@ -449,6 +447,10 @@ mod tests {
         assert_eq!(valid().http.listen.to_string(), "127.0.0.1:8082");
         assert_eq!(valid().budget.reads, 120);
         assert_eq!(valid().auth_value(), "Bearer k-123");
+        // Production gateways answer over TLS.
+        let mut tls = valid();
+        tls.status_api.base_url = "https://api.lisoloo.example".into();
+        tls.validate().unwrap();
     }
 
     #[test]
