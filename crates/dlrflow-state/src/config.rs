@@ -70,6 +70,12 @@ pub struct StateKafkaConfig {
     pub dlq_topic: String,
     pub delivery_topic: String,
     pub group_id: String,
+    /// Optional static group membership (`group.instance.id`): a replica that
+    /// restarts with the same id takes its partitions back at once instead of
+    /// waiting for the broker to expire its old session. Use a stable,
+    /// per-replica value (e.g. the pod name of a StatefulSet).
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Longest wait for a DLQ / analytics / replay produce acknowledgement.
     pub produce_timeout_ms: u64,
 }

@@ -111,9 +111,14 @@ pub type StateConsumer = StreamConsumer<StateContext>;
 
 /// Creates the group consumer, subscribed to the raw topic.
 pub fn create_consumer(cfg: &Config) -> anyhow::Result<StateConsumer> {
-    let consumer: StateConsumer = cfg
-        .kafka
-        .client
+    let mut client = cfg.kafka.client.clone();
+    if let Some(id) = &cfg.kafka.instance_id {
+        client
+            .settings
+            .entry("group.instance.id".into())
+            .or_insert_with(|| id.clone());
+    }
+    let consumer: StateConsumer = client
         .client_config(&[
             ("group.id", cfg.kafka.group_id.clone()),
             ("client.id", "dlrflow-state".into()),
