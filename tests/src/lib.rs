@@ -527,7 +527,8 @@ impl Drop for PrivatePostgres {
 /// What a [`Pipeline`] owns besides the shared services.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// Run a private Tansu broker (the test may stop it).
+    /// Run a private Tansu broker even when `DLRFLOW_E2E_BROKERS` names a
+    /// shared one (the test stops it).
     pub private_broker: bool,
     /// Run a private PostgreSQL server (the test may restart it).
     pub private_postgres: bool,
@@ -573,7 +574,13 @@ impl Pipeline {
         let logs = target_dir().join("e2e-logs").join(&id);
         std::fs::create_dir_all(&logs)?;
         eprintln!("e2e: {test}: logs in {}", logs.display());
-        let broker = if opts.private_broker {
+        // Every test gets its own broker unless DLRFLOW_E2E_BROKERS names one:
+        // a private Tansu starts in well under a second, and one test (or one
+        // broker crash) can then never disturb another.
+        let external = std::env::var("DLRFLOW_E2E_BROKERS")
+            .ok()
+            .filter(|b| !b.trim().is_empty());
+        let broker = if opts.private_broker || external.is_none() {
             Some(PrivateBroker::new(
                 std::env::temp_dir().join(format!("dlrflow-e2e-tansu-{short}")),
                 logs.join("tansu.log"),
@@ -586,7 +593,11 @@ impl Pipeline {
         } else {
             None
         };
-        let brokers = broker.as_ref().map_or_else(test_brokers, |b| b.brokers());
+        let brokers = match (&broker, external) {
+            (Some(b), _) => b.brokers(),
+            (None, Some(e)) => e,
+            (None, None) => test_brokers(),
+        };
         let postgres_url = postgres.as_ref().map_or_else(
             || {
                 std::env::var("DLRFLOW_TEST_POSTGRES_URL")
@@ -912,6 +923,13 @@ impl Drop for Pipeline {
         }
         if !self.finished || std::thread::panicking() {
             eprintln!("e2e: logs of {}: {}", self.id, self.logs.display());
+            let tansu = std::fs::read_to_string(self.logs.join("tansu.log")).unwrap_or_default();
+            if let Some(line) = tansu.lines().find(|l| l.contains("panicked at")) {
+                eprintln!(
+                    "e2e: the broker's storage panicked (every later request fails): {line}; see {}",
+                    self.logs.join("tansu.log").display()
+                );
+            }
         }
     }
 }
