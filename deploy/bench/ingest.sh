@@ -23,7 +23,19 @@ command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)" >&2;
 cargo build --release -q -p dlrflow-ingest
 BIN=target/release/dlrflow-ingest
 TOPIC=dlrflow.bench.raw.v1
-"$(command -v tansu || echo "$HOME/.cargo/bin/tansu")" topic create "$TOPIC" --partitions 6 --broker tcp://127.0.0.1:9092 >/dev/null 2>&1 || true
+# A private broker with a fresh SQLite file: the load neither slows nor
+# bloats the shared stack's broker that the tests use.
+TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
+KPORT=${DLRFLOW_BENCH_KAFKA_PORT:-19192}
+BDIR=.stack/bench-tansu
+rm -rf "$BDIR" && mkdir -p "$BDIR"
+(cd "$BDIR" || exit 1
+ nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" \
+   --storage-engine sqlite://tansu.db >tansu.log 2>&1 </dev/null &
+ echo $! >tansu.pid)
+trap 'kill "$(cat "$BDIR/tansu.pid")" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$KPORT") 2>/dev/null && break; sleep 0.1; done
+timeout 30 "$TANSU" topic create "$TOPIC" --partitions 6 --broker "tcp://127.0.0.1:$KPORT" >/dev/null
 
 LUA=.stack/bench-lisoloo.lua
 cat >"$LUA" <<'LUA'
@@ -38,7 +50,7 @@ LUA
 
 rows=()
 for linger in 0 5; do
-  DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_KAFKA__RAW_TOPIC=$TOPIC DLRFLOW_KAFKA__LINGER_MS=$linger \
+  DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_KAFKA__BROKERS=127.0.0.1:$KPORT DLRFLOW_KAFKA__RAW_TOPIC=$TOPIC DLRFLOW_KAFKA__LINGER_MS=$linger \
   DLRFLOW_SOURCES='[{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{username="bench",password="bench-password"}]}]' \
   RUST_LOG=warn "$BIN" serve >.stack/bench-ingest.log 2>&1 &
   pid=$!
@@ -57,7 +69,7 @@ done
 {
   echo "# Ingest benchmark ($(date -u +%FT%TZ), $(nproc) cores, ${DURATION}s per step)"
   echo
-  echo "wrk posting one Lisoloo event with HTTP Basic auth; Tansu 0.6.0 (SQLite) on 127.0.0.1; acks=all, idempotent."
+  echo "wrk posting one Lisoloo event with HTTP Basic auth; a private Tansu 0.6.0 (SQLite, fresh file) on 127.0.0.1; acks=all, idempotent."
   echo
   echo "| linger.ms | connections | requests/s | p50 ms | p99 ms | errors | peak RSS MiB |"
   echo "|---|---|---|---|---|---|---|"

@@ -128,15 +128,36 @@ broker_start() {
   local bin; bin=$(tansu_bin)
   mkdir -p "$STACK/tansu"
   # The SQLite path is resolved against the working directory.
-  (cd "$STACK/tansu" && nohup "$bin" broker \
-    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine sqlite://tansu.db >>"$STACK/tansu.log" 2>&1 &
-    echo $! >"$STACK/tansu.pid")
+  (
+    cd "$STACK/tansu" || exit 1
+    nohup "$bin" broker \
+      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --storage-engine sqlite://tansu.db >>"$STACK/tansu.log" 2>&1 </dev/null &
+    echo $! >"$STACK/tansu.pid"
+  )
   wait_port "$KAFKA_PORT" tansu 30
 }
 
+# A Kafka API call, not just an open port: Tansu 0.6.0 keeps listening after
+# its storage task panicked, then fails every request.
+broker_healthy() {
+  local bin; bin=$(tansu_bin) || return 0
+  timeout 15 "$bin" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1
+}
+
 broker_up() {
+  if port_open "$KAFKA_PORT" && ! broker_healthy; then
+    if [ -f "$STACK/tansu.pid" ] && kill -0 "$(cat "$STACK/tansu.pid")" 2>/dev/null; then
+      log "kafka: the broker on 127.0.0.1:$KAFKA_PORT listens but fails requests; restarting it (log $STACK/tansu.log)"
+      cp "$STACK/tansu.log" "$STACK/tansu.log.$(date +%s)" 2>/dev/null || true
+      kill -9 "$(cat "$STACK/tansu.pid")" 2>/dev/null || true
+      local i
+      for ((i = 0; i < 50; i++)); do port_open "$KAFKA_PORT" || break; sleep 0.1; done
+    else
+      die "a broker listens on 127.0.0.1:$KAFKA_PORT but fails requests, and this script did not start it"
+    fi
+  fi
   if port_open "$KAFKA_PORT"; then
     log "kafka: a broker already answers on 127.0.0.1:$KAFKA_PORT"
   else
@@ -152,12 +173,12 @@ topics_up() {
   local bin; bin=$(tansu_bin) || { log "kafka: tansu CLI not available; create topics ${TOPICS[*]} yourself"; return; }
   local existing t i
   for ((i = 0; i < 50; i++)); do
-    existing=$("$bin" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null) && break
+    existing=$(timeout 30 "$bin" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null) && break
     sleep 0.2
   done
   for t in "${TOPICS[@]}"; do
     if grep -q "$t" <<<"$existing"; then continue; fi
-    "$bin" topic create "$t" --partitions "$PARTITIONS" --broker "tcp://127.0.0.1:$KAFKA_PORT" >>"$STACK/tansu.log" 2>&1 \
+    timeout 30 "$bin" topic create "$t" --partitions "$PARTITIONS" --broker "tcp://127.0.0.1:$KAFKA_PORT" >>"$STACK/tansu.log" 2>&1 \
       || die "creating topic $t failed; see $STACK/tansu.log"
     log "kafka: created topic $t ($PARTITIONS partitions)"
   done
@@ -202,7 +223,9 @@ cmd_status() {
   local ok=0
   if port_open "$REDIS_PORT"; then log "redis: up on 127.0.0.1:$REDIS_PORT"; else log "redis: down"; ok=1; fi
   if port_open "$PG_PORT"; then log "postgres: up on 127.0.0.1:$PG_PORT"; else log "postgres: down"; ok=1; fi
-  if port_open "$KAFKA_PORT"; then log "kafka: up on 127.0.0.1:$KAFKA_PORT"; else log "kafka: down"; ok=1; fi
+  if port_open "$KAFKA_PORT" && broker_healthy; then log "kafka: up on 127.0.0.1:$KAFKA_PORT"
+  elif port_open "$KAFKA_PORT"; then log "kafka: listening on 127.0.0.1:$KAFKA_PORT but failing requests (run: $0 up)"; ok=1
+  else log "kafka: down"; ok=1; fi
   [ -f "$STARTED" ] && log "started by this script: $(tr '\n' ' ' <"$STARTED") (logs in $STACK)"
   return $ok
 }
