@@ -23,6 +23,7 @@ shutdown_grace_ms = 10000
 brokers = "127.0.0.1:9092"
 raw_topic = "dlrflow.webhooks.raw.v1"
 delivery_timeout_ms = 3000
+message_timeout_ms = 0
 linger_ms = 0
 queue_max_messages = 100000
 queue_max_kbytes = 262144
@@ -54,9 +55,16 @@ pub struct IngestKafkaConfig {
     #[serde(flatten)]
     pub client: KafkaConfig,
     pub raw_topic: String,
-    /// Longest wait for the broker's acknowledgement (`message.timeout.ms`);
-    /// keep it well below the gateway's 5 s timeout.
+    /// Longest wait for the broker's acknowledgement before the request gets
+    /// 503; keep it well below the gateway's 5 s timeout.
     pub delivery_timeout_ms: u64,
+    /// librdkafka `message.timeout.ms`: how long a record the request already
+    /// gave up on keeps being retried in the background (0 = until delivered;
+    /// the bounded queue still caps memory). Not the request deadline: an
+    /// idempotent producer whose records time out bumps its epoch, which
+    /// Tansu 0.6.0 cannot handle (its storage panics and every later request
+    /// fails), so by default records never time out.
+    pub message_timeout_ms: u64,
     /// librdkafka `linger.ms`: 0 answers at the broker's floor when traffic is
     /// light; librdkafka still batches whatever queues up while requests are in
     /// flight.

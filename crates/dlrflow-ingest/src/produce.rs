@@ -33,7 +33,6 @@ pub struct Producer {
 
 impl Producer {
     pub fn new(cfg: &IngestKafkaConfig) -> Result<Self, KafkaError> {
-        let timeout = cfg.delivery_timeout_ms.to_string();
         let kafka: FutureProducer = cfg
             .client
             .client_config(&[
@@ -41,8 +40,7 @@ impl Producer {
                 ("enable.idempotence", "true".into()),
                 ("acks", "all".into()),
                 ("linger.ms", cfg.linger_ms.to_string()),
-                ("message.timeout.ms", timeout.clone()),
-                ("request.timeout.ms", timeout),
+                ("message.timeout.ms", cfg.message_timeout_ms.to_string()),
                 (
                     "queue.buffering.max.messages",
                     cfg.queue_max_messages.to_string(),
@@ -112,10 +110,11 @@ impl Producer {
             }
         }
         let n = pending.len();
-        // librdkafka fails each record at `message.timeout.ms`; the extra margin
-        // only guards against a delivery report that never comes.
+        // The request's deadline. Records not acknowledged by then stay queued
+        // and may still land: the gateway's retry is then a duplicate, which the
+        // consumer drops.
         let all = futures::future::join_all(pending);
-        let results = tokio::time::timeout(self.delivery_timeout + Duration::from_millis(200), all)
+        let results = tokio::time::timeout(self.delivery_timeout, all)
             .await
             .map_err(|_| {
                 metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "timeout")

@@ -38,7 +38,7 @@ async fn healthy(app: &TestApp) {
     .await;
     assert!(
         ok.is_some(),
-        "the mock broker accepts records before the fault"
+        "the broker accepts records"
     );
 }
 
@@ -156,5 +156,42 @@ async fn shutdown_lets_in_flight_requests_finish_and_then_stops() {
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "no longer accepting"
+    );
+}
+
+/// Tansu 0.6.0's storage panics (and the broker then fails every request)
+/// when an idempotent producer bumps its epoch, which librdkafka does after a
+/// record times out. The ingest answers 503 on its own deadline and lets
+/// librdkafka keep the record, so a broker that stalls for longer than that
+/// deadline comes back healthy.
+#[tokio::test]
+async fn a_stalled_real_broker_gives_503_and_is_healthy_afterwards() {
+    let broker = dlrflow_runtime::testing::PrivateBroker::start().unwrap();
+    dlrflow_runtime::testing::create_topic(&broker.brokers(), "raw", 3)
+        .await
+        .unwrap();
+    let mut cfg = config(&broker.brokers(), "raw");
+    cfg.kafka.delivery_timeout_ms = TIMEOUT_MS;
+    let app = spawn_with(cfg).await;
+    healthy(&app).await;
+
+    broker.freeze(true).unwrap();
+    let (status, took, retry_after) = post(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(retry_after.is_some());
+    assert!(
+        took < Duration::from_millis(TIMEOUT_MS + 1000),
+        "answered in {took:?}"
+    );
+    // Stay stalled past the point where a record with
+    // message.timeout.ms = delivery timeout would have expired.
+    tokio::time::sleep(Duration::from_millis(TIMEOUT_MS)).await;
+    broker.freeze(false).unwrap();
+
+    healthy(&app).await;
+    assert!(
+        !broker.log().contains("panicked"),
+        "broker log:\n{}",
+        broker.log()
     );
 }

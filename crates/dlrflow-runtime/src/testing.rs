@@ -164,3 +164,114 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A Tansu broker of a test's own: own port, own SQLite file in a temporary
+/// directory, so a test may kill, freeze or restart it without disturbing any
+/// other test. Killed on drop.
+pub struct PrivateBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateBroker {
+    /// Starts a broker on a free port and waits until it listens.
+    pub fn start() -> anyhow::Result<PrivateBroker> {
+        let dir = tempfile::tempdir().context("broker data directory")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut broker = PrivateBroker {
+            dir,
+            port,
+            child: None,
+        };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker again on the same port and data (after `kill9`).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new(tansu_binary()?)
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("tansu.log"))?)
+            .spawn()
+            .context("starting tansu")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "tansu did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, and wait for the process to go.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a broker that stops answering
+    /// without closing its connections.
+    pub fn freeze(&self, frozen: bool) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("broker not running")?.id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+
+    /// The broker's own log (panics show up here).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.freeze(false);
+        self.kill9();
+    }
+}
+
+/// The Tansu binary: `DLRFLOW_TANSU`, `tansu` on `PATH`, or `~/.cargo/bin/tansu`
+/// (where `deploy/local/stack.sh up` installs it).
+pub fn tansu_binary() -> anyhow::Result<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    [
+        std::env::var_os("DLRFLOW_TANSU").map(std::path::PathBuf::from),
+        on_path,
+        std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo/bin/tansu")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.is_file())
+    .context("the tansu binary was not found (deploy/local/stack.sh up installs it)")
+}

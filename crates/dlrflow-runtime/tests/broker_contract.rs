@@ -5,12 +5,9 @@
 //!   there: nothing skipped, nothing replayed from before the commit;
 //! - records and committed offsets survive a `kill -9` of the broker.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name};
+use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name, PrivateBroker};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -110,79 +107,12 @@ async fn a_member_resuming_mid_batch_gets_every_remaining_record() {
     .unwrap();
 }
 
-fn tansu_binary() -> PathBuf {
-    let candidates = [
-        std::env::var_os("DLRFLOW_TANSU").map(PathBuf::from),
-        which("tansu"),
-        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/tansu")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.is_file())
-        .expect("the tansu binary (deploy/local/stack.sh up installs it)")
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-struct Broker {
-    child: Child,
-}
-
-impl Broker {
-    fn start(dir: &Path, port: u16) -> Broker {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_binary())
-            .current_dir(dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting tansu");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker { child }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A private broker (own port, own SQLite file) so killing it disturbs no
 /// other test.
 #[tokio::test]
 async fn records_and_committed_offsets_survive_kill_9_of_the_broker() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let brokers = format!("127.0.0.1:{port}");
-    let broker = Broker::start(dir.path(), port);
+    let mut broker = PrivateBroker::start().unwrap();
+    let brokers = broker.brokers();
     let topic = "contract-restart";
     let group = "contract-restart-group";
     create_topic(&brokers, topic, 1).await.unwrap();
@@ -202,7 +132,7 @@ async fn records_and_committed_offsets_survive_kill_9_of_the_broker() {
     .unwrap();
 
     broker.kill9();
-    let _broker = Broker::start(dir.path(), port);
+    broker.restart().unwrap();
 
     let b = brokers.clone();
     tokio::task::spawn_blocking(move || {
