@@ -47,7 +47,9 @@ fn check_report(report: &SimReport) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_killed_and_restarted_mid_send() {
     let _t = timed("ingest_killed_and_restarted_mid_send");
-    let mut p = Pipeline::new("fault-ingest", &Options::default()).await.unwrap();
+    let mut p = Pipeline::new("fault-ingest", &Options::default())
+        .await
+        .unwrap();
     p.start_ingest().await.unwrap();
     p.start_state(1).await.unwrap();
     let sender = send(&p, 400, 0.02);
@@ -65,12 +67,31 @@ async fn ingest_killed_and_restarted_mid_send() {
     p.finish().await;
 }
 
-/// Three state replicas; one is SIGKILLed mid-stream and restarted. The
-/// group rebalances; uncommitted work is redone without visible duplicates.
+/// Three state replicas; one is SIGKILLed mid-stream and restarted at once
+/// (a new member joins while the dead one still holds its partitions until
+/// its 10 s session expires). The group must end with every partition
+/// assigned; uncommitted work is redone without visible duplicates.
+///
+/// Fails on Tansu 0.6.0: when the dead member's session expires, the
+/// coordinator sends "rebalance in progress" to one surviving member only,
+/// which rejoins into the *same* generation; the others keep heartbeating
+/// that generation with their old assignment, and the dead member's
+/// partitions stay unassigned (see tests/README.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Tansu 0.6.0 leaves the dead member's partitions unassigned"]
 async fn state_replica_killed_and_restarted() {
-    let _t = timed("state_replica_killed_and_restarted");
-    let mut p = Pipeline::new("fault-state", &Options::default()).await.unwrap();
+    state_kill("fault-state", Duration::ZERO).await;
+}
+
+/// The same, restarted only after the dead member's session expired (12 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_replica_killed_and_restarted_after_its_session_expired() {
+    state_kill("fault-state-late", Duration::from_secs(12)).await;
+}
+
+async fn state_kill(name: &str, down: Duration) {
+    let _t = timed(name);
+    let mut p = Pipeline::new(name, &Options::default()).await.unwrap();
     p.start_ingest().await.unwrap();
     p.start_state(3).await.unwrap();
     let sender = send(&p, 400, 0.05);
@@ -78,12 +99,16 @@ async fn state_replica_killed_and_restarted() {
     let at = p.wait_applied(1000, WAIT).await.unwrap();
     p.kill9("state-1");
     eprintln!("e2e: state-1 killed at {at} applied events");
+    tokio::time::sleep(down).await;
     p.restart("state-1").await.unwrap();
 
     let report = sender.await.unwrap();
     check_report(&report);
     verify_all(&report.truth, &p.api_url(0), Duration::from_secs(90)).await;
-    p.analytics(Duration::from_secs(60)).await.unwrap().assert_clean();
+    p.analytics(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .assert_clean();
     p.finish().await;
 }
 
@@ -127,7 +152,10 @@ async fn broker_outage(name: &str, outage: Duration) {
     let report = sender.await.unwrap();
     check_report(&report);
     verify_all(&report.truth, &p.api_url(0), Duration::from_secs(120)).await;
-    p.analytics(Duration::from_secs(60)).await.unwrap().assert_clean();
+    p.analytics(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .assert_clean();
     p.finish().await;
 }
 
@@ -137,7 +165,9 @@ async fn broker_outage(name: &str, outage: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_prefix_flushed_mid_stream() {
     let _t = timed("redis_prefix_flushed_mid_stream");
-    let mut p = Pipeline::new("fault-redis", &Options::default()).await.unwrap();
+    let mut p = Pipeline::new("fault-redis", &Options::default())
+        .await
+        .unwrap();
     p.start_ingest().await.unwrap();
     p.start_state(2).await.unwrap();
     let sender = send(&p, 400, 0.10);
@@ -145,7 +175,10 @@ async fn redis_prefix_flushed_mid_stream() {
     let at = p.wait_applied(1500, WAIT).await.unwrap();
     let deleted = p.flush_redis_prefix().await.unwrap();
     eprintln!("e2e: deleted {deleted} redis keys at {at} applied events");
-    assert!(deleted > 0, "the state service keeps dedupe keys under its prefix");
+    assert!(
+        deleted > 0,
+        "the state service keeps dedupe keys under its prefix"
+    );
 
     let report = sender.await.unwrap();
     check_report(&report);
@@ -176,6 +209,9 @@ async fn postgres_restarted_mid_stream() {
     let report = sender.await.unwrap();
     check_report(&report);
     verify_all(&report.truth, &p.api_url(0), Duration::from_secs(90)).await;
-    p.analytics(Duration::from_secs(60)).await.unwrap().assert_clean();
+    p.analytics(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .assert_clean();
     p.finish().await;
 }

@@ -7,9 +7,8 @@ use dlrflow_e2e::{delivery, timed, verify_all, Options, Pipeline};
 use dlrflow_sim::{run_arpoone, run_lisoloo, ArpooneConfig, Gateway, LisolooConfig, Routing};
 use tokio_util::sync::CancellationToken;
 
-/// 1,500 messages × 5 recipients (7,500 recipients, ~25,000 events; set
-/// `DLRFLOW_E2E_HAPPY_MESSAGES=2000` for 10,000 recipients, about 2.5 min on
-/// two cores), 5 % sent twice, a reorder window of 2,000 events (every event
+/// 2,000 messages × 5 recipients (10,000 recipients, ~33,000 events;
+/// `DLRFLOW_E2E_HAPPY_MESSAGES` changes the number of messages), 5 % sent twice, a reorder window of 2,000 events (every event
 /// of a message is in the window at once: full reordering), two state
 /// replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,8 +17,10 @@ async fn lisoloo_at_scale_with_duplicates_and_full_reordering() {
     let messages: usize = std::env::var("DLRFLOW_E2E_HAPPY_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1500);
-    let mut p = Pipeline::new("happy-lisoloo", &Options::default()).await.unwrap();
+        .unwrap_or(2000);
+    let mut p = Pipeline::new("happy-lisoloo", &Options::default())
+        .await
+        .unwrap();
     p.start_ingest().await.unwrap();
     p.start_state(2).await.unwrap();
 
@@ -41,7 +42,10 @@ async fn lisoloo_at_scale_with_duplicates_and_full_reordering() {
         .unwrap();
     eprintln!("{}", report.table());
     assert_eq!(report.totals.dropped_4xx, 0, "the ingest refused an event");
-    assert_eq!(report.totals.dropped_exhausted, 0, "an event was never acknowledged");
+    assert_eq!(
+        report.totals.dropped_exhausted, 0,
+        "an event was never acknowledged"
+    );
     assert!(report.totals.duplicates > 0, "duplicates were sent");
     assert_eq!(report.truth.recipients.len(), messages * 5);
 
@@ -56,7 +60,9 @@ async fn lisoloo_at_scale_with_duplicates_and_full_reordering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arpoone_per_status_urls() {
     let _t = timed("arpoone_per_status_urls");
-    let mut p = Pipeline::new("happy-arpoone", &Options::default()).await.unwrap();
+    let mut p = Pipeline::new("happy-arpoone", &Options::default())
+        .await
+        .unwrap();
     p.start_ingest().await.unwrap();
     p.start_state(1).await.unwrap();
 
@@ -74,15 +80,19 @@ async fn arpoone_per_status_urls() {
         seed: 7,
         ..ArpooneConfig::default()
     };
-    let report = run_arpoone(&cfg, CancellationToken::new())
-        .await
-        .unwrap();
+    let report = run_arpoone(&cfg, CancellationToken::new()).await.unwrap();
     eprintln!("{}", report.table());
     assert_eq!(report.totals.dropped_4xx, 0, "the ingest refused a batch");
-    assert_eq!(report.totals.dropped_exhausted, 0, "a batch was never acknowledged");
+    assert_eq!(
+        report.totals.dropped_exhausted, 0,
+        "a batch was never acknowledged"
+    );
     assert_eq!(report.truth.recipients.len(), 1000);
 
     verify_all(&report.truth, &p.api_url(0), Duration::from_secs(90)).await;
-    p.analytics(Duration::from_secs(60)).await.unwrap().assert_clean();
+    p.analytics(Duration::from_secs(60))
+        .await
+        .unwrap()
+        .assert_clean();
     p.finish().await;
 }

@@ -9,7 +9,9 @@ use dlrflow_e2e::{
     delivery, max_reads_in_window, timed, verify_all, Options, Pipeline, ReconcileOptions,
     STATUS_KEY,
 };
-use dlrflow_sim::{run_lisoloo, Gateway, LisolooConfig, StatusServer, StatusServerConfig, WebhookFate};
+use dlrflow_sim::{
+    run_lisoloo, Gateway, LisolooConfig, StatusServer, StatusServerConfig, WebhookFate,
+};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,7 +31,9 @@ async fn withheld_terminal_events_are_recovered_within_the_read_budget() {
     .await
     .unwrap();
 
-    let mut p = Pipeline::new("reconcile-withheld", &Options::default()).await.unwrap();
+    let mut p = Pipeline::new("reconcile-withheld", &Options::default())
+        .await
+        .unwrap();
     p.start_ingest().await.unwrap();
     p.start_state(1).await.unwrap();
     p.start_reconcile(&ReconcileOptions {
@@ -71,7 +75,10 @@ async fn withheld_terminal_events_are_recovered_within_the_read_budget() {
         report.totals.withheld,
         withheld.len()
     );
-    assert!(!withheld.is_empty(), "the scenario withholds some terminal events");
+    assert!(
+        !withheld.is_empty(),
+        "the scenario withholds some terminal events"
+    );
     assert!(withheld.len() <= 60, "small enough for the read budget");
 
     verify_all(&report.truth, &p.api_url(0), Duration::from_secs(150)).await;
@@ -94,7 +101,10 @@ async fn withheld_terminal_events_are_recovered_within_the_read_budget() {
         withheld.iter().all(|m| read_ids.contains(m)),
         "every message with a withheld terminal event was read"
     );
-    assert!(max <= 120, "{max} reads within 60 s: over the gateway's budget");
+    assert!(
+        max <= 120,
+        "{max} reads within 60 s: over the gateway's budget"
+    );
     assert_eq!(throttled, 0, "the reconciler never hit the gateway's 429");
     p.finish().await;
     server.shutdown().await;

@@ -97,7 +97,11 @@ pub fn binary(pkg: &str, name: &str) -> anyhow::Result<PathBuf> {
     eprintln!("e2e: building {pkg} --bin {name} …");
     let status = cmd.status().context("running cargo build")?;
     ensure!(status.success(), "cargo build -p {pkg} --bin {name} failed");
-    ensure!(path.is_file(), "{} not found after the build", path.display());
+    ensure!(
+        path.is_file(),
+        "{} not found after the build",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -358,7 +362,13 @@ impl PrivateBroker {
         let err = log.try_clone()?;
         let child = Command::new(tansu_binary()?)
             .current_dir(&self.dir)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "sqlite://tansu.db"])
             .stdin(Stdio::null())
             .stdout(log)
@@ -435,7 +445,8 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    bins.pop().context("no PostgreSQL under /usr/lib/postgresql/*/bin")
+    bins.pop()
+        .context("no PostgreSQL under /usr/lib/postgresql/*/bin")
 }
 
 impl PrivatePostgres {
@@ -637,10 +648,7 @@ impl Pipeline {
         let port = free_port();
         let mut env: Vec<(String, String)> =
             env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-        env.push((
-            "DLRFLOW_HTTP__LISTEN".into(),
-            format!("127.0.0.1:{port}"),
-        ));
+        env.push(("DLRFLOW_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
         self.services.insert(
             name.to_owned(),
             Service {
@@ -693,6 +701,11 @@ impl Pipeline {
                 ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
                 ("DLRFLOW_HTTP__SHUTDOWN_GRACE_MS", "3000".into()),
             ];
+            let mut env = env;
+            // librdkafka's own debug contexts, e.g. `cgrp` for group membership.
+            if let Ok(debug) = std::env::var("DLRFLOW_E2E_KAFKA_DEBUG") {
+                env.push(("DLRFLOW_KAFKA__SETTINGS__DEBUG", debug));
+            }
             self.add(&format!("state-{i}"), Kind::State, env);
         }
         self.launch("state-0").await?;
@@ -702,7 +715,11 @@ impl Pipeline {
         }
         for i in 1..n {
             let name = format!("state-{i}");
-            self.services.get_mut(&name).unwrap().wait_ready(&name).await?;
+            self.services
+                .get_mut(&name)
+                .unwrap()
+                .wait_ready(&name)
+                .await?;
         }
         Ok(())
     }
@@ -865,8 +882,8 @@ impl Pipeline {
         let mut by_id: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
         let mut versions: HashMap<(String, String, i64), HashSet<String>> = HashMap::new();
         for r in &records {
-            let v: serde_json::Value = serde_json::from_slice(&r.payload)
-                .context("an analytics record is not JSON")?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&r.payload).context("an analytics record is not JSON")?;
             let id = v["update_id"]
                 .as_str()
                 .context("analytics record without update_id")?
@@ -1036,7 +1053,11 @@ pub async fn verify_all(truth: &Truth, api: &str, wait: Duration) -> VerifyRepor
         c.missing
     );
     assert!(report.is_ok(), "verify failed:\n{}", report.table(30));
-    assert_eq!(c.matching, truth.recipients.len(), "every recipient matches");
+    assert_eq!(
+        c.matching,
+        truth.recipients.len(),
+        "every recipient matches"
+    );
     report
 }
 
