@@ -4,7 +4,7 @@
 # Starts the local stack, builds the ingest in release mode and, in one run,
 # measures two producer settings side by side: linger.ms=0 (dlrflow's default)
 # and linger.ms=5 (librdkafka's default). For each, wrk posts a Lisoloo event
-# with HTTP Basic auth at 10, 50 and 200 concurrent connections. Prints a table
+# with HTTP Basic auth at 1, 10, 50 and 200 concurrent connections. Prints a table
 # and writes reports/ingest-bench.md with requests/s, p50, p99 and the
 # ingest's peak RSS.
 #
@@ -55,7 +55,7 @@ for linger in 0 5; do
   RUST_LOG=warn "$BIN" serve >.stack/bench-ingest.log 2>&1 &
   pid=$!
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
-  for c in 10 50 200; do
+  for c in 1 10 50 200; do
     threads=2; [ "$c" -lt 2 ] && threads=1
     line=$(wrk -t"$threads" -c"$c" -d"${DURATION}s" --latency -s "$LUA" "http://127.0.0.1:$PORT/lisoloo/webhook" | grep '^RESULT')
     rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
