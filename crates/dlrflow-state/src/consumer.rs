@@ -143,7 +143,6 @@ pub fn create_consumer(cfg: &Config) -> anyhow::Result<StateConsumer> {
 
 /// An idempotent `acks=all` producer (DLQ, analytics, replay).
 pub fn create_producer(cfg: &Config, client_id: &str) -> anyhow::Result<FutureProducer> {
-    let timeout = cfg.kafka.produce_timeout_ms.to_string();
     cfg.kafka
         .client
         .client_config(&[
@@ -151,7 +150,12 @@ pub fn create_producer(cfg: &Config, client_id: &str) -> anyhow::Result<FuturePr
             ("enable.idempotence", "true".into()),
             ("acks", "all".into()),
             ("linger.ms", "5".into()),
-            ("message.timeout.ms", timeout),
+            // Callers bound their wait with `kafka.produce_timeout_ms`; the
+            // record itself never times out in librdkafka, because a timed-out
+            // record makes an idempotent producer bump its epoch, which
+            // Tansu 0.6.0 cannot handle (its storage panics). A record given
+            // up on may still land: analytics and DLQ are at-least-once.
+            ("message.timeout.ms", "0".into()),
             ("retry.backoff.ms", "50".into()),
             ("reconnect.backoff.ms", "50".into()),
             ("reconnect.backoff.max.ms", "1000".into()),
@@ -265,6 +269,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             })
             .collect();
         let mut backoff = Duration::from_millis(batch_cfg.retry_initial_ms);
+        let started = std::time::Instant::now();
         let done = loop {
             match process(&mut p, &mut parsed).await {
                 Ok(()) => break true,
@@ -292,6 +297,12 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             break;
         }
         store_offsets(&p.consumer, &parsed);
+        tracing::debug!(
+            records = parsed.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "batch written"
+        );
+        metrics::histogram!("dlrflow_state_batch_records").record(parsed.len() as f64);
         p.outbox_wake.notify_one();
     }
     let _ = p.dedupe.flush().await;

@@ -232,9 +232,9 @@ pub async fn apply_batch(
     //    the dedupe check below is race-free once these are held.
     let mut locks: Vec<i64> = items
         .iter()
-        .filter_map(|i| match i.event {
-            Event::Recipient(u) => Some(lock_key(&u.message_id, &u.recipient)),
-            Event::Message(m) => Some(lock_key(&m.message_id, "")),
+        .map(|i| match i.event {
+            Event::Recipient(u) => lock_key(&u.message_id, &u.recipient),
+            Event::Message(m) => lock_key(&m.message_id, ""),
         })
         .collect();
     locks.sort_unstable();

@@ -1,1 +1,193 @@
-fn main() {}
+//! `dlrflow-state-bench`: events/s from the raw topic to committed PostgreSQL
+//! state, batched (the service as configured) next to a naive per-event run
+//! (`batch.max_records = 1`: one Redis round trip and one transaction per
+//! event), in the same run on the same services. Prints a table and writes
+//! `reports/state-bench.md`. Not run in CI.
+//!
+//! `cargo run --release -p dlrflow-state --bin dlrflow-state-bench -- --events 100000`
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name};
+use dlrflow_state::testkit::{lisoloo_scenario, produce_raw, producer, RawRecord};
+use dlrflow_state::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    /// Raw records for the batched run.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Raw records for the naive run (it is slow; the rate is what counts).
+    #[arg(long, default_value_t = 5_000)]
+    naive_events: usize,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Defaults to DLRFLOW_TEST_KAFKA_BROKERS or 127.0.0.1:9092.
+    #[arg(long)]
+    brokers: Option<String>,
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    postgres_url: String,
+    /// Extra librdkafka consumer settings, `key=value` (repeatable).
+    #[arg(long)]
+    kafka_setting: Vec<String>,
+    #[arg(long, default_value = "reports/state-bench.md")]
+    out: PathBuf,
+}
+
+struct RunResult {
+    name: &'static str,
+    records: usize,
+    produce_secs: f64,
+    process_secs: f64,
+    total_secs: f64,
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.records as f64 / self.process_secs
+    }
+}
+
+async fn run(
+    name: &'static str,
+    args: &Args,
+    brokers: &str,
+    records: &[RawRecord],
+    max_records: usize,
+) -> anyhow::Result<RunResult> {
+    let id = unique_name("bench");
+    let schema = id.replace('-', "_");
+    let raw = format!("{id}.raw");
+    for t in [&raw, &format!("{id}.dlq"), &format!("{id}.delivery")] {
+        create_topic(brokers, t, args.partitions).await?;
+    }
+    let p = producer(brokers)?;
+    let started = Instant::now();
+    produce_raw(&p, &raw, records).await?;
+    let produce_secs = started.elapsed().as_secs_f64();
+
+    let mut cfg = Config::defaults();
+    cfg.http.listen = "127.0.0.1:0".parse()?;
+    cfg.kafka.client.brokers = brokers.to_owned();
+    cfg.kafka.raw_topic = raw;
+    cfg.kafka.dlq_topic = format!("{id}.dlq");
+    cfg.kafka.delivery_topic = format!("{id}.delivery");
+    cfg.kafka.group_id = format!("{id}-group");
+    cfg.redis.prefix = format!("{id}:");
+    cfg.postgres.url = args.postgres_url.clone();
+    cfg.postgres.schema = Some(schema.clone());
+    cfg.batch.max_records = max_records;
+    for kv in &args.kafka_setting {
+        if let Some((k, v)) = kv.split_once('=') {
+            cfg.kafka.client.settings.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    let app = dlrflow_state::App::build(cfg).await?;
+    let pool = app.pool();
+    let shutdown = CancellationToken::new();
+    let t0 = Instant::now();
+    let task = tokio::spawn(app.run(shutdown.clone()));
+    let want = records.len() as i64;
+    let mut first: Option<Instant> = None;
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_events")
+            .fetch_one(&pool)
+            .await?;
+        if n > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if n >= want {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(1800) {
+            anyhow::bail!("{name}: only {n} of {want} after 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = Instant::now();
+    shutdown.cancel();
+    task.await??;
+    let drop = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+    let admin = sqlx::PgPool::connect(&args.postgres_url).await?;
+    sqlx::query(&drop).execute(&admin).await?;
+    Ok(RunResult {
+        name,
+        records: records.len(),
+        produce_secs,
+        process_secs: (done - first.unwrap_or(t0)).as_secs_f64().max(1e-3),
+        total_secs: (done - t0).as_secs_f64(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    dlrflow_runtime::telemetry::init_test_logs();
+    let brokers = args.brokers.clone().unwrap_or_else(test_brokers);
+    let tag = unique_name("b");
+    // 5 recipients per message: 1 + 3 * 5 = 16 records per message.
+    let scenario = lisoloo_scenario(&tag, args.events.div_ceil(16), 5);
+    let records: Vec<RawRecord> = scenario.records.into_iter().take(args.events).collect();
+    let naive_records = &records[..args.naive_events.min(records.len())];
+
+    eprintln!("batched run: {} records …", records.len());
+    let batched = run(
+        "batched (max 2000 records / 50 ms)",
+        &args,
+        &brokers,
+        &records,
+        2000,
+    )
+    .await?;
+    eprintln!("naive run: {} records …", naive_records.len());
+    let naive = run(
+        "naive (1 record per Redis call + transaction)",
+        &args,
+        &brokers,
+        naive_records,
+        1,
+    )
+    .await?;
+
+    let speedup = batched.rate() / naive.rate();
+    let mut table = String::from(
+        "| run | records | produce (s) | first → last commit (s) | incl. group join (s) | events/s |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in [&batched, &naive] {
+        table.push_str(&format!(
+            "| {} | {} | {:.1} | {:.2} | {:.2} | {:.0} |\n",
+            r.name,
+            r.records,
+            r.produce_secs,
+            r.process_secs,
+            r.total_secs,
+            r.rate()
+        ));
+    }
+    let summary = format!(
+        "speedup: {speedup:.1}× (target ≥ 5×); batched {:.0} events/s (target ≥ 20000)\n",
+        batched.rate()
+    );
+    println!("{table}\n{summary}");
+    let report = format!(
+        "# dlrflow-state benchmark\n\n\
+         Raw topic → committed PostgreSQL state (`delivery_events` rows), one in-process \
+         `dlrflow-state` replica, {} partitions, broker `{brokers}`, PostgreSQL and Redis local. \
+         Lisoloo records (`sms.queued` + processing/sent/delivered|failed for 5 recipients per \
+         message), pre-produced before the consumer starts; the rate is measured from the first \
+         to the last committed record.\n\n\
+         Command: `cargo run --release -p dlrflow-state --bin dlrflow-state-bench -- --events {}`\n\n\
+         {table}\n{summary}",
+        args.partitions, args.events
+    );
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
