@@ -178,6 +178,23 @@ fn open_log(path: &Path, what: &str) -> anyhow::Result<File> {
     Ok(f)
 }
 
+/// Kills `pid` (SIGKILL) once this test process is gone, so that a test
+/// killed by the runner (timeout) leaves no service behind. A plain shell
+/// loop: safe Rust cannot ask the kernel for a parent-death signal.
+fn watchdog(pid: u32) {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         kill -0 {me} 2>/dev/null || kill -9 {pid} 2>/dev/null",
+        me = std::process::id()
+    );
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
 fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -239,6 +256,7 @@ impl Service {
             .stderr(err)
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
+        watchdog(child.id());
         self.child = Some(child);
         Ok(())
     }
@@ -375,6 +393,7 @@ impl PrivateBroker {
             .stderr(err)
             .spawn()
             .context("starting tansu")?;
+        watchdog(child.id());
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
