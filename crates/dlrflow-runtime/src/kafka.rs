@@ -31,9 +31,37 @@ pub mod header {
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
-    /// Raw librdkafka properties, applied last.
-    #[serde(default)]
+    /// Raw librdkafka properties, applied last. Values may be written as
+    /// strings, numbers or booleans (`DLRFLOW_KAFKA__SETTINGS__FETCH_WAIT_MAX_MS=10`
+    /// arrives as a number).
+    #[serde(default, deserialize_with = "settings_map")]
     pub settings: BTreeMap<String, String>,
+}
+
+fn settings_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Scalar::Text(s) => s,
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
 }
 
 impl KafkaConfig {
@@ -114,4 +142,33 @@ pub fn copy_headers<H: Headers>(from: Option<&H>, extra: &[(&str, &str)]) -> Own
         });
     }
     out
+}
+
+#[cfg(test)]
+// `figment::Jail`'s closure must return `figment::Error`, which is large.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Holder {
+        kafka: KafkaConfig,
+    }
+
+    #[test]
+    fn settings_from_the_environment_become_librdkafka_properties() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DLRFLOW_KAFKA__SETTINGS__FETCH_WAIT_MAX_MS", "10");
+            jail.set_env("DLRFLOW_KAFKA__SETTINGS__CHECK_CRCS", "true");
+            jail.set_env("DLRFLOW_KAFKA__SETTINGS__CLIENT_RACK", "eu-1a");
+            let h: Holder = crate::config::load("[kafka]\nbrokers = \"b:9092\"\n", None).unwrap();
+            let cfg = h.kafka.client_config(&[("linger.ms", "5".into())]);
+            assert_eq!(cfg.get("fetch.wait.max.ms"), Some("10"));
+            assert_eq!(cfg.get("check.crcs"), Some("true"));
+            assert_eq!(cfg.get("client.rack"), Some("eu-1a"));
+            assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
+            assert_eq!(cfg.get("linger.ms"), Some("5"));
+            Ok(())
+        });
+    }
 }
