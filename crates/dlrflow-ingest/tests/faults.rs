@@ -36,10 +36,7 @@ async fn healthy(app: &TestApp) {
         (post(app).await.0 == StatusCode::NO_CONTENT).then_some(())
     })
     .await;
-    assert!(
-        ok.is_some(),
-        "the broker accepts records"
-    );
+    assert!(ok.is_some(), "the broker accepts records");
 }
 
 fn mock_config(
