@@ -177,9 +177,9 @@ pub fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("batch.size", "4000000")
+        // Batches of the size the ingest makes under load. Tansu 0.6.0 stalls
+        // (consumer heartbeats time out) serving multi-MB batches.
+        .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
         .create()
         .context("test producer")
