@@ -68,17 +68,16 @@ async fn ingest_killed_and_restarted_mid_send() {
 }
 
 /// Three state replicas; one is SIGKILLed mid-stream and restarted at once
-/// (a new member joins while the dead one still holds its partitions until
-/// its 10 s session expires). The group must end with every partition
-/// assigned; uncommitted work is redone without visible duplicates.
+/// (while the dead one still holds its partitions until its 10 s session
+/// expires). The group must end with every partition assigned; uncommitted
+/// work is redone without visible duplicates.
 ///
-/// Fails on Tansu 0.6.0: when the dead member's session expires, the
-/// coordinator sends "rebalance in progress" to one surviving member only,
-/// which rejoins into the *same* generation; the others keep heartbeating
-/// that generation with their old assignment, and the dead member's
-/// partitions stay unassigned (see tests/README.md).
+/// The replicas use static membership (`kafka.instance_id`), as the state
+/// README recommends: without it, Tansu 0.6.0's coordinator leaves the dead
+/// member's partitions unassigned when its session expires (it sends
+/// "rebalance in progress" to one survivor only, which rejoins into the same
+/// generation; see tests/README.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Tansu 0.6.0 leaves the dead member's partitions unassigned"]
 async fn state_replica_killed_and_restarted() {
     state_kill("fault-state", Duration::ZERO).await;
 }
@@ -121,13 +120,12 @@ async fn broker_down_longer_than_the_first_retry() {
     broker_outage("fault-broker", Duration::from_secs(2)).await;
 }
 
-/// The same with a 6 s outage: every record in flight in the ingest times out
-/// (3 s), so librdkafka's idempotent producer bumps its epoch. Tansu 0.6.0's
-/// SQLite storage then panics on the next produce ("more or less than one
-/// row", tansu-storage lite.rs:503) and answers every later request with an
-/// error until it is restarted: a broker bug, not dlrflow's (see README).
+/// The same with a 6 s outage: longer than the ingest's 3 s delivery
+/// deadline, so requests in flight get 503 while their records stay queued.
+/// Guards the Tansu 0.6.0 epoch-bump panic: had librdkafka timed the records
+/// out, the idempotent producer would bump its epoch and Tansu's storage would
+/// panic and fail every later request (see README).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Tansu 0.6.0 storage panics after an idempotent producer's epoch bump"]
 async fn broker_down_longer_than_the_ingest_delivery_timeout() {
     broker_outage("fault-broker-long", Duration::from_secs(6)).await;
 }

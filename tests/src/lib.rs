@@ -714,6 +714,11 @@ impl Pipeline {
                 ("DLRFLOW_KAFKA__DLQ_TOPIC", self.dlq_topic.clone()),
                 ("DLRFLOW_KAFKA__DELIVERY_TOPIC", self.delivery_topic.clone()),
                 ("DLRFLOW_KAFKA__GROUP_ID", self.group.clone()),
+                // Static membership, as the state README recommends per replica.
+                (
+                    "DLRFLOW_KAFKA__INSTANCE_ID",
+                    format!("{}-state-{i}", self.group),
+                ),
                 ("DLRFLOW_REDIS__URL", self.redis_url.clone()),
                 ("DLRFLOW_REDIS__PREFIX", self.redis_prefix.clone()),
                 ("DLRFLOW_POSTGRES__URL", self.postgres_url.clone()),
