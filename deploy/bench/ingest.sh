@@ -35,6 +35,7 @@ rm -rf "$BDIR" && mkdir -p "$BDIR"
  echo $! >tansu.pid)
 trap 'kill "$(cat "$BDIR/tansu.pid")" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$KPORT") 2>/dev/null && break; sleep 0.1; done
+sqlite3 "$BDIR/tansu.db" "create index if not exists dlrflow_header_record on header (topition, offset_id);" 2>/dev/null || true
 timeout 30 "$TANSU" topic create "$TOPIC" --partitions 6 --broker "tcp://127.0.0.1:$KPORT" >/dev/null
 
 LUA=.stack/bench-lisoloo.lua

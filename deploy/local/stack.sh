@@ -137,6 +137,22 @@ broker_start() {
     echo $! >"$STACK/tansu.pid"
   )
   wait_port "$KAFKA_PORT" tansu 30
+  index_headers
+}
+
+# Tansu 0.6.0's `header` table has no index, so every fetch of a record with
+# headers scans all header rows of all topics: consumers slow down as the
+# database grows. This adds the index (idempotent).
+index_headers() {
+  command -v sqlite3 >/dev/null || apt_install sqlite3 || true
+  command -v sqlite3 >/dev/null || { log "kafka: sqlite3 missing; Tansu's header table stays unindexed (slow fetches)"; return 0; }
+  local i
+  for ((i = 0; i < 100; i++)); do
+    sqlite3 "$STACK/tansu/tansu.db" \
+      "create index if not exists dlrflow_header_record on header (topition, offset_id);" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  log "kafka: could not index Tansu's header table in $STACK/tansu/tansu.db"
 }
 
 # A Kafka API call, not just an open port: Tansu 0.6.0 keeps listening after
@@ -160,6 +176,7 @@ broker_up() {
   fi
   if port_open "$KAFKA_PORT"; then
     log "kafka: a broker already answers on 127.0.0.1:$KAFKA_PORT"
+    [ -f "$STACK/tansu/tansu.db" ] && index_headers
   else
     tansu_install
     broker_start

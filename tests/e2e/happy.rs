@@ -7,19 +7,17 @@ use dlrflow_e2e::{delivery, timed, verify_all, Options, Pipeline};
 use dlrflow_sim::{run_arpoone, run_lisoloo, ArpooneConfig, Gateway, LisolooConfig, Routing};
 use tokio_util::sync::CancellationToken;
 
-/// 1,000 messages × 5 recipients (5,000 recipients, ~16,500 events), 5 % sent
-/// twice. `DLRFLOW_E2E_HAPPY_MESSAGES=2000` runs the 10,000-recipient send
-/// (~33,000 events; 2.5 min on two idle cores, more when the machine is busy
-/// building — too slow for the suite's 3-minute bound on a shared machine), a reorder window of 2,000 events (every event
-/// of a message is in the window at once: full reordering), two state
-/// replicas.
+/// 2,000 messages × 5 recipients (10,000 recipients, ~33,000 events), 5 %
+/// sent twice, a reorder window of 2,000 events (every event of a message is
+/// in the window at once: full reordering), two state replicas.
+/// `DLRFLOW_E2E_HAPPY_MESSAGES=N` changes the number of messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lisoloo_at_scale_with_duplicates_and_full_reordering() {
     let _t = timed("lisoloo_at_scale_with_duplicates_and_full_reordering");
     let messages: usize = std::env::var("DLRFLOW_E2E_HAPPY_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(2000);
     let mut p = Pipeline::new("happy-lisoloo", &Options::default())
         .await
         .unwrap();

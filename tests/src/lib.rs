@@ -162,12 +162,6 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0")
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn open_log(path: &Path, what: &str) -> anyhow::Result<File> {
     let mut f = OpenOptions::new()
         .create(true)
@@ -344,17 +338,7 @@ pub struct PrivateBroker {
     child: Option<Child>,
 }
 
-fn tansu_binary() -> anyhow::Result<PathBuf> {
-    [
-        std::env::var_os("DLRFLOW_TANSU").map(PathBuf::from),
-        which("tansu"),
-        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/tansu")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.is_file())
-    .context("the tansu binary (deploy/local/stack.sh up installs it)")
-}
+use dlrflow_runtime::testing::tansu_binary;
 
 impl PrivateBroker {
     fn new(dir: PathBuf, log: PathBuf) -> anyhow::Result<Self> {
@@ -404,6 +388,7 @@ impl PrivateBroker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        dlrflow_runtime::testing::index_tansu_headers(&self.dir.join("tansu.db"));
         Ok(())
     }
 

@@ -221,6 +221,7 @@ impl PrivateBroker {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        index_tansu_headers(&self.dir.path().join("tansu.db"));
         Ok(())
     }
 
@@ -274,4 +275,38 @@ pub fn tansu_binary() -> anyhow::Result<std::path::PathBuf> {
     .flatten()
     .find(|p| p.is_file())
     .context("the tansu binary was not found (deploy/local/stack.sh up installs it)")
+}
+
+/// Adds the index Tansu 0.6.0's SQLite schema lacks: its `header` table has
+/// none, so fetching each record's headers scans every header row of every
+/// topic, and consuming records with headers slows down as the database grows
+/// (measured: of 20,000 records with 4 headers each, 5,000 arrived in 40 s;
+/// with the index all 20,000 took 1.3 s). Idempotent; needs the `sqlite3`
+/// command (`deploy/local/stack.sh up` installs it) and only warns without it.
+pub fn index_tansu_headers(db: &std::path::Path) {
+    const SQL: &str =
+        "create index if not exists dlrflow_header_record on header (topition, offset_id);";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::process::Command::new("sqlite3")
+            .arg(db)
+            .arg(SQL)
+            .output()
+        {
+            Ok(out) if out.status.success() => return,
+            // The broker creates its schema just after it starts listening.
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(out) => {
+                eprintln!(
+                    "warning: could not index Tansu's header table: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return;
+            }
+            Err(e) => {
+                eprintln!("warning: sqlite3 not available ({e}); Tansu's header fetches stay slow");
+                return;
+            }
+        }
+    }
 }
