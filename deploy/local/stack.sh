@@ -215,6 +215,8 @@ stop_pidfile() { # name pidfile
 
 cmd_up() {
   mkdir -p "$STACK"
+  # The demo and the benchmarks talk HTTP with curl.
+  command -v curl >/dev/null || apt_install curl
   redis_up
   postgres_up
   broker_up
