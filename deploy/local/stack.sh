@@ -159,7 +159,21 @@ index_headers() {
 # its storage task panicked, then fails every request.
 broker_healthy() {
   local bin; bin=$(tansu_bin) || return 0
-  timeout 15 "$bin" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1
+  create_topic "$bin" dlrflow.healthcheck 1 >/dev/null
+}
+
+# Creates a topic; an existing one is fine. One small request, however many
+# topics the broker holds.
+create_topic() { # bin name partitions
+  local out
+  if out=$(timeout 20 "$1" topic create "$2" --partitions "$3" --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>&1); then
+    echo created
+  elif grep -q "already exists" <<<"$out"; then
+    echo exists
+  else
+    printf '%s\n' "$out" >>"$STACK/tansu.log"
+    return 1
+  fi
 }
 
 broker_up() {
@@ -188,17 +202,12 @@ broker_up() {
 
 topics_up() {
   local bin; bin=$(tansu_bin) || { log "kafka: tansu CLI not available; create topics ${TOPICS[*]} yourself"; return; }
-  local existing t i
-  for ((i = 0; i < 50; i++)); do
-    existing=$(timeout 30 "$bin" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null) && break
-    sleep 0.2
-  done
+  local t res
   for t in "${TOPICS[@]}"; do
-    if grep -q "$t" <<<"$existing"; then continue; fi
-    timeout 30 "$bin" topic create "$t" --partitions "$PARTITIONS" --broker "tcp://127.0.0.1:$KAFKA_PORT" >>"$STACK/tansu.log" 2>&1 \
-      || die "creating topic $t failed; see $STACK/tansu.log"
-    log "kafka: created topic $t ($PARTITIONS partitions)"
+    res=$(create_topic "$bin" "$t" "$PARTITIONS") || die "creating topic $t failed; see $STACK/tansu.log"
+    [ "$res" = created ] && log "kafka: created topic $t ($PARTITIONS partitions)"
   done
+  return 0
 }
 
 stop_pidfile() { # name pidfile
