@@ -128,6 +128,7 @@ async fn a_delivered_failed_conflict_is_resolved_to_the_api_answer() {
         Some("ABSENT_SUBSCRIBER"),
         "the API's error fields win"
     );
+    // A quiet period of several sweeps (200 ms each): no second read.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(server.reads_of(&msg), 1);
     let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
@@ -196,6 +197,7 @@ async fn strict_mode_reads_a_burst_of_1000_recipients_once() {
         again.is_some(),
         "a new event after the read was not confirmed"
     );
+    // A quiet period of several sweeps: the answer's own write is not a new change.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(server.reads_of(&msg), 2);
     app.stop().await;
@@ -348,6 +350,7 @@ async fn not_found_backs_off_then_succeeds_and_an_unknown_message_is_given_up() 
         "{reads} reads of an unknown message in {:?}",
         started.elapsed()
     );
+    // Given up: a quiet second brings no further read.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         server.reads_of(&unknown),
@@ -396,6 +399,7 @@ async fn a_message_with_unseen_recipients_is_read_after_the_deadline() {
     })
     .await;
     assert!(complete.is_some(), "unseen recipients were not filled in");
+    // A quiet period of several sweeps: the filled-in message is not read again.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(server.reads_of(&msg), 1);
     app.stop().await;
