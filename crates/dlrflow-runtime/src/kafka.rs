@@ -72,6 +72,17 @@ impl KafkaConfig {
         Ok(())
     }
 
+    /// The largest record a producer made from this config may write:
+    /// librdkafka's `message.max.bytes` (default 1,000,000) from the
+    /// pass-through settings. The broker's own limit may be lower.
+    pub fn max_message_bytes(&self) -> usize {
+        self.settings
+            .iter()
+            .find(|(k, _)| k.replace('_', ".") == "message.max.bytes")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(1_000_000)
+    }
+
     /// A client config with the brokers and the pass-through settings; `base`
     /// holds the caller's own defaults, which the pass-through overrides.
     pub fn client_config(&self, base: &[(&str, String)]) -> ClientConfig {

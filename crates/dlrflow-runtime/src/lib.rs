@@ -10,8 +10,10 @@
 pub mod config;
 pub mod kafka;
 pub mod shutdown;
+pub mod supervise;
 pub mod telemetry;
 pub mod testing;
+pub mod text;
 pub mod trace;
 
 pub use secrecy::{ExposeSecret, SecretString};

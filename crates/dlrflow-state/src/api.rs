@@ -1,13 +1,21 @@
 //! The read API for the merchant backend, health and metrics.
+//!
+//! Status codes: 200 found; 404 no such message / recipient; 400 an id that
+//! cannot name anything dlrflow stores (it holds U+0000, is longer than
+//! [`MAX_ID_LEN`] bytes, is not UTF-8 once percent-decoded, or PostgreSQL
+//! refuses it as a value) — such ids are never sent to PostgreSQL as
+//! queries that could fail; 503 the database failed (unreachable, timed out,
+//! any other error), retry later.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
@@ -21,21 +29,69 @@ pub struct ApiState {
     /// Metadata-only client for `/readyz`.
     pub kafka: Arc<BaseConsumer>,
     pub raw_topic: String,
+    /// The consumer's own account of its progress.
+    pub health: Arc<crate::health::ConsumerHealth>,
 }
+
+/// The longest id (message id, recipient) dlrflow stores, in bytes: the
+/// consumer dead-letters events with longer ones, so a longer id names
+/// nothing.
+pub const MAX_ID_LEN: usize = 512;
 
 /// The one place that decides status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("not found")]
     NotFound,
+    /// The request cannot name anything stored (400).
+    #[error("{0}")]
+    BadRequest(String),
     #[error("database unavailable")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for ApiError {
+    /// A data exception (SQLSTATE class 22, e.g. a character PostgreSQL
+    /// cannot hold) comes from the value looked up: 400. Everything else is
+    /// the database's state: 503.
+    fn from(e: sqlx::Error) -> Self {
+        let data_exception = matches!(&e, sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| c.starts_with("22")));
+        if data_exception {
+            ApiError::BadRequest("invalid id: PostgreSQL cannot hold it".to_owned())
+        } else {
+            ApiError::Database(e)
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        ApiError::BadRequest(format!("invalid path: {}", e.body_text()))
+    }
+}
+
+/// Refuses ids nothing stored can have: U+0000 (PostgreSQL text cannot hold
+/// it) and more than [`MAX_ID_LEN`] bytes.
+pub fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
+    if v.contains('\0') {
+        return Err(ApiError::BadRequest(format!(
+            "invalid {field}: contains U+0000"
+        )));
+    }
+    if v.len() > MAX_ID_LEN {
+        return Err(ApiError::BadRequest(format!(
+            "invalid {field}: longer than {MAX_ID_LEN} bytes"
+        )));
+    }
+    Ok(())
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Database(e) => {
                 tracing::warn!(error = %e, "read API: database error");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -43,6 +99,12 @@ impl IntoResponse for ApiError {
         };
         (status, Json(serde_json::json!({"error": self.to_string()}))).into_response()
     }
+}
+
+/// [`router`] whose `/readyz` also consults the outbox relay's health: not
+/// ready while [`crate::analytics::RelayHealth::problems`] reports any.
+pub fn router_with_relay(state: ApiState, relay: crate::analytics::RelayHealth) -> Router {
+    router(state).layer(Extension(relay))
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -126,8 +188,10 @@ pub async fn load_message(
 
 async fn get_message(
     State(s): State<ApiState>,
-    Path(message_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<MessageView>, ApiError> {
+    let Path(message_id) = path?;
+    check_id("message_id", &message_id)?;
     load_message(&s.pool, &message_id)
         .await?
         .map(Json)
@@ -136,8 +200,11 @@ async fn get_message(
 
 async fn get_recipient(
     State(s): State<ApiState>,
-    Path((message_id, phone)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<RecipientView>, ApiError> {
+    let Path((message_id, phone)) = path?;
+    check_id("message_id", &message_id)?;
+    check_id("recipient", &phone)?;
     let row: Option<RecipientView> = sqlx::query_as(&format!(
         "SELECT {RECIPIENT_COLUMNS} FROM recipient_state WHERE message_id = $1 AND recipient = $2"
     ))
@@ -148,7 +215,10 @@ async fn get_recipient(
     row.map(Json).ok_or(ApiError::NotFound)
 }
 
-async fn readyz(State(s): State<ApiState>) -> Response {
+async fn readyz(
+    State(s): State<ApiState>,
+    relay: Option<Extension<crate::analytics::RelayHealth>>,
+) -> Response {
     let pg = async {
         tokio::time::timeout(
             Duration::from_secs(2),
@@ -184,16 +254,25 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         }
     };
     let (pg, redis, kafka) = tokio::join!(pg, redis, kafka);
-    let problems: Vec<String> = [pg, redis, kafka]
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
+    let verdict = s.health.verdict();
+    let mut problems: Vec<String> = [pg, kafka].into_iter().filter_map(Result::err).collect();
+    problems.extend(verdict.problems);
+    if let Some(Extension(relay)) = relay {
+        problems.extend(relay.problems());
+    }
+    // Redis is a cache: without it dedupe runs on PostgreSQL alone.
+    let mut degraded = verdict.degraded;
+    if let Err(e) = redis {
+        if degraded.is_empty() {
+            degraded.push(format!("{e}; dedupe runs on PostgreSQL alone"));
+        }
+    }
     if problems.is_empty() {
-        Json(serde_json::json!({"status": "ready"})).into_response()
+        Json(serde_json::json!({"status": "ready", "degraded": degraded})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not ready", "problems": problems})),
+            Json(serde_json::json!({"status": "not ready", "problems": problems, "degraded": degraded})),
         )
             .into_response()
     }

@@ -39,6 +39,9 @@ url = "postgres://postgres@127.0.0.1:5432/dlrflow"
 pool_size = 8
 acquire_timeout_ms = 5000
 
+[health]
+stall_after_ms = 30000
+
 [outbox]
 batch_size = 1000
 idle_poll_ms = 50
@@ -53,6 +56,20 @@ pub struct Config {
     pub redis: RedisConfig,
     pub postgres: PostgresConfig,
     pub outbox: OutboxConfig,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HealthConfig {
+    /// `/readyz` says not ready when the consumer loop has not come round,
+    /// or one batch has kept failing, for this long.
+    pub stall_after_ms: u64,
+}
+
+impl HealthConfig {
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_millis(self.stall_after_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +220,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "outbox.batch_size",
                 "must be positive",
+            ));
+        }
+        if self.health.stall_after_ms < 1000 {
+            return Err(ConfigError::invalid(
+                "health.stall_after_ms",
+                "must be at least 1000",
             ));
         }
         if self.kafka.produce_timeout_ms < 100 {

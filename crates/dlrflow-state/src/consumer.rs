@@ -9,8 +9,17 @@
 //! revoked partition that are still being collected are dropped (the new owner
 //! reads them again), and stored offsets are committed synchronously before the
 //! partitions are given up. A batch is only processed between polls, so a
-//! revoke never interrupts one half-way. A failing batch (Redis, PostgreSQL or
-//! the broker down) is retried with backoff and never skipped.
+//! revoke never interrupts one half-way.
+//!
+//! Failures are classified. A backend that is down (PostgreSQL unreachable,
+//! a timeout, a serialization failure or deadlock, the broker refusing the
+//! DLQ) fails the batch, which is retried with backoff and never skipped. A
+//! record PostgreSQL refuses (`StoreError::is_record_error`) never holds back
+//! the others: the failing write is split in halves until the record is
+//! isolated, the rest commits, and the record goes to the DLQ. Redis is a
+//! cache: while it is unreachable dedupe runs on PostgreSQL alone. A record
+//! too large for the DLQ goes there as a bounded reference (see
+//! [`dlq_header::FORM`]); the raw topic still holds every byte.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,7 +32,7 @@ use dlrflow_runtime::kafka::{copy_headers, header, header_str};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -31,8 +40,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BatchConfig, Config};
-use crate::dedupe::Dedupe;
-use crate::store::{apply_batch, Incoming, Outcome};
+use crate::dedupe::{Dedupe, DedupeError};
+use crate::health::ConsumerHealth;
+use crate::store::{apply_batch, Incoming, Outcome, StoreError};
+use dlrflow_runtime::text::{truncate, ERROR_BOUND};
 
 /// Headers added to a DLQ record.
 pub mod dlq_header {
@@ -41,18 +52,45 @@ pub mod dlq_header {
     pub const ORIGINAL_TOPIC: &str = "original-topic";
     pub const ORIGINAL_PARTITION: &str = "original-partition";
     pub const ORIGINAL_OFFSET: &str = "original-offset";
+    /// `reference` when the DLQ record holds a bounded reference to the raw
+    /// record (JSON, see [`super::DlqReference`]) instead of its bytes.
+    pub const FORM: &str = "dlq-form";
     /// Every header this crate adds, stripped again on replay.
-    pub const ALL: [&str; 5] = [
+    pub const ALL: [&str; 6] = [
         ERROR,
         ERROR_KIND,
         ORIGINAL_TOPIC,
         ORIGINAL_PARTITION,
         ORIGINAL_OFFSET,
+        FORM,
     ];
 }
 
 /// Longest accepted `message_id` / recipient (PostgreSQL btree keys are bounded).
-const MAX_ID_LEN: usize = 512;
+pub const MAX_ID_LEN: usize = 512;
+
+/// Bytes kept free under the producer's `message.max.bytes` for the key,
+/// the headers and the record batch's framing when deciding whether a
+/// record can go to the DLQ whole.
+const DLQ_HEADROOM: usize = 16 * 1024;
+
+/// The payload of a DLQ record whose raw record was too large to copy
+/// (header `dlq-form: reference`). `replay` fetches the bytes from the raw
+/// topic at `topic`/`partition`/`offset`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DlqReference {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Payload size in bytes.
+    pub size: usize,
+    /// SHA-256 of the payload, hex.
+    pub sha256: String,
+    /// The payload's first KiB as text (invalid UTF-8 replaced).
+    pub head: String,
+    /// The error, truncated to `dlrflow_runtime::text::ERROR_BOUND`.
+    pub error: String,
+}
 
 /// Tracks the partitions this consumer owns and commits before giving any up.
 #[derive(Default)]
@@ -172,6 +210,7 @@ pub struct Pipeline {
     pub dedupe: Dedupe,
     pub cfg: Config,
     pub outbox_wake: Arc<Notify>,
+    pub health: Arc<ConsumerHealth>,
 }
 
 /// A record that cannot become an update.
@@ -187,6 +226,8 @@ struct Parsed {
     result: Result<(Event, Provider), Poison>,
     received_at: Option<DateTime<Utc>>,
     dlq_done: bool,
+    /// The broker refused the whole record: send the bounded reference.
+    dlq_reference: bool,
 }
 
 /// Parses and validates one raw record.
@@ -198,24 +239,26 @@ pub fn parse(msg: &OwnedMessage) -> Result<(Event, Provider), Poison> {
     })?;
     let provider: Provider = provider_name.parse().map_err(|_| Poison {
         kind: "unknown_provider",
-        error: format!("unknown provider `{provider_name}`"),
+        error: format!("unknown provider `{}`", truncate(provider_name, 64)),
     })?;
     let source = header_str(headers, header::SOURCE).ok_or_else(|| Poison {
         kind: "missing_header",
         error: format!("missing header `{}`", header::SOURCE),
     })?;
-    let event =
+    let mut event =
         parse_record(provider, source, msg.payload().unwrap_or_default()).map_err(|e| Poison {
             kind: e.kind(),
-            error: e.to_string(),
+            error: truncate(&e.to_string(), ERROR_BOUND).into_owned(),
         })?;
-    validate(&event)?;
+    validate(&mut event)?;
     Ok((event, provider))
 }
 
-/// Checks what PostgreSQL would refuse (NUL characters, over-long keys), so a
-/// record PostgreSQL rejects can never block its partition.
-pub fn validate(event: &Event) -> Result<(), Poison> {
+/// Checks what PostgreSQL would refuse in the keys (NUL characters, keys too
+/// long for a btree index) and makes free text storable: a NUL in a carrier
+/// name or an error text becomes U+FFFD instead of costing the status.
+/// Anything else PostgreSQL refuses is isolated when the batch is written.
+pub fn validate(event: &mut Event) -> Result<(), Poison> {
     let bad = |field: &str, why: &str| Poison {
         kind: "invalid_value",
         error: format!("invalid field `{field}`: {why}"),
@@ -224,18 +267,34 @@ pub fn validate(event: &Event) -> Result<(), Poison> {
         if v.len() > MAX_ID_LEN {
             return Err(bad(field, "longer than 512 bytes"));
         }
+        if v.contains('\0') {
+            return Err(bad(field, "contains U+0000"));
+        }
         Ok(())
     };
+    check_id(
+        "source",
+        match event {
+            Event::Recipient(u) => &u.source,
+            Event::Message(m) => &m.source,
+        },
+    )?;
     check_id("message_id", event.message_id())?;
     check_id("dedupe_key", event.dedupe_key())?;
-    if let Event::Recipient(u) = event {
-        check_id("recipient", &u.recipient)?;
-    }
-    // Any string field holding U+0000 (text columns cannot): serialize once
-    // and look for the escape.
-    let text = serde_json::to_string(event).unwrap_or_default();
-    if text.contains("\\u0000") {
-        return Err(bad("*", "contains U+0000"));
+    let clean = |v: &mut Option<String>| {
+        if let Some(s) = v.as_mut().filter(|s| s.contains('\0')) {
+            *s = s.replace('\0', "\u{fffd}");
+        }
+    };
+    match event {
+        Event::Recipient(u) => {
+            check_id("recipient", &u.recipient)?;
+            clean(&mut u.carrier);
+            clean(&mut u.error_code);
+            clean(&mut u.error_message);
+            clean(&mut u.custom_payload);
+        }
+        Event::Message(m) => clean(&mut m.currency),
     }
     Ok(())
 }
@@ -245,13 +304,15 @@ pub fn validate(event: &Event) -> Result<(), Poison> {
 pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
     let batch_cfg = p.cfg.batch.clone();
     loop {
+        p.health.tick();
         let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
             break;
         };
         if batch.is_empty() {
             // Idle: mark what the last batch committed.
             if p.dedupe.has_pending() {
-                let _ = p.dedupe.flush().await;
+                let result = p.dedupe.flush().await;
+                note_redis(&p.health, result.err());
             }
             continue;
         }
@@ -265,6 +326,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
                     msg,
                     received_at,
                     dlq_done: false,
+                    dlq_reference: false,
                 }
             })
             .collect();
@@ -274,9 +336,11 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             match process(&mut p, &mut parsed).await {
                 Ok(()) => break true,
                 Err(e) => {
+                    let error = format!("{e:#}");
+                    p.health.batch_failed(&error);
                     metrics::counter!("dlrflow_state_batch_failures_total").increment(1);
                     tracing::warn!(
-                        error = format!("{e:#}"),
+                        error = %truncate(&error, ERROR_BOUND),
                         records = parsed.len(),
                         retry_in_ms = backoff.as_millis() as u64,
                         "batch failed; retrying"
@@ -296,6 +360,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             );
             break;
         }
+        p.health.batch_ok();
         store_offsets(&p.consumer, &parsed);
         tracing::debug!(
             records = parsed.len(),
@@ -317,6 +382,29 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
     .await?;
     tracing::info!("consumer stopped");
     Ok(())
+}
+
+/// Records the outcome of a Redis round trip in the health and the log
+/// (one warning when Redis goes away, one line when it is back).
+fn note_redis(health: &ConsumerHealth, error: Option<DedupeError>) {
+    let was_degraded = !health.verdict().degraded.is_empty();
+    match error {
+        None => {
+            if was_degraded {
+                tracing::info!("redis reachable again; dedupe fast path restored");
+            }
+            health.redis(None);
+        }
+        // A skipped round trip says nothing new.
+        Some(DedupeError::Backoff) => {}
+        Some(DedupeError::Redis(e)) => {
+            let text = dlrflow_runtime::text::redact_url(&e.to_string());
+            if !was_degraded {
+                tracing::warn!(error = %text, "redis unreachable: degraded, deduping through PostgreSQL alone");
+            }
+            health.redis(Some(text));
+        }
+    }
 }
 
 /// Waits for a first record (or shutdown → `None`), then collects up to
@@ -393,78 +481,256 @@ fn store_offsets(consumer: &StateConsumer, parsed: &[Parsed]) {
 }
 
 /// One attempt at a batch. Idempotent: retrying after any failure is safe.
+/// Returns an error only for a failure of a backend (retry the batch).
 #[tracing::instrument(skip_all, fields(records = parsed.len()))]
 async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> {
     // Poison records to the DLQ, each once per batch.
     send_to_dlq(&p.producer, &p.cfg, parsed).await?;
 
-    // Redis fast path.
+    // Redis fast path; without Redis every key goes to PostgreSQL.
     let good: Vec<usize> = (0..parsed.len())
         .filter(|&i| parsed[i].result.is_ok())
         .collect();
     let keys: Vec<&str> = good
         .iter()
-        .map(|&i| match &parsed[i].result {
-            Ok((ev, _)) => ev.dedupe_key(),
-            Err(_) => unreachable!("filtered above"),
+        .filter_map(|&i| {
+            parsed[i]
+                .result
+                .as_ref()
+                .ok()
+                .map(|(ev, _)| ev.dedupe_key())
         })
         .collect();
-    let seen = p.dedupe.check(&keys).await.context("redis dedupe check")?;
-    let mut items = Vec::with_capacity(good.len());
+    let seen = match p.dedupe.check(&keys).await {
+        Ok(seen) => {
+            note_redis(&p.health, None);
+            seen
+        }
+        Err(e) => {
+            note_redis(&p.health, Some(e));
+            vec![false; keys.len()]
+        }
+    };
+    let mut todo = Vec::with_capacity(good.len());
     let mut redis_dupes = 0u64;
     for (&i, seen) in good.iter().zip(&seen) {
         if *seen {
             redis_dupes += 1;
-            continue;
+        } else {
+            todo.push(i);
         }
-        let Ok((ev, provider)) = &parsed[i].result else {
-            continue;
-        };
-        items.push(Incoming {
-            event: ev,
-            provider: provider.as_str(),
-            raw: parsed[i]
-                .msg
-                .payload()
-                .and_then(|b| std::str::from_utf8(b).ok()),
-            received_at: parsed[i].received_at,
-        });
-    }
-
-    // One transaction.
-    if !items.is_empty() {
-        let mut tx = p.pool.begin().await.context("postgres begin")?;
-        let result = apply_batch(&mut tx, &items)
-            .await
-            .context("postgres write")?;
-        tx.commit().await.context("postgres commit")?;
-        let mut counts = [0u64; 5];
-        for o in &result.outcomes {
-            counts[*o as usize] += 1;
-        }
-        for (o, n) in [
-            Outcome::Duplicate,
-            Outcome::Unchanged,
-            Outcome::Applied,
-            Outcome::Conflict,
-            Outcome::Message,
-        ]
-        .into_iter()
-        .zip(counts)
-        {
-            if n > 0 {
-                metrics::counter!("dlrflow_state_events_total", "outcome" => o.as_str())
-                    .increment(n);
-            }
-        }
-        p.dedupe
-            .committed(items.iter().map(|i| i.event.dedupe_key()));
     }
     if redis_dupes > 0 {
         metrics::counter!("dlrflow_state_events_total", "outcome" => "duplicate_redis")
             .increment(redis_dupes);
     }
+
+    // PostgreSQL, isolating any record it refuses.
+    let written = write_isolating(&p.pool, parsed, todo).await?;
+    p.dedupe.committed(written.committed.iter().map(|&(i, _)| {
+        parsed[i]
+            .result
+            .as_ref()
+            .map_or("", |(ev, _)| ev.dedupe_key())
+    }));
+    if !written.rejected.is_empty() {
+        for (i, poison) in written.rejected {
+            parsed[i].result = Err(poison);
+        }
+        send_to_dlq(&p.producer, &p.cfg, parsed).await?;
+    }
     Ok(())
+}
+
+/// Where one record of [`dispose`] ended.
+#[derive(Debug)]
+pub enum Disposition {
+    /// Recorded in PostgreSQL with this outcome.
+    Written(Outcome),
+    /// For the DLQ: unparsable, refused by PostgreSQL, or foreign.
+    Dead(Poison),
+}
+
+/// What the consumer does with a batch, minus Redis and the DLQ: parses
+/// `msgs` and writes them through the one write path, isolating any record
+/// PostgreSQL refuses. An error means a backend failed (retry); otherwise
+/// every record has a disposition, in order.
+pub async fn dispose(pool: &PgPool, msgs: Vec<OwnedMessage>) -> anyhow::Result<Vec<Disposition>> {
+    let parsed: Vec<Parsed> = msgs
+        .into_iter()
+        .map(|msg| Parsed {
+            result: parse(&msg),
+            received_at: None,
+            msg,
+            dlq_done: false,
+            dlq_reference: false,
+        })
+        .collect();
+    let todo = (0..parsed.len())
+        .filter(|&i| parsed[i].result.is_ok())
+        .collect();
+    let written = write_isolating(pool, &parsed, todo).await?;
+    let mut out: Vec<Option<Disposition>> = parsed
+        .into_iter()
+        .map(|p| p.result.err().map(Disposition::Dead))
+        .collect();
+    for (i, o) in written.committed {
+        out[i] = Some(Disposition::Written(o));
+    }
+    for (i, poison) in written.rejected {
+        out[i] = Some(Disposition::Dead(poison));
+    }
+    Ok(out
+        .into_iter()
+        .map(|d| d.expect("every record has a disposition"))
+        .collect())
+}
+
+/// What [`write_isolating`] did.
+struct Written {
+    /// Records now recorded in PostgreSQL (their dedupe keys may be marked),
+    /// with their outcomes.
+    committed: Vec<(usize, Outcome)>,
+    /// Records PostgreSQL refused, or foreign to their message's source.
+    rejected: Vec<(usize, Poison)>,
+}
+
+/// Writes the records `todo` of `parsed`, one transaction per chunk. A chunk
+/// PostgreSQL refuses for its values is split in halves until the refused
+/// record stands alone; it is returned in `rejected` and the rest is
+/// written. A backend failure is returned as an error (retry everything:
+/// what was written is deduplicated).
+async fn write_isolating(
+    pool: &PgPool,
+    parsed: &[Parsed],
+    todo: Vec<usize>,
+) -> anyhow::Result<Written> {
+    let mut out = Written {
+        committed: Vec::with_capacity(todo.len()),
+        rejected: Vec::new(),
+    };
+    let mut counts = [0u64; 6];
+    let mut chunks = vec![todo];
+    while let Some(chunk) = chunks.pop() {
+        if chunk.is_empty() {
+            continue;
+        }
+        let items: Vec<Incoming<'_>> = chunk
+            .iter()
+            .filter_map(|&i| {
+                let (ev, provider) = parsed[i].result.as_ref().ok()?;
+                Some(Incoming {
+                    event: ev,
+                    provider: provider.as_str(),
+                    raw: parsed[i]
+                        .msg
+                        .payload()
+                        .and_then(|b| std::str::from_utf8(b).ok()),
+                    received_at: parsed[i].received_at,
+                })
+            })
+            .collect();
+        match write_chunk(pool, &items).await {
+            Ok(outcomes) => {
+                for (&i, o) in chunk.iter().zip(outcomes) {
+                    counts[o as usize] += 1;
+                    if o == Outcome::Foreign {
+                        let message_id = parsed[i]
+                            .result
+                            .as_ref()
+                            .map_or("", |(ev, _)| ev.message_id());
+                        out.rejected.push((
+                            i,
+                            Poison {
+                                kind: "foreign_source",
+                                error: format!(
+                                    "message `{}` belongs to another source",
+                                    truncate(message_id, 128)
+                                ),
+                            },
+                        ));
+                    } else {
+                        out.committed.push((i, o));
+                    }
+                }
+            }
+            Err(e) if e.is_record_error() && chunk.len() == 1 => {
+                let error = truncate(&e.to_string(), ERROR_BOUND).into_owned();
+                metrics::counter!("dlrflow_state_records_refused_total").increment(1);
+                out.rejected.push((
+                    chunk[0],
+                    Poison {
+                        kind: "refused_by_database",
+                        error,
+                    },
+                ));
+            }
+            Err(e) if e.is_record_error() => {
+                tracing::info!(
+                    records = chunk.len(),
+                    error = %truncate(&e.to_string(), ERROR_BOUND),
+                    "PostgreSQL refused a record; isolating it"
+                );
+                let (a, b) = chunk.split_at(chunk.len() / 2);
+                chunks.push(b.to_vec());
+                chunks.push(a.to_vec());
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("postgres write")),
+        }
+    }
+    for (o, n) in [
+        Outcome::Duplicate,
+        Outcome::Unchanged,
+        Outcome::Applied,
+        Outcome::Conflict,
+        Outcome::Message,
+        Outcome::Foreign,
+    ]
+    .into_iter()
+    .zip(counts)
+    {
+        if n > 0 {
+            metrics::counter!("dlrflow_state_events_total", "outcome" => o.as_str()).increment(n);
+        }
+    }
+    Ok(out)
+}
+
+/// One transaction: the outcomes of `items` in order.
+async fn write_chunk(pool: &PgPool, items: &[Incoming<'_>]) -> Result<Vec<Outcome>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let result = apply_batch(&mut tx, items).await?;
+    tx.commit().await?;
+    Ok(result.outcomes)
+}
+
+/// Whether a DLQ record is a [`DlqReference`] rather than the raw record.
+pub fn is_reference(m: &OwnedMessage) -> bool {
+    header_str(m.headers(), dlq_header::FORM) == Some("reference")
+}
+
+/// The largest DLQ record sent whole; larger ones go as a [`DlqReference`].
+fn dlq_limit(cfg: &Config) -> usize {
+    cfg.kafka
+        .client
+        .max_message_bytes()
+        .saturating_sub(DLQ_HEADROOM)
+}
+
+/// The bounded reference to `m` (see [`DlqReference`]).
+fn reference(m: &OwnedMessage, error: &str) -> String {
+    use sha2::Digest;
+    let payload = m.payload().unwrap_or_default();
+    let r = DlqReference {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        size: payload.len(),
+        sha256: hex::encode(sha2::Sha256::digest(payload)),
+        head: dlrflow_runtime::text::head(payload, 1024),
+        error: error.to_owned(),
+    };
+    serde_json::to_string(&r).unwrap_or_default()
 }
 
 async fn send_to_dlq(
@@ -472,36 +738,81 @@ async fn send_to_dlq(
     cfg: &Config,
     parsed: &mut [Parsed],
 ) -> anyhow::Result<()> {
+    let limit = dlq_limit(cfg);
     let mut pending = Vec::new();
-    for (i, item) in parsed.iter().enumerate() {
+    for (i, item) in parsed.iter_mut().enumerate() {
         let Err(poison) = &item.result else { continue };
         if item.dlq_done {
             continue;
         }
         let m = &item.msg;
+        let error = truncate(&poison.error, ERROR_BOUND);
+        let original_headers: usize = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let whole = m.payload().map_or(0, <[u8]>::len)
+            + m.key().map_or(0, <[u8]>::len)
+            + original_headers
+            + error.len()
+            <= limit;
+        if !whole {
+            item.dlq_reference = true;
+        }
         let partition = m.partition().to_string();
         let offset = m.offset().to_string();
-        let headers = copy_headers(
-            m.headers(),
-            &[
-                (dlq_header::ERROR, poison.error.as_str()),
-                (dlq_header::ERROR_KIND, poison.kind),
-                (dlq_header::ORIGINAL_TOPIC, m.topic()),
-                (dlq_header::ORIGINAL_PARTITION, &partition),
-                (dlq_header::ORIGINAL_OFFSET, &offset),
-            ],
-        );
+        let mut extra = vec![
+            (dlq_header::ERROR, error.as_ref()),
+            (dlq_header::ERROR_KIND, poison.kind),
+            (dlq_header::ORIGINAL_TOPIC, m.topic()),
+            (dlq_header::ORIGINAL_PARTITION, &partition),
+            (dlq_header::ORIGINAL_OFFSET, &offset),
+        ];
+        let body;
+        let headers = if item.dlq_reference {
+            extra.push((dlq_header::FORM, "reference"));
+            body = reference(m, &error);
+            // The original headers are kept when they are small (they are
+            // the ingest's own); otherwise only the DLQ's.
+            if original_headers <= 8 * 1024 {
+                copy_headers(m.headers(), &extra)
+            } else {
+                copy_headers::<rdkafka::message::OwnedHeaders>(None, &extra)
+            }
+        } else {
+            body = String::new();
+            copy_headers(m.headers(), &extra)
+        };
         let mut record = FutureRecord::<[u8], [u8]>::to(&cfg.kafka.dlq_topic).headers(headers);
-        if let Some(k) = m.key() {
+        if let Some(k) = m.key().filter(|k| k.len() <= MAX_ID_LEN * 4) {
             record = record.key(k);
         }
-        if let Some(v) = m.payload() {
+        if item.dlq_reference {
+            record = record.payload(body.as_bytes());
+        } else if let Some(v) = m.payload() {
             record = record.payload(v);
         }
-        let fut = producer
-            .send_result(record)
-            .map_err(|(e, _)| anyhow::anyhow!("enqueueing to the DLQ: {e}"))?;
-        tracing::warn!(kind = poison.kind, error = %poison.error, partition = m.partition(), offset = m.offset(), "poison record to the DLQ");
+        let fut = match producer.send_result(record) {
+            Ok(fut) => fut,
+            Err((e, _)) if is_too_large(&e) && !item.dlq_reference => {
+                // Caught before it left: the next attempt sends the reference.
+                item.dlq_reference = true;
+                anyhow::bail!("enqueueing to the DLQ: {e} (retrying as a reference)");
+            }
+            Err((e, _)) => anyhow::bail!("enqueueing to the DLQ: {e}"),
+        };
+        tracing::warn!(
+            kind = poison.kind,
+            error = %truncate(&error, 300),
+            partition = m.partition(),
+            offset = m.offset(),
+            reference = item.dlq_reference,
+            "poison record to the DLQ"
+        );
         pending.push((i, fut));
     }
     let timeout = cfg.kafka.produce_timeout();
@@ -510,12 +821,27 @@ async fn send_to_dlq(
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(Ok(_))) => {
                 parsed[i].dlq_done = true;
-                metrics::counter!("dlrflow_state_dlq_total", "kind" => parsed[i].result.as_ref().err().map_or("", |p| p.kind)).increment(1);
+                let kind = parsed[i].result.as_ref().err().map_or("", |p| p.kind);
+                metrics::counter!("dlrflow_state_dlq_total", "kind" => kind).increment(1);
             }
-            Ok(Ok(Err((e, _)))) => failure = Some(anyhow::anyhow!("producing to the DLQ: {e}")),
+            Ok(Ok(Err((e, _)))) => {
+                if is_too_large(&e) {
+                    parsed[i].dlq_reference = true;
+                }
+                failure = Some(anyhow::anyhow!("producing to the DLQ: {e}"));
+            }
             Ok(Err(_)) => failure = Some(anyhow::anyhow!("DLQ delivery cancelled")),
             Err(_) => failure = Some(anyhow::anyhow!("no DLQ acknowledgement within {timeout:?}")),
         }
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// The producer or the broker refused a record for its size.
+fn is_too_large(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::InvalidRecord | C::InvalidMessageSize)
+    )
 }

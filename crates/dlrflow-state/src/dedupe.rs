@@ -6,8 +6,30 @@
 //!
 //! One round trip per batch: the keys committed by the previous batch are set
 //! in the same pipeline that checks the current batch's keys.
+//!
+//! Redis down is not the pipeline down: a failed round trip makes the caller
+//! treat every key as unseen (PostgreSQL decides), and Redis is left alone
+//! for [`RETRY_AFTER`] so a dead server costs no time per batch. Marks that
+//! could not be set are kept, up to [`MAX_PENDING`] (the oldest are dropped:
+//! they are only a cache).
+
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
+
+/// How long Redis is skipped after a failed round trip.
+pub const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// The most marks kept while Redis is unreachable.
+pub const MAX_PENDING: usize = 200_000;
+
+/// Why a check did not reach Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum DedupeError {
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("skipped after a recent failure")]
+    Backoff,
+}
 
 pub struct Dedupe {
     conn: ConnectionManager,
@@ -15,6 +37,8 @@ pub struct Dedupe {
     ttl_secs: u64,
     /// Keys committed to PostgreSQL but not yet marked in Redis.
     pending_marks: Vec<String>,
+    /// Redis is not tried before this instant (after a failure).
+    skip_until: Option<Instant>,
 }
 
 impl Dedupe {
@@ -30,6 +54,7 @@ impl Dedupe {
             prefix: prefix.to_owned(),
             ttl_secs,
             pending_marks: Vec::new(),
+            skip_until: None,
         })
     }
 
@@ -42,11 +67,21 @@ impl Dedupe {
     }
 
     /// Marks the pending keys and returns, for each of `keys`, whether Redis
-    /// has seen it. On error nothing is lost: the pending marks stay pending.
-    pub async fn check(&mut self, keys: &[&str]) -> redis::RedisResult<Vec<bool>> {
+    /// has seen it. On error nothing is lost: the pending marks stay pending,
+    /// and Redis is skipped for [`RETRY_AFTER`].
+    pub async fn check(&mut self, keys: &[&str]) -> Result<Vec<bool>, DedupeError> {
         if keys.is_empty() && self.pending_marks.is_empty() {
             return Ok(Vec::new());
         }
+        if self.skip_until.is_some_and(|t| Instant::now() < t) {
+            return Err(DedupeError::Backoff);
+        }
+        let result = self.round_trip(keys).await;
+        self.skip_until = result.is_err().then(|| Instant::now() + RETRY_AFTER);
+        Ok(result?)
+    }
+
+    async fn round_trip(&mut self, keys: &[&str]) -> redis::RedisResult<Vec<bool>> {
         let mut pipe = redis::pipe();
         for k in &self.pending_marks {
             pipe.cmd("SET")
@@ -72,10 +107,14 @@ impl Dedupe {
     pub fn committed<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) {
         let keys: Vec<String> = keys.into_iter().map(|k| self.key(k)).collect();
         self.pending_marks.extend(keys);
+        if self.pending_marks.len() > MAX_PENDING {
+            let excess = self.pending_marks.len() - MAX_PENDING;
+            self.pending_marks.drain(..excess);
+        }
     }
 
     /// Sets the pending marks now (idle or shutting down).
-    pub async fn flush(&mut self) -> redis::RedisResult<()> {
+    pub async fn flush(&mut self) -> Result<(), DedupeError> {
         if self.pending_marks.is_empty() {
             return Ok(());
         }

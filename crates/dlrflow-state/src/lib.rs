@@ -17,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod consumer;
 pub mod dedupe;
+pub mod health;
 pub mod replay;
 pub mod store;
 pub mod testkit;
@@ -62,7 +63,13 @@ impl App {
         store::migrate(&pool).await.context("running migrations")?;
         let dedupe = dedupe::Dedupe::connect(&cfg.redis.url, &cfg.redis.prefix, cfg.redis.ttl_secs)
             .await
-            .with_context(|| format!("connecting to redis.url = {}", cfg.redis.url))?;
+            .map_err(|e| anyhow::anyhow!("{}", dlrflow_runtime::text::redact_url(&e.to_string())))
+            .with_context(|| {
+                format!(
+                    "connecting to redis.url = {}",
+                    dlrflow_runtime::text::redact_url(&cfg.redis.url)
+                )
+            })?;
         let consumer = consumer::create_consumer(&cfg)?;
         let producer = consumer::create_producer(&cfg, "dlrflow-state")?;
         let meta: BaseConsumer = cfg
@@ -74,11 +81,13 @@ impl App {
         let listener = TcpListener::bind(cfg.http.listen)
             .await
             .with_context(|| format!("binding http.listen = {}", cfg.http.listen))?;
+        let health = Arc::new(health::ConsumerHealth::new(cfg.health.stall_after()));
         let api = api::ApiState {
             pool: pool.clone(),
             redis: dedupe.connection(),
             kafka: Arc::new(meta),
             raw_topic: cfg.kafka.raw_topic.clone(),
+            health: health.clone(),
         };
         let pipeline = consumer::Pipeline {
             consumer,
@@ -87,6 +96,7 @@ impl App {
             dedupe,
             cfg: cfg.clone(),
             outbox_wake: Arc::new(Notify::new()),
+            health,
         };
         Ok(App {
             listener,
@@ -109,40 +119,42 @@ impl App {
 
     /// Runs the consumer, the outbox relay and the HTTP API until `shutdown`;
     /// then the consumer finishes its batch and commits, the relay finishes
-    /// its round, HTTP drains, and the producer is flushed.
+    /// its round, HTTP drains, and the producer is flushed. If any of them
+    /// ends before shutdown (an error, a panic), the others are stopped and
+    /// the error is returned: the process exits rather than stay up half
+    /// alive.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let grace = Duration::from_millis(self.cfg.http.shutdown_grace_ms);
         tracing::info!(addr = %self.local_addr(), "dlrflow-state listening");
-        let http = {
+        let mut tasks = dlrflow_runtime::supervise::Tasks::new(shutdown.clone());
+        {
             let shutdown = shutdown.clone();
             let server = axum::serve(self.listener, api::router(self.api.clone()))
                 .with_graceful_shutdown(async move { shutdown.cancelled().await });
-            tokio::spawn(async move { server.await })
-        };
-        let relay = tokio::spawn(analytics::run_relay(
-            self.api.pool.clone(),
-            self.producer.clone(),
-            self.cfg.kafka.delivery_topic.clone(),
-            self.cfg.outbox.clone(),
-            self.cfg.kafka.produce_timeout(),
-            self.pipeline.outbox_wake.clone(),
-            shutdown.clone(),
-        ));
-        let consumer = tokio::spawn(consumer::run(self.pipeline, shutdown.clone()));
-        let result = consumer.await.context("consumer task");
-        // The consumer only stops on shutdown or a fatal error: stop the rest.
-        shutdown.cancel();
-        let _ = tokio::time::timeout(grace, relay).await;
-        match tokio::time::timeout(grace, http).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server"),
-            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
-            _ => {}
+            tasks.spawn("http", async move { server.await.context("http server") });
         }
+        {
+            let relay = analytics::run_relay(
+                self.api.pool.clone(),
+                self.producer.clone(),
+                self.cfg.kafka.delivery_topic.clone(),
+                self.cfg.outbox.clone(),
+                self.cfg.kafka.produce_timeout(),
+                self.pipeline.outbox_wake.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn("outbox relay", async move {
+                relay.await;
+                Ok(())
+            });
+        }
+        tasks.spawn("consumer", consumer::run(self.pipeline, shutdown.clone()));
+        let result = tasks.run(grace).await;
         let producer = self.producer;
         tokio::task::spawn_blocking(move || producer.flush(grace))
             .await?
             .ok();
         tracing::info!("dlrflow-state stopped");
-        result?
+        result
     }
 }

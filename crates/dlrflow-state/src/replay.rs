@@ -4,7 +4,9 @@
 //! produces each record to the raw topic with its original key, value and
 //! headers (minus the DLQ's own), waits for the acknowledgements, and only
 //! then commits the DLQ offsets. A crash in between replays some records twice;
-//! the raw consumer dedupes them.
+//! the raw consumer dedupes them. A DLQ record that is a bounded reference
+//! (`dlq-form: reference`, a record too large to copy whole) is replayed from
+//! the raw topic it points at, which must still hold it (retention).
 
 use std::time::Duration;
 
@@ -93,8 +95,18 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
         if chunk.is_empty() {
             continue;
         }
-        let mut pending = Vec::with_capacity(chunk.len());
+        // References are resolved to the raw records they point at.
+        let mut originals = Vec::new();
         for m in &chunk {
+            if crate::consumer::is_reference(m) {
+                originals.push(Some(fetch_referenced(cfg, m).await?));
+            } else {
+                originals.push(None);
+            }
+        }
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (m, original) in chunk.iter().zip(&originals) {
+            let m = original.as_ref().unwrap_or(m);
             let mut headers = OwnedHeaders::new();
             if let Some(h) = m.headers() {
                 for h in h.iter() {
@@ -146,6 +158,56 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
     }
     consumer.unsubscribe();
     Ok(moved)
+}
+
+/// The raw record a DLQ reference points at, checked against its hash.
+async fn fetch_referenced(
+    cfg: &Config,
+    m: &rdkafka::message::OwnedMessage,
+) -> anyhow::Result<rdkafka::message::OwnedMessage> {
+    use sha2::Digest;
+    let r: crate::consumer::DlqReference = serde_json::from_slice(m.payload().unwrap_or_default())
+        .with_context(|| format!("DLQ reference at {}/{}", m.partition(), m.offset()))?;
+    let consumer: StreamConsumer = cfg
+        .kafka
+        .client
+        .client_config(&[
+            ("group.id", format!("{}-replay-fetch", cfg.kafka.group_id)),
+            ("client.id", "dlrflow-state-replay-fetch".into()),
+            ("enable.auto.commit", "false".into()),
+        ])
+        .create()
+        .context("creating the raw-topic reader")?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.offset))?;
+    consumer.assign(&tpl)?;
+    let fetched = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .with_context(|| {
+            format!(
+                "no record at {}/{}/{} within 30 s",
+                r.topic, r.partition, r.offset
+            )
+        })?
+        .context("reading the raw topic")?
+        .detach();
+    anyhow::ensure!(
+        fetched.offset() == r.offset,
+        "{}/{}/{} is gone (retention?); the next record is at offset {}",
+        r.topic,
+        r.partition,
+        r.offset,
+        fetched.offset()
+    );
+    let hash = hex::encode(sha2::Sha256::digest(fetched.payload().unwrap_or_default()));
+    anyhow::ensure!(
+        hash == r.sha256,
+        "{}/{}/{} does not match the DLQ reference's hash",
+        r.topic,
+        r.partition,
+        r.offset
+    );
+    Ok(fetched)
 }
 
 /// The DLQ's end offsets per partition at the start of the run.

@@ -28,9 +28,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// The namespace of `update_id` (UUIDv5 over `dedupe_key \n recipient`).
 pub const UPDATE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0c_5d1e_8f3b_4c2a_9e71_d3f0_b5a4_c817);
 
-/// A PostgreSQL failure. The consumer treats every one as transient (back off,
-/// do not store offsets): input that PostgreSQL would refuse is rejected
-/// before it reaches here (see `crate::consumer::validate`).
+/// A PostgreSQL failure; [`StoreError::is_record_error`] tells whether the
+/// records written are to blame (the consumer isolates and dead-letters them)
+/// or the database is (back off, retry, never skip).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("postgres: {0}")]
@@ -39,6 +39,34 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("configuration setting `postgres.url`: {0}")]
     Url(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when PostgreSQL refused the values written, so the same records
+    /// would fail again however often they are retried: SQLSTATE class 22
+    /// (data exception: a value out of range, bad encoding, a timestamp
+    /// PostgreSQL cannot hold), 23 (integrity constraint) and 54 (program
+    /// limit exceeded, e.g. an index row too large), and values that cannot be
+    /// encoded or decoded. Everything else — connections, pool timeouts,
+    /// serialization failures, deadlocks, shutdowns, missing tables or
+    /// privileges — is the database's state, not the records': transient.
+    pub fn is_record_error(&self) -> bool {
+        match self {
+            StoreError::Database(e) => is_record_error(e),
+            StoreError::Migrate(_) | StoreError::Url(_) => false,
+        }
+    }
+}
+
+/// See [`StoreError::is_record_error`].
+pub fn is_record_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+        sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => true,
+        _ => false,
+    }
 }
 
 /// Opens a pool. With `postgres.schema`, the schema is created if missing and
@@ -99,7 +127,7 @@ pub struct Incoming<'a> {
     pub event: &'a Event,
     /// The provider the record came from (`messages.provider` of a new message).
     pub provider: &'a str,
-    /// The exact record as JSON text, stored in `delivery_events.raw`.
+    /// The exact record as text, stored in `delivery_events.raw`.
     pub raw: Option<&'a str>,
     /// When the ingest received it (`received-at` header).
     pub received_at: Option<DateTime<Utc>>,
@@ -119,6 +147,10 @@ pub enum Outcome {
     Conflict,
     /// A message-level update (changed or not).
     Message,
+    /// The message belongs to another source: nothing was written (the
+    /// consumer dead-letters the record). A source can never change another
+    /// source's message.
+    Foreign,
 }
 
 impl Outcome {
@@ -129,6 +161,7 @@ impl Outcome {
             Outcome::Applied => "applied",
             Outcome::Conflict => "conflict",
             Outcome::Message => "message",
+            Outcome::Foreign => "foreign",
         }
     }
 }
@@ -253,7 +286,7 @@ pub async fn apply_batch(
             .await?;
     let mut seen: HashSet<String> = seen_rows.iter().map(|r| r.get::<String, _>(0)).collect();
     let fresh: Vec<usize> = (0..items.len())
-        .filter(|&i| seen.insert(items[i].event.dedupe_key().to_owned()))
+        .filter(|&i| !seen.contains(items[i].event.dedupe_key()))
         .collect();
     if fresh.is_empty() {
         return Ok(result);
@@ -284,6 +317,35 @@ pub async fn apply_batch(
     .bind(msgs.iter().map(|m| m.2).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
+
+    // 3b. Tenant isolation: a message belongs to the source that created it.
+    //     An event of another source changes nothing and is not recorded.
+    let owners: HashMap<String, String> =
+        sqlx::query_as("SELECT message_id, source FROM messages WHERE message_id = ANY($1)")
+            .bind(msgs.iter().map(|m| m.0).collect::<Vec<_>>())
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    let fresh: Vec<usize> = fresh
+        .into_iter()
+        .filter(|&i| {
+            let (id, source) = match items[i].event {
+                Event::Recipient(u) => (&u.message_id, &u.source),
+                Event::Message(m) => (&m.message_id, &m.source),
+            };
+            if owners.get(id).is_some_and(|owner| owner != source) {
+                result.outcomes[i] = Outcome::Foreign;
+                return false;
+            }
+            // Only now the in-batch dedupe, so that a foreign record can never
+            // hide a genuine one that carries the same key.
+            seen.insert(items[i].event.dedupe_key().to_owned())
+        })
+        .collect();
+    if fresh.is_empty() {
+        return Ok(result);
+    }
 
     // 4. Load the current recipient rows.
     let mut pairs: BTreeSet<(&str, &str)> = BTreeSet::new();
@@ -392,14 +454,15 @@ pub async fn apply_batch(
         ev.source.push(source);
         ev.provider.push(it.provider);
         ev.status.push(status);
-        // PostgreSQL's jsonb cannot hold U+0000; such a record keeps no raw copy.
-        ev.raw.push(it.raw.filter(|r| !r.contains("\\u0000")));
+        // A text column holds any UTF-8 but the NUL character, which no
+        // record that parsed as JSON contains; refuse it anyway.
+        ev.raw.push(it.raw.filter(|r| !r.contains('\0')));
         ev.received_at.push(it.received_at);
         ev.outcome.push(result.outcomes[i].as_str());
     }
     sqlx::query(
         "INSERT INTO delivery_events (dedupe_key, message_id, recipient, source, provider, status, raw, received_at, outcome) \
-         SELECT k, m, r, s, p, st, raw::jsonb, ra, o \
+         SELECT k, m, r, s, p, st, raw, ra, o \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[]) \
               AS u(k, m, r, s, p, st, raw, ra, o) \
          ON CONFLICT (dedupe_key) DO NOTHING",
