@@ -6,13 +6,31 @@
 //! an idempotent `acks=all` producer, waits for every acknowledgement and only
 //! then marks the rows published and commits. A crash in between publishes the
 //! rows again with the same `update_id`: at-least-once, deduplicable.
+//!
+//! Records are bounded: every string copied into one is cut to
+//! [`MAX_TEXT_BYTES`] ([`MAX_CUSTOM_PAYLOAD_BYTES`] for `custom_payload`) and
+//! the cut fields are listed in `truncated`, so a record stays far below the
+//! broker's message size limit whatever the provider sent.
+//!
+//! A row the producer or the broker refuses for good (too large, invalid) never
+//! blocks the rows behind it: the relay publishes the others, then re-renders
+//! the refused record within the bounds (rows written before the bounds
+//! existed) or, when that cannot help, drops it (marks it published without
+//! sending it, replaces its payload with a small stub, counts
+//! `dlrflow_state_outbox_dropped_total{reason}` and logs a WARN). Transient
+//! failures (broker down, no acknowledgement in time, PostgreSQL down) fail
+//! the round, which is retried with backoff; nothing is skipped for them.
+//!
+//! [`RelayHealth`] is the relay's account of its progress for `/readyz`.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use dlrflow_events::DeliveryUpdate;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -23,13 +41,144 @@ use crate::store::Applied;
 /// The `schema` field of every record.
 pub const SCHEMA: &str = "dlrflow.delivery.v1";
 
-fn ts(t: Option<DateTime<Utc>>) -> serde_json::Value {
-    t.map_or(serde_json::Value::Null, |t| {
+/// The most UTF-8 bytes of any string field a record carries (except
+/// `update.custom_payload`); longer values are cut at a character boundary
+/// and their field path is listed in `truncated`.
+pub const MAX_TEXT_BYTES: usize = 1024;
+
+/// The most UTF-8 bytes of `update.custom_payload`.
+pub const MAX_CUSTOM_PAYLOAD_BYTES: usize = 4096;
+
+/// The largest record (key + value) the relay hands to the producer: Kafka's
+/// default `message.max.bytes`. Larger rows are treated as refused without a
+/// produce attempt. Records rendered by [`payload`] are far smaller (at most
+/// 14,336 bytes of string content, under 100 KiB even if every character
+/// needed a six-byte JSON escape).
+pub const MAX_RECORD_BYTES: usize = 1_000_000;
+
+/// Top-level fields of a record, in [`payload`]'s order.
+const TOP_FIELDS: [&str; 12] = [
+    "schema",
+    "update_id",
+    "dedupe_key",
+    "outcome",
+    "message_id",
+    "recipient",
+    "source",
+    "provider",
+    "previous_status",
+    "status",
+    "version",
+    "applied_at",
+];
+
+/// Fields of `update`.
+const UPDATE_FIELDS: [&str; 13] = [
+    "status",
+    "occurred_at",
+    "authoritative",
+    "processing_at",
+    "sent_at",
+    "delivered_at",
+    "failed_at",
+    "carrier",
+    "error_code",
+    "error_message",
+    "retryable",
+    "segments",
+    "custom_payload",
+];
+
+/// Fields of `state`.
+const STATE_FIELDS: [&str; 14] = [
+    "status",
+    "queued_at",
+    "processing_at",
+    "sent_at",
+    "delivered_at",
+    "failed_at",
+    "carrier",
+    "error_code",
+    "error_message",
+    "retryable",
+    "segments",
+    "last_event_at",
+    "needs_reconcile",
+    "reconcile_reason",
+];
+
+/// The byte bound of the string at `path` (`"update.custom_payload"`, …).
+pub fn text_limit(path: &str) -> usize {
+    if path == "update.custom_payload" {
+        MAX_CUSTOM_PAYLOAD_BYTES
+    } else {
+        MAX_TEXT_BYTES
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Collects the paths of the fields that were cut while a record is rendered.
+#[derive(Default)]
+struct Bounds {
+    truncated: Vec<String>,
+}
+
+impl Bounds {
+    fn text(&mut self, path: &str, s: &str) -> Value {
+        let cut = truncate_utf8(s, text_limit(path));
+        if cut.len() < s.len() {
+            self.truncated.push(path.to_owned());
+        }
+        Value::String(cut.to_owned())
+    }
+
+    fn opt(&mut self, path: &str, s: Option<&str>) -> Value {
+        s.map_or(Value::Null, |s| self.text(path, s))
+    }
+
+    /// A stored value re-rendered: strings bounded, scalars kept, anything a
+    /// record never holds at `path` (arrays, objects) replaced by null.
+    fn value(&mut self, path: &str, v: &Value) -> Value {
+        match v {
+            Value::String(s) => self.text(path, s),
+            Value::Null | Value::Bool(_) | Value::Number(_) => v.clone(),
+            Value::Array(_) | Value::Object(_) => {
+                self.truncated.push(path.to_owned());
+                Value::Null
+            }
+        }
+    }
+
+    /// Adds `truncated` to the record when something was cut.
+    fn finish(self, mut record: Value) -> Value {
+        if !self.truncated.is_empty() {
+            record["truncated"] = json!(self.truncated);
+        }
+        record
+    }
+}
+
+fn ts(t: Option<DateTime<Utc>>) -> Value {
+    t.map_or(Value::Null, |t| {
         t.to_rfc3339_opts(SecondsFormat::Micros, true).into()
     })
 }
 
-/// Renders one analytics record.
+/// Renders one analytics record. Every string copied from the update or the
+/// state is bounded ([`MAX_TEXT_BYTES`], [`MAX_CUSTOM_PAYLOAD_BYTES`]); the
+/// paths of the cut ones are listed in `truncated` (absent when nothing was
+/// cut).
 pub fn payload(
     a: &Applied,
     u: &DeliveryUpdate,
@@ -37,15 +186,16 @@ pub fn payload(
     applied_at: DateTime<Utc>,
 ) -> String {
     let s = &a.state;
-    json!({
+    let mut b = Bounds::default();
+    let record = json!({
         "schema": SCHEMA,
         "update_id": a.update_id,
-        "dedupe_key": a.dedupe_key,
+        "dedupe_key": b.text("dedupe_key", &a.dedupe_key),
         "outcome": a.outcome.as_str(),
-        "message_id": s.message_id,
-        "recipient": s.recipient,
-        "source": u.source,
-        "provider": provider,
+        "message_id": b.text("message_id", &s.message_id),
+        "recipient": b.text("recipient", &s.recipient),
+        "source": b.text("source", &u.source),
+        "provider": b.text("provider", provider),
         "previous_status": a.previous_status.map(|p| p.as_str()),
         "status": s.status.as_str(),
         "version": a.version,
@@ -58,12 +208,12 @@ pub fn payload(
             "sent_at": ts(u.sent_at),
             "delivered_at": ts(u.delivered_at),
             "failed_at": ts(u.failed_at),
-            "carrier": u.carrier,
-            "error_code": u.error_code,
-            "error_message": u.error_message,
+            "carrier": b.opt("update.carrier", u.carrier.as_deref()),
+            "error_code": b.opt("update.error_code", u.error_code.as_deref()),
+            "error_message": b.opt("update.error_message", u.error_message.as_deref()),
             "retryable": u.retryable,
             "segments": u.segments,
-            "custom_payload": u.custom_payload,
+            "custom_payload": b.opt("update.custom_payload", u.custom_payload.as_deref()),
         },
         "state": {
             "status": s.status.as_str(),
@@ -72,120 +222,575 @@ pub fn payload(
             "sent_at": ts(s.sent_at),
             "delivered_at": ts(s.delivered_at),
             "failed_at": ts(s.failed_at),
-            "carrier": s.carrier,
-            "error_code": s.error_code,
-            "error_message": s.error_message,
+            "carrier": b.opt("state.carrier", s.carrier.as_deref()),
+            "error_code": b.opt("state.error_code", s.error_code.as_deref()),
+            "error_message": b.opt("state.error_message", s.error_message.as_deref()),
             "retryable": s.retryable,
             "segments": s.segments,
             "last_event_at": ts(Some(s.last_event_at)),
             "needs_reconcile": s.needs_reconcile,
             "reconcile_reason": s.reconcile_reason.map(|r| r.as_str()),
         },
-    })
-    .to_string()
+    });
+    b.finish(record).to_string()
+}
+
+/// A stored record re-rendered within the bounds: the known fields only, every
+/// string cut as [`payload`] cuts it, `truncated` listing the earlier and the
+/// new cuts. `None` when `stored` is not a `dlrflow.delivery.v1` record with
+/// every required field, or when nothing needed cutting (re-rendering cannot
+/// help then). Used for outbox rows the broker refuses, e.g. rows written
+/// before records were bounded.
+pub fn rebound(stored: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(stored).ok()?;
+    let obj = v.as_object()?;
+    if obj.get("schema")?.as_str()? != SCHEMA {
+        return None;
+    }
+    let mut b = Bounds::default();
+    let mut out = Map::new();
+    for field in TOP_FIELDS {
+        out.insert(field.to_owned(), b.value(field, obj.get(field)?));
+    }
+    for (name, fields) in [("update", &UPDATE_FIELDS[..]), ("state", &STATE_FIELDS[..])] {
+        let inner = obj.get(name)?.as_object()?;
+        let mut o = Map::new();
+        for &field in fields {
+            if let Some(x) = inner.get(field) {
+                o.insert(field.to_owned(), b.value(&format!("{name}.{field}"), x));
+            }
+        }
+        out.insert(name.to_owned(), Value::Object(o));
+    }
+    if b.truncated.is_empty() {
+        return None;
+    }
+    // Keep the earlier cuts (known paths only, so the list stays small).
+    let earlier: Vec<String> = obj
+        .get("truncated")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|p| is_known_path(p))
+        .map(str::to_owned)
+        .collect();
+    for p in earlier.into_iter().rev() {
+        if !b.truncated.contains(&p) {
+            b.truncated.insert(0, p);
+        }
+    }
+    Some(b.finish(Value::Object(out)).to_string())
+}
+
+fn is_known_path(p: &str) -> bool {
+    match p.split_once('.') {
+        None => TOP_FIELDS.contains(&p),
+        Some(("update", f)) => UPDATE_FIELDS.contains(&f),
+        Some(("state", f)) => STATE_FIELDS.contains(&f),
+        Some(_) => false,
+    }
+}
+
+/// Why the producer or the broker refused one record for good (the same record
+/// would be refused again however often it is sent), as a metric label; `None`
+/// for transient errors (broker down, queue full, timeouts, authorization…).
+pub fn permanent_reason(e: &KafkaError) -> Option<&'static str> {
+    match e.rdkafka_error_code()? {
+        RDKafkaErrorCode::MessageSizeTooLarge
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::MessageBatchTooLarge => Some("message_too_large"),
+        RDKafkaErrorCode::InvalidMessage
+        | RDKafkaErrorCode::InvalidRecord
+        | RDKafkaErrorCode::BadMessage => Some("invalid_record"),
+        _ => None,
+    }
+}
+
+/// Readiness limits of the relay (see [`RelayHealth::problems`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Not ready after this many failed rounds in a row (each round is
+    /// retried with backoff: 5 rounds are about 3 s to 1 min of failures).
+    pub max_consecutive_failures: u32,
+    /// Not ready while the oldest unpublished outbox row is older than this
+    /// (the analytics stream is that far behind).
+    pub max_backlog_age: Duration,
+    /// Not ready when no round finished for this long (the relay is hung or
+    /// gone). The relay raises it to at least twice its produce timeout plus
+    /// 10 s, the longest a healthy round and its backoff can take.
+    pub max_round_gap: Duration,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_consecutive_failures: 5,
+            max_backlog_age: Duration::from_secs(300),
+            max_round_gap: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The relay's progress as [`RelayHealth::status`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayStatus {
+    /// When the last round succeeded (published, or found nothing to publish).
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// Time since the last round finished, successful or not (since the health
+    /// was created if none finished yet).
+    pub since_last_round: Duration,
+    /// Failed rounds since the last successful one.
+    pub consecutive_failures: u32,
+    /// The last round's error (bounded), while rounds fail.
+    pub last_error: Option<String>,
+    /// Age of the oldest unpublished outbox row, as last measured (at most
+    /// about a second old while the relay runs), aged since; `None` when none
+    /// is pending or nothing was measured yet.
+    pub oldest_unpublished_age: Option<Duration>,
+}
+
+/// The relay's account of its progress, shared (cheap to clone) between the
+/// relay ([`Relay::health`]) and `/readyz` ([`crate::api::router_with_relay`]).
+#[derive(Debug, Clone)]
+pub struct RelayHealth {
+    inner: Arc<Mutex<HealthState>>,
+}
+
+#[derive(Debug)]
+struct HealthState {
+    limits: RelayLimits,
+    created: Instant,
+    last_round: Option<Instant>,
+    last_success_at: Option<DateTime<Utc>>,
+    consecutive_failures: u32,
+    last_error: Option<String>,
+    /// Age of the oldest pending row and when it was measured.
+    backlog: Option<(Duration, Instant)>,
+}
+
+impl Default for RelayHealth {
+    fn default() -> Self {
+        RelayHealth::new(RelayLimits::default())
+    }
+}
+
+impl RelayHealth {
+    /// A health with these limits; nothing reported yet (ready until
+    /// `max_round_gap` passes without a round).
+    pub fn new(limits: RelayLimits) -> Self {
+        RelayHealth {
+            inner: Arc::new(Mutex::new(HealthState {
+                limits,
+                created: Instant::now(),
+                last_round: None,
+                last_success_at: None,
+                consecutive_failures: 0,
+                last_error: None,
+                backlog: None,
+            })),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HealthState) -> T) -> T {
+        // A panic while holding this lock cannot leave it inconsistent.
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// A round succeeded.
+    pub fn round_ok(&self) {
+        self.with(|h| {
+            h.last_round = Some(Instant::now());
+            h.last_success_at = Some(Utc::now());
+            h.consecutive_failures = 0;
+            h.last_error = None;
+        });
+    }
+
+    /// A round failed with `error` (kept cut to 300 bytes).
+    pub fn round_failed(&self, error: &str) {
+        self.with(|h| {
+            h.last_round = Some(Instant::now());
+            h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+            h.last_error = Some(truncate_utf8(error, 300).to_owned());
+        });
+    }
+
+    /// The oldest unpublished outbox row is `age` old (`None`: none pending).
+    pub fn backlog(&self, age: Option<Duration>) {
+        self.with(|h| h.backlog = age.map(|a| (a, Instant::now())));
+    }
+
+    /// Raises `max_round_gap` to at least `gap`.
+    pub fn min_round_gap(&self, gap: Duration) {
+        self.with(|h| h.limits.max_round_gap = h.limits.max_round_gap.max(gap));
+    }
+
+    pub fn limits(&self) -> RelayLimits {
+        self.with(|h| h.limits)
+    }
+
+    pub fn status(&self) -> RelayStatus {
+        self.with(|h| RelayStatus {
+            last_success_at: h.last_success_at,
+            since_last_round: h.last_round.unwrap_or(h.created).elapsed(),
+            consecutive_failures: h.consecutive_failures,
+            last_error: h.last_error.clone(),
+            oldest_unpublished_age: h.backlog.map(|(age, at)| age + at.elapsed()),
+        })
+    }
+
+    /// Why the relay is not ready (empty: ready): no round for
+    /// `max_round_gap`, `max_consecutive_failures` failed rounds in a row, or
+    /// a backlog older than `max_backlog_age`.
+    pub fn problems(&self) -> Vec<String> {
+        let limits = self.limits();
+        let s = self.status();
+        let mut problems = Vec::new();
+        if s.since_last_round > limits.max_round_gap {
+            problems.push(format!(
+                "outbox relay: no round finished for {} s",
+                s.since_last_round.as_secs()
+            ));
+        }
+        if s.consecutive_failures >= limits.max_consecutive_failures {
+            problems.push(format!(
+                "outbox relay: {} failed rounds in a row: {}",
+                s.consecutive_failures,
+                s.last_error.as_deref().unwrap_or("")
+            ));
+        }
+        if let Some(age) = s
+            .oldest_unpublished_age
+            .filter(|a| *a > limits.max_backlog_age)
+        {
+            problems.push(format!(
+                "outbox relay: oldest unpublished record is {} s old",
+                age.as_secs()
+            ));
+        }
+        problems
+    }
+
+    /// `Ok` when [`RelayHealth::problems`] is empty, else the problems joined.
+    pub fn check(&self) -> Result<(), String> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// The outbox relay with everything it needs; [`Relay::run`] publishes until
+/// shutdown.
+pub struct Relay {
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub topic: String,
+    pub cfg: OutboxConfig,
+    /// Longest wait for the acknowledgements of one round.
+    pub produce_timeout: Duration,
+    /// Shortens the idle wait after the consumer committed new rows.
+    pub wake: Arc<Notify>,
+    /// Where the relay reports its progress.
+    pub health: RelayHealth,
 }
 
 /// Publishes outbox rows until `shutdown`; `wake` shortens the idle wait after
-/// the consumer committed new rows.
+/// the consumer committed new rows. The same as [`Relay::run`] with a health
+/// nobody reads.
 pub async fn run_relay(
     pool: PgPool,
     producer: FutureProducer,
     topic: String,
     cfg: OutboxConfig,
     produce_timeout: Duration,
-    wake: std::sync::Arc<Notify>,
+    wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut last_cleanup = std::time::Instant::now();
-    loop {
-        if shutdown.is_cancelled() {
-            break;
-        }
-        match relay_once(&pool, &producer, &topic, cfg.batch_size, produce_timeout).await {
-            Ok(n) => {
-                backoff = Duration::from_millis(100);
-                if n > 0 {
-                    metrics::counter!("dlrflow_state_outbox_published_total").increment(n as u64);
+    Relay {
+        pool,
+        producer,
+        topic,
+        cfg,
+        produce_timeout,
+        wake,
+        health: RelayHealth::default(),
+    }
+    .run(shutdown)
+    .await;
+}
+
+/// How often the relay measures its backlog for [`RelayHealth`].
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
+impl Relay {
+    /// Publishes outbox rows until `shutdown`, reporting to `self.health`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Relay {
+            pool,
+            producer,
+            topic,
+            cfg,
+            produce_timeout,
+            wake,
+            health,
+        } = self;
+        health.min_round_gap(produce_timeout * 2 + Duration::from_secs(10));
+        let mut backoff = Duration::from_millis(100);
+        let mut last_cleanup = Instant::now();
+        let mut last_backlog: Option<Instant> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let round = relay_once(&pool, &producer, &topic, cfg.batch_size, produce_timeout).await;
+            if last_backlog.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
+                last_backlog = Some(Instant::now());
+                match oldest_unpublished_age(&pool).await {
+                    Ok(age) => health.backlog(age),
+                    Err(e) => tracing::debug!(error = %e, "outbox backlog unknown"),
                 }
-                if n as i64 >= cfg.batch_size {
+            }
+            match round {
+                Ok(r) => {
+                    health.round_ok();
+                    backoff = Duration::from_millis(100);
+                    if r.rows as i64 >= cfg.batch_size || r.rebounded > 0 {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    health.round_failed(&format!("{e:#}"));
+                    metrics::counter!("dlrflow_state_outbox_errors_total").increment(1);
+                    tracing::warn!(error = %format!("{e:#}"), "outbox relay failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             }
-            Err(e) => {
-                metrics::counter!("dlrflow_state_outbox_errors_total").increment(1);
-                tracing::warn!(error = %e, "outbox relay failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+            if last_cleanup.elapsed() > Duration::from_secs(60) {
+                last_cleanup = Instant::now();
+                let r = sqlx::query(
+                    "DELETE FROM delivery_outbox WHERE published_at IS NOT NULL \
+                     AND published_at < now() - make_interval(secs => $1)",
+                )
+                .bind(cfg.retention_secs as f64)
+                .execute(&pool)
+                .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "outbox cleanup failed");
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
             }
-        }
-        if last_cleanup.elapsed() > Duration::from_secs(60) {
-            last_cleanup = std::time::Instant::now();
-            let r = sqlx::query(
-                "DELETE FROM delivery_outbox WHERE published_at IS NOT NULL \
-                 AND published_at < now() - make_interval(secs => $1)",
-            )
-            .bind(cfg.retention_secs as f64)
-            .execute(&pool)
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "outbox cleanup failed");
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(cfg.idle_poll_ms)) => {}
             }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_millis(cfg.idle_poll_ms)) => {}
         }
     }
 }
 
-/// One relay round: returns how many rows were published.
+/// Age of the oldest unpublished outbox row (`None`: none).
+async fn oldest_unpublished_age(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
+    let secs: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - created_at)::float8 FROM delivery_outbox \
+         WHERE published_at IS NULL ORDER BY id LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// What one relay round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Unpublished rows taken (at most the batch size).
+    pub rows: usize,
+    /// Rows produced, acknowledged and marked published.
+    pub published: usize,
+    /// Refused rows whose record was re-rendered within the bounds
+    /// ([`rebound`]); they stay unpublished and go out in the next round.
+    pub rebounded: usize,
+    /// Refused rows that could not be repaired: marked published without
+    /// being sent, payload replaced by a stub.
+    pub dropped: usize,
+}
+
+/// What became of one row of a round.
+enum Fate {
+    Published,
+    Refused(&'static str),
+    /// Not acknowledged (a transient failure in this round): left as it is.
+    Pending,
+}
+
+/// One relay round. A permanently refused row does not fail the round (see
+/// the module documentation); a transient failure does, after the rows that
+/// were acknowledged and the refused ones have been marked.
 pub async fn relay_once(
     pool: &PgPool,
     producer: &FutureProducer,
     topic: &str,
     batch_size: i64,
     produce_timeout: Duration,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Round> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
-        "SELECT id, message_id, payload FROM delivery_outbox WHERE published_at IS NULL \
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT id, update_id::text, message_id, payload FROM delivery_outbox \
+         WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(batch_size)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
         tx.rollback().await?;
-        return Ok(0);
+        return Ok(Round::default());
     }
-    let mut ids = Vec::with_capacity(rows.len());
+    struct Row {
+        id: i64,
+        update_id: String,
+        key: String,
+        payload: String,
+    }
+    let rows = rows
+        .iter()
+        .map(|r| {
+            Ok(Row {
+                id: r.try_get(0)?,
+                update_id: r.try_get(1)?,
+                key: r.try_get(2)?,
+                payload: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+
+    let mut fates: Vec<Fate> = rows.iter().map(|_| Fate::Pending).collect();
+    let mut transient: Option<anyhow::Error> = None;
     let mut pending = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let id: i64 = row.try_get(0)?;
-        let key: String = row.try_get(1)?;
-        let payload: String = row.try_get(2)?;
-        ids.push(id);
-        let record = FutureRecord::to(topic).key(&key).payload(&payload);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
-    }
-    for p in pending {
-        match tokio::time::timeout(produce_timeout, p).await {
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err((e, _)))) => anyhow::bail!("producing to {topic}: {e}"),
-            Ok(Err(_)) => anyhow::bail!("producer dropped a delivery"),
-            Err(_) => anyhow::bail!("no acknowledgement from {topic} within {produce_timeout:?}"),
+    for (i, row) in rows.iter().enumerate() {
+        if row.key.len() + row.payload.len() > MAX_RECORD_BYTES {
+            fates[i] = Fate::Refused("message_too_large");
+            continue;
+        }
+        let record = FutureRecord::to(topic).key(&row.key).payload(&row.payload);
+        match producer.send_result(record) {
+            Ok(delivery) => pending.push((i, delivery)),
+            Err((e, _)) => match permanent_reason(&e) {
+                Some(reason) => fates[i] = Fate::Refused(reason),
+                None => {
+                    // Queue full, broker gone…: stop producing this round.
+                    transient = Some(anyhow::anyhow!("producing to {topic}: {e}"));
+                    break;
+                }
+            },
         }
     }
-    sqlx::query("UPDATE delivery_outbox SET published_at = now() WHERE id = ANY($1)")
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
+    let deadline = tokio::time::Instant::now() + produce_timeout;
+    for (i, delivery) in pending {
+        // `timeout_at` polls the delivery first: acknowledgements that
+        // arrived are taken even after the deadline passed.
+        match tokio::time::timeout_at(deadline, delivery).await {
+            Ok(Ok(Ok(_))) => fates[i] = Fate::Published,
+            Ok(Ok(Err((e, _)))) => match permanent_reason(&e) {
+                Some(reason) => fates[i] = Fate::Refused(reason),
+                None => {
+                    transient.get_or_insert_with(|| anyhow::anyhow!("producing to {topic}: {e}"));
+                }
+            },
+            Ok(Err(_)) => {
+                transient.get_or_insert_with(|| anyhow::anyhow!("producer dropped a delivery"));
+            }
+            Err(_) => {
+                transient.get_or_insert_with(|| {
+                    anyhow::anyhow!("no acknowledgement from {topic} within {produce_timeout:?}")
+                });
+            }
+        }
+    }
+
+    let mut round = Round {
+        rows: rows.len(),
+        ..Round::default()
+    };
+    let mut published = Vec::new();
+    for (row, fate) in rows.iter().zip(&fates) {
+        match fate {
+            Fate::Published => published.push(row.id),
+            Fate::Pending => {}
+            Fate::Refused(reason) => {
+                let bytes = row.payload.len();
+                match rebound(&row.payload).filter(|p| p.len() + row.key.len() <= MAX_RECORD_BYTES)
+                {
+                    Some(bounded) => {
+                        // Published by the next round, like any other row.
+                        sqlx::query("UPDATE delivery_outbox SET payload = $2 WHERE id = $1")
+                            .bind(row.id)
+                            .bind(&bounded)
+                            .execute(&mut *tx)
+                            .await?;
+                        round.rebounded += 1;
+                        metrics::counter!("dlrflow_state_outbox_rebounded_total", "reason" => *reason)
+                            .increment(1);
+                        tracing::warn!(
+                            outbox_id = row.id,
+                            update_id = %row.update_id,
+                            message_id = %truncate_utf8(&row.key, 128),
+                            reason = *reason,
+                            bytes,
+                            bounded_bytes = bounded.len(),
+                            "outbox record refused; re-rendered within the field bounds"
+                        );
+                    }
+                    None => {
+                        let stub = json!({
+                            "schema": SCHEMA,
+                            "update_id": row.update_id,
+                            "dropped": {"reason": reason, "bytes": bytes, "at": ts(Some(Utc::now()))},
+                        })
+                        .to_string();
+                        sqlx::query(
+                            "UPDATE delivery_outbox SET payload = $2, published_at = now() WHERE id = $1",
+                        )
+                        .bind(row.id)
+                        .bind(&stub)
+                        .execute(&mut *tx)
+                        .await?;
+                        round.dropped += 1;
+                        metrics::counter!("dlrflow_state_outbox_dropped_total", "reason" => *reason)
+                            .increment(1);
+                        tracing::warn!(
+                            outbox_id = row.id,
+                            update_id = %row.update_id,
+                            message_id = %truncate_utf8(&row.key, 128),
+                            reason = *reason,
+                            bytes,
+                            "outbox record refused and cannot be repaired; dropped (not published)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if !published.is_empty() {
+        sqlx::query("UPDATE delivery_outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&published)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
-    Ok(ids.len())
+    round.published = published.len();
+    if round.published > 0 {
+        metrics::counter!("dlrflow_state_outbox_published_total").increment(round.published as u64);
+    }
+    match transient {
+        Some(e) => Err(e),
+        None => Ok(round),
+    }
 }
