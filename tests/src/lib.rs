@@ -678,7 +678,7 @@ impl Pipeline {
     /// Starts `dlrflow-ingest` as `ingest` and waits for `/readyz`.
     pub async fn start_ingest(&mut self) -> anyhow::Result<()> {
         let sources = format!(
-            r#"[{{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}},{{name="arpoone",provider="arpoone",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}}]"#
+            r#"[{{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}},{{name="arpoone",provider="arpoone",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}},{{name="lisoloo-b",provider="lisoloo",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}}]"#
         );
         let env = vec![
             ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),

@@ -36,6 +36,11 @@ use crate::config::{AuthMode, Provider, SourceConfig};
 pub use crate::error::ApiError;
 use crate::produce::{OutRecord, Producer as RawProducer};
 
+/// The longest `message_id` used as the record key. A longer one (which the
+/// consumer dead-letters anyway) would only take room from the record's own
+/// size limit, so such a record is written without a key.
+pub const MAX_KEY_LEN: usize = 512;
+
 /// Arpoone sends at most this many records per request.
 pub const ARPOONE_MAX_RECORDS: usize = 1000;
 
@@ -339,7 +344,10 @@ struct LisolooProbe<'a> {
 /// key): the consumer sends it to the DLQ where it can be replayed.
 fn lisoloo_key(body: &[u8]) -> Result<Option<String>, ApiError> {
     match serde_json::from_slice::<LisolooProbe>(body) {
-        Ok(p) => Ok(p.message_id.map(|m| m.into_owned())),
+        Ok(p) => Ok(p
+            .message_id
+            .map(|m| m.into_owned())
+            .filter(|k| k.len() <= MAX_KEY_LEN)),
         Err(_) => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
             Ok(_) => Ok(None),
             Err(e) => Err(ApiError::BadBody(format!("body is not JSON: {e}"))),
@@ -357,6 +365,7 @@ fn arpoone_key(element: &str) -> Option<String> {
     serde_json::from_str::<ArpooneProbe>(element)
         .ok()
         .and_then(|p| p.message_id.map(|m| m.into_owned()))
+        .filter(|k| k.len() <= MAX_KEY_LEN)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -127,22 +127,27 @@ impl App {
         let grace = Duration::from_millis(self.cfg.http.shutdown_grace_ms);
         tracing::info!(addr = %self.local_addr(), "dlrflow-state listening");
         let mut tasks = dlrflow_runtime::supervise::Tasks::new(shutdown.clone());
+        let relay_health = analytics::RelayHealth::default();
         {
             let shutdown = shutdown.clone();
-            let server = axum::serve(self.listener, api::router(self.api.clone()))
+            let server = axum::serve(
+                self.listener,
+                api::router_with_relay(self.api.clone(), relay_health.clone()),
+            )
                 .with_graceful_shutdown(async move { shutdown.cancelled().await });
             tasks.spawn("http", async move { server.await.context("http server") });
         }
         {
-            let relay = analytics::run_relay(
-                self.api.pool.clone(),
-                self.producer.clone(),
-                self.cfg.kafka.delivery_topic.clone(),
-                self.cfg.outbox.clone(),
-                self.cfg.kafka.produce_timeout(),
-                self.pipeline.outbox_wake.clone(),
-                shutdown.clone(),
-            );
+            let relay = analytics::Relay {
+                pool: self.api.pool.clone(),
+                producer: self.producer.clone(),
+                topic: self.cfg.kafka.delivery_topic.clone(),
+                cfg: self.cfg.outbox.clone(),
+                produce_timeout: self.cfg.kafka.produce_timeout(),
+                wake: self.pipeline.outbox_wake.clone(),
+                health: relay_health,
+            }
+            .run(shutdown.clone());
             tasks.spawn("outbox relay", async move {
                 relay.await;
                 Ok(())
