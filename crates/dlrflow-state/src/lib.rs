@@ -134,7 +134,7 @@ impl App {
                 self.listener,
                 api::router_with_relay(self.api.clone(), relay_health.clone()),
             )
-                .with_graceful_shutdown(async move { shutdown.cancelled().await });
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
             tasks.spawn("http", async move { server.await.context("http server") });
         }
         {
