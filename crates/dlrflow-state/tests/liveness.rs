@@ -358,3 +358,47 @@ async fn redis_down_degrades_dedupe_but_state_keeps_moving() {
     pool.close().await;
     env.drop_schema().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_errors_never_show_secrets() {
+    let env = Env::new(1).await;
+    let cases = [
+        (
+            "redis",
+            "redis://:redis-s3cret@127.0.0.1:1/0",
+            "redis-s3cret",
+        ),
+        (
+            "redis",
+            "redis://user:redis-s3cret2@127.0.0.1:1",
+            "redis-s3cret2",
+        ),
+        (
+            "postgres",
+            "postgres://postgres:pg-s3cret@127.0.0.1:1/x",
+            "pg-s3cret",
+        ),
+        (
+            "postgres",
+            "postgres://postgres:pg-s3cret3@127.0.0.1:notaport/x",
+            "pg-s3cret3",
+        ),
+    ];
+    for (what, url, secret) in cases {
+        let mut cfg = env.config();
+        cfg.postgres.acquire_timeout_ms = 1000;
+        match what {
+            "redis" => cfg.redis.url = url.into(),
+            _ => cfg.postgres.url = url.into(),
+        }
+        let err = match dlrflow_state::App::build(cfg).await {
+            Ok(_) => panic!("{url}: started against a closed port"),
+            Err(e) => format!("{e:#} {e:?}"),
+        };
+        assert!(
+            !err.contains(secret),
+            "{what}: the error shows the secret: {err}"
+        );
+    }
+    env.drop_schema().await;
+}
