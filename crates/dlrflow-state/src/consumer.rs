@@ -204,7 +204,7 @@ pub fn create_producer(cfg: &Config, client_id: &str) -> anyhow::Result<FuturePr
 
 /// What the consumer loop needs.
 pub struct Pipeline {
-    pub consumer: StateConsumer,
+    pub consumer: Arc<StateConsumer>,
     pub producer: FutureProducer,
     pub pool: PgPool,
     pub dedupe: Dedupe,
@@ -303,8 +303,13 @@ pub fn validate(event: &mut Event) -> Result<(), Poison> {
 /// commits synchronously and leaves the group.
 pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
     let batch_cfg = p.cfg.batch.clone();
+    let mut lag_checked = std::time::Instant::now();
     loop {
         p.health.tick();
+        if lag_checked.elapsed() >= LAG_CHECK_EVERY {
+            lag_checked = std::time::Instant::now();
+            observe_lag(&p.consumer, &p.health).await;
+        }
         let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
             break;
         };
@@ -382,6 +387,54 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
     .await?;
     tracing::info!("consumer stopped");
     Ok(())
+}
+
+/// How often the consumer compares its positions with the partitions' ends.
+const LAG_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Tells the health, per assigned partition, how far the consumer is and how
+/// many records are behind it (`dlrflow_state_consumer_lag_records`).
+async fn observe_lag(consumer: &Arc<StateConsumer>, health: &Arc<ConsumerHealth>) {
+    let consumer = consumer.clone();
+    let observed = tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_millis(500);
+        let position = consumer.position().ok()?;
+        let mut committed = None;
+        let mut out = Vec::new();
+        for e in position.elements() {
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                // Nothing fetched yet: where the group left off.
+                _ => {
+                    let c = committed.get_or_insert_with(|| consumer.committed(timeout).ok());
+                    match c
+                        .as_ref()
+                        .and_then(|c| c.find_partition(e.topic(), e.partition()))
+                        .map(|c| c.offset())
+                    {
+                        Some(Offset::Offset(o)) => o,
+                        _ => 0,
+                    }
+                }
+            };
+            let Ok((low, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)
+            else {
+                continue;
+            };
+            out.push((e.partition(), at, (high - at.max(low)).max(0)));
+        }
+        Some(out)
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Some(partitions) = observed {
+        for (partition, _, lag) in &partitions {
+            metrics::gauge!("dlrflow_state_consumer_lag_records", "partition" => partition.to_string())
+                .set(*lag as f64);
+        }
+        health.partitions(&partitions);
+    }
 }
 
 /// Records the outcome of a Redis round trip in the health and the log

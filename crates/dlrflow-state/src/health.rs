@@ -2,8 +2,11 @@
 //! not come round for `health.stall_after_ms` (hung), or when the same batch
 //! has been failing for that long (a backend down). Redis being unreachable
 //! is reported as `degraded`, not as not ready: dedupe then goes through
-//! PostgreSQL's unique key and nothing stops.
+//! PostgreSQL's unique key and nothing stops. A partition with records
+//! behind the consumer's position that has not moved for that long is not
+//! ready either (a fetch that never returns, a broker that serves nothing).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,8 @@ struct State {
     failing_since: Option<Instant>,
     last_error: Option<String>,
     redis_error: Option<String>,
+    /// Per assigned partition: position, since when at it, records behind.
+    partitions: HashMap<i32, (i64, Instant, i64)>,
 }
 
 /// A readiness verdict: problems make it not ready; degradations do not.
@@ -36,6 +41,7 @@ impl ConsumerHealth {
                 failing_since: None,
                 last_error: None,
                 redis_error: None,
+                partitions: HashMap::new(),
             }),
             stall_after,
         }
@@ -76,6 +82,23 @@ impl ConsumerHealth {
         self.with(|s| s.redis_error = error);
     }
 
+    /// The consumer's positions and lag per assigned partition
+    /// (`(partition, position, records behind)`); others are forgotten.
+    pub fn partitions(&self, observed: &[(i32, i64, i64)]) {
+        let now = Instant::now();
+        self.with(|s| {
+            let mut next = HashMap::with_capacity(observed.len());
+            for &(p, at, lag) in observed {
+                let since = match s.partitions.get(&p) {
+                    Some(&(prev, since, _)) if prev == at => since,
+                    _ => now,
+                };
+                next.insert(p, (at, since, lag));
+            }
+            s.partitions = next;
+        });
+    }
+
     pub fn verdict(&self) -> Verdict {
         let now = Instant::now();
         self.with(|s| {
@@ -95,11 +118,71 @@ impl ConsumerHealth {
                     ));
                 }
             }
+            let mut stuck: Vec<_> = s
+                .partitions
+                .iter()
+                .filter(|(_, (_, since, lag))| {
+                    *lag > 0 && now.duration_since(*since) > self.stall_after
+                })
+                .collect();
+            stuck.sort_unstable_by_key(|(p, _)| **p);
+            for (p, (_, since, lag)) in stuck {
+                v.problems.push(format!(
+                    "consumer: partition {p} is {lag} records behind and has not moved for {} s",
+                    now.duration_since(*since).as_secs()
+                ));
+            }
             if let Some(e) = &s.redis_error {
                 v.degraded
                     .push(format!("redis: {e}; dedupe runs on PostgreSQL alone"));
             }
             v
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_behind_and_not_moving_is_a_problem() {
+        let h = ConsumerHealth::new(Duration::from_millis(50));
+        h.partitions(&[(0, 10, 5), (1, 7, 0)]);
+        assert!(h.verdict().problems.is_empty());
+        std::thread::sleep(Duration::from_millis(80));
+        h.tick();
+        // Partition 1 has no lag; partition 0 is stuck.
+        h.partitions(&[(0, 10, 5), (1, 7, 0)]);
+        let v = h.verdict();
+        assert_eq!(v.problems.len(), 1, "{v:?}");
+        assert!(v.problems[0].contains("partition 0"), "{v:?}");
+        // It moves: fine again.
+        h.partitions(&[(0, 12, 3), (1, 7, 0)]);
+        assert!(h.verdict().problems.is_empty());
+    }
+
+    #[test]
+    fn a_batch_failing_too_long_and_a_silent_loop_are_problems() {
+        let h = ConsumerHealth::new(Duration::from_millis(50));
+        h.batch_failed("postgres down");
+        assert!(h.verdict().problems.is_empty());
+        std::thread::sleep(Duration::from_millis(80));
+        let v = h.verdict();
+        assert!(
+            v.problems.iter().any(|p| p.contains("no progress")),
+            "{v:?}"
+        );
+        h.batch_failed("postgres down");
+        let v = h.verdict();
+        assert!(
+            v.problems.iter().any(|p| p.contains("postgres down")),
+            "{v:?}"
+        );
+        h.batch_ok();
+        assert!(h.verdict().problems.is_empty());
+        h.redis(Some("refused".into()));
+        let v = h.verdict();
+        assert!(v.problems.is_empty() && v.degraded.len() == 1, "{v:?}");
     }
 }

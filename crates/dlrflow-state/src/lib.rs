@@ -90,7 +90,7 @@ impl App {
             health: health.clone(),
         };
         let pipeline = consumer::Pipeline {
-            consumer,
+            consumer: Arc::new(consumer),
             producer: producer.clone(),
             pool,
             dedupe,
