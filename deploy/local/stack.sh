@@ -144,7 +144,8 @@ broker_start() {
 # headers scans all header rows of all topics: consumers slow down as the
 # database grows. This adds the index (idempotent).
 index_headers() {
-  command -v sqlite3 >/dev/null || apt_install sqlite3 || true
+  # apt_install exits on failure (die): a subshell keeps a missing sqlite3 optional.
+  command -v sqlite3 >/dev/null || (apt_install sqlite3) || true
   command -v sqlite3 >/dev/null || { log "kafka: sqlite3 missing; Tansu's header table stays unindexed (slow fetches)"; return 0; }
   local i
   for ((i = 0; i < 100; i++)); do
