@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use crate::error::ParseError;
 use crate::status::{Provider, Status};
 use crate::update::DeliveryUpdate;
-use crate::wire::{from_json, hash_fields, nonempty, required, timestamp, Text};
+use crate::wire::{from_json, hash_fields, nonempty, required, timestamp, without_bom, Text};
 
 /// One element of the array. PascalCase as documented; camelCase aliases are
 /// accepted because the document is loose about it.
@@ -69,9 +69,13 @@ pub fn arpoone_dedupe_key(
 /// Required: `Msisdn`, `Status`, `MessageId`, `ReportDateTime`. `TotalSegments`
 /// and `CustomPayload` may be missing or `null`; `OrganizationId` and unknown
 /// fields are ignored. `ReportDateTime` is RFC 3339 with or without offset and
-/// fraction; no offset means UTC.
+/// fraction; no offset means UTC. A leading UTF-8 byte-order mark is ignored.
 pub fn parse_arpoone(source: &str, element: &[u8]) -> Result<DeliveryUpdate, ParseError> {
-    let r: Report<'_> = from_json(element, "Arpoone report (one array element)", "")?;
+    let r: Report<'_> = from_json(
+        without_bom(element),
+        "Arpoone report (one array element)",
+        "",
+    )?;
     let msisdn = nonempty(r.msisdn, "Msisdn")?;
     let status_raw = required(r.status, "Status")?;
     let message_id = nonempty(r.message_id, "MessageId")?;

@@ -30,7 +30,8 @@ pub use status_api::{parse_status_response, StatusSnapshot};
 pub use update::{DeliveryUpdate, Event, MessageUpdate};
 
 /// Parses one raw record of the raw topic: a Lisoloo body, or one Arpoone array
-/// element. [`Provider::StatusApi`] has no raw records and is refused.
+/// element, exactly as the ingest wrote it (a leading UTF-8 byte-order mark
+/// is ignored). [`Provider::StatusApi`] has no raw records and is refused.
 pub fn parse_record(provider: Provider, source: &str, bytes: &[u8]) -> Result<Event, ParseError> {
     match provider {
         Provider::Lisoloo => parse_lisoloo(source, bytes),

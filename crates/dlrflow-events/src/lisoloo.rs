@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use crate::error::ParseError;
 use crate::status::{Provider, Status};
 use crate::update::{DeliveryUpdate, Event, MessageUpdate};
-use crate::wire::{from_json, nonempty, required, timestamp, Text};
+use crate::wire::{from_json, nonempty, required, timestamp, without_bom, Text};
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -95,8 +95,9 @@ fn owned(t: Option<Text<'_>>) -> Option<String> {
 /// `sms.queued` becomes [`Event::Message`]; the four per-recipient types become
 /// [`Event::Recipient`]. Unknown fields are ignored; an unknown `event_type`, a
 /// missing required field or a wrongly typed one is a [`ParseError`] naming it.
+/// A leading UTF-8 byte-order mark is ignored.
 pub fn parse_lisoloo(source: &str, body: &[u8]) -> Result<Event, ParseError> {
-    let env: Envelope<'_> = from_json(body, "Lisoloo event", "")?;
+    let env: Envelope<'_> = from_json(without_bom(body), "Lisoloo event", "")?;
     let event_id = required(env.event_id, "event_id")?;
     let event_type = required(env.event_type, "event_type")?;
     let ts_raw = required(env.timestamp, "timestamp")?;

@@ -100,6 +100,13 @@ fn describe<'a, T: serde::Deserialize<'a>>(
     }
 }
 
+/// `bytes` without a leading UTF-8 byte-order mark. JSON must not start with
+/// one (RFC 8259 §8.1) but a parser may ignore it, and some senders write it;
+/// the ingest keeps it in the raw record, so the parsers skip it.
+pub(crate) fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
 /// A required field: `None` (absent or `null`) becomes `MissingField`.
 pub(crate) fn required<T>(v: Option<T>, field: &'static str) -> Result<T, ParseError> {
     v.ok_or_else(|| ParseError::missing(field))

@@ -787,6 +787,66 @@ fn status_api_error_paths() {
     });
 }
 
+/// The ingest keeps a body's leading UTF-8 byte-order mark in the raw record
+/// (exact bytes), so the consumer's parser must read through it.
+#[test]
+fn parse_record_ignores_a_leading_byte_order_mark() {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    let with_bom = |b: &[u8]| [BOM, b].concat();
+    let delivered = lisoloo(
+        "sms.delivered",
+        "2026-05-27T10:15:08Z",
+        r#"{ "recipient_phone": "+243998857000", "delivered_at": "2026-05-27T10:15:08Z" }"#,
+    );
+    let queued = lisoloo(
+        "sms.queued",
+        "2026-05-27T10:15:00Z",
+        r#"{ "total_recipients": 1 }"#,
+    );
+    let report = arpoone_doc("DELIVERED", "2026-05-27T10:15:08Z", "", "");
+    for (provider, body) in [
+        (Provider::Lisoloo, delivered.as_bytes()),
+        (Provider::Lisoloo, queued.as_bytes()),
+        (Provider::Arpoone, report.as_bytes()),
+    ] {
+        let want = parse_record(provider, "s", body).unwrap();
+        let got = parse_record(provider, "s", &with_bom(body))
+            .unwrap_or_else(|e| panic!("{provider:?} with a BOM: {e}"));
+        assert_eq!(got, want, "{provider:?}: the BOM changes nothing");
+        // Whitespace after the mark is still JSON whitespace.
+        let spaced = with_bom(&[b" \n", body].concat());
+        assert_eq!(parse_record(provider, "s", &spaced).unwrap(), want);
+    }
+    assert_eq!(
+        recipient(parse_lisoloo("s", &with_bom(delivered.as_bytes())).unwrap()).message_id,
+        MESSAGE_ID
+    );
+    assert_eq!(
+        parse_arpoone("s", &with_bom(report.as_bytes()))
+            .unwrap()
+            .status,
+        Status::Delivered
+    );
+
+    // Only one mark, only at the very start; anything else is still refused.
+    let not_json: Vec<Vec<u8>> = vec![
+        BOM.to_vec(),
+        with_bom(BOM),
+        with_bom(&with_bom(delivered.as_bytes())),
+        [b" ", BOM, delivered.as_bytes()].concat(),
+        [&BOM[..2], delivered.as_bytes()].concat(),
+    ];
+    for bytes in &not_json {
+        for provider in [Provider::Lisoloo, Provider::Arpoone] {
+            let err = parse_record(provider, "s", bytes).unwrap_err();
+            assert_eq!(err.kind(), "not_json", "{provider:?} {bytes:?}: {err}");
+        }
+    }
+    // The mark does not turn a non-object into a record.
+    let err = parse_record(Provider::Lisoloo, "s", &with_bom(b"[1, 2]")).unwrap_err();
+    assert_eq!(err.kind(), "not_an_object", "{err}");
+}
+
 #[test]
 fn parse_record_refuses_status_api() {
     let err = parse_record(Provider::StatusApi, "s", STATUS_DOC.as_bytes()).unwrap_err();

@@ -14,7 +14,6 @@ use serde::Deserialize;
 pub const DEFAULTS: &str = r#"
 [http]
 listen = "127.0.0.1:8080"
-body_limit_bytes = 1048576
 body_read_timeout_ms = 4000
 retry_after_secs = 5
 shutdown_grace_ms = 10000
@@ -29,6 +28,19 @@ queue_max_messages = 100000
 queue_max_kbytes = 262144
 "#;
 
+/// Bytes kept free under the producer's `message.max.bytes` for everything a
+/// record carries besides its value: the key (at most
+/// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) = 512 bytes), the headers (at most about
+/// 320 bytes: six names, a source name of at most [`MAX_SOURCE_NAME_LEN`]
+/// bytes, a timestamp, a UUID, a `traceparent`, an endpoint), librdkafka's
+/// per-record framing (at most 36 bytes) and the record batch's header
+/// (61 bytes). What is left is the record limit: the largest Lisoloo body or
+/// Arpoone element the ingest accepts.
+pub const RECORD_HEADROOM: usize = 4096;
+
+/// The longest source name (it is copied into every record's headers).
+pub const MAX_SOURCE_NAME_LEN: usize = 64;
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
     pub http: HttpConfig,
@@ -40,8 +52,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-    /// Larger bodies get 413.
-    pub body_limit_bytes: usize,
+    /// Larger bodies get 413. Unset (the default), it is the record limit
+    /// ([`IngestKafkaConfig::record_limit`]), so a body the HTTP layer takes
+    /// always fits in one record. Set it higher only for larger Arpoone
+    /// batches: every Lisoloo body and Arpoone element is still held to the
+    /// record limit.
+    pub body_limit_bytes: Option<usize>,
     /// A client that has not sent its whole body by then gets 503.
     pub body_read_timeout_ms: u64,
     /// The `Retry-After` value on every 503.
@@ -50,7 +66,7 @@ pub struct HttpConfig {
     pub shutdown_grace_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct IngestKafkaConfig {
     #[serde(flatten)]
     pub client: KafkaConfig,
@@ -123,15 +139,43 @@ pub struct SourceConfig {
 }
 
 impl Config {
-    /// Loads and validates the configuration.
+    /// Loads and validates the configuration. A value that cannot be read is
+    /// named by its key, never shown: it may be a secret.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg: Config = config::load(DEFAULTS, file)?;
+        let cfg: Config = config::load(DEFAULTS, file).map_err(without_values)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// The largest request body: `http.body_limit_bytes`, or the record limit
+    /// when it is not set.
+    pub fn body_limit(&self) -> usize {
+        self.http
+            .body_limit_bytes
+            .unwrap_or_else(|| self.kafka.record_limit())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.client.validate()?;
+        // librdkafka prints broker addresses in its logs and errors: a
+        // password in one would end up there. Credentials belong in
+        // `kafka.settings` (`sasl.username`, `sasl.password`), which it redacts.
+        if self.kafka.client.brokers.contains('@') {
+            return Err(ConfigError::invalid(
+                "kafka.brokers",
+                "must not carry credentials (user:password@host); set kafka.settings.sasl.username / sasl.password instead (value not shown)",
+            ));
+        }
+        let max = self.kafka.client.max_message_bytes();
+        if max < RECORD_HEADROOM + 1024 {
+            return Err(ConfigError::invalid(
+                "kafka.settings.message.max.bytes",
+                format!(
+                    "must be at least {} so a record can hold 1024 bytes after the {RECORD_HEADROOM}-byte headroom for key, headers and framing",
+                    RECORD_HEADROOM + 1024
+                ),
+            ));
+        }
         if self.kafka.raw_topic.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.raw_topic", "must not be empty"));
         }
@@ -147,7 +191,7 @@ impl Config {
                 "must be at least 1000 (one Arpoone batch)",
             ));
         }
-        if self.http.body_limit_bytes < 1024 {
+        if self.http.body_limit_bytes.is_some_and(|n| n < 1024) {
             return Err(ConfigError::invalid(
                 "http.body_limit_bytes",
                 "must be at least 1024",
@@ -163,13 +207,16 @@ impl Config {
         for (i, s) in self.sources.iter().enumerate() {
             let at = |field: &str| format!("sources[{i}].{field}");
             let valid_name = !s.name.is_empty()
+                && s.name.len() <= MAX_SOURCE_NAME_LEN
                 && s.name.bytes().all(|b| {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
                 });
             if !valid_name {
                 return Err(ConfigError::invalid(
                     at("name"),
-                    "use lower-case letters, digits, '-' and '_'",
+                    format!(
+                        "use 1 to {MAX_SOURCE_NAME_LEN} lower-case letters, digits, '-' and '_'"
+                    ),
                 ));
             }
             if !names.insert(s.name.as_str()) {
@@ -232,4 +279,116 @@ impl IngestKafkaConfig {
     pub fn delivery_timeout(&self) -> Duration {
         Duration::from_millis(self.delivery_timeout_ms)
     }
+
+    /// The largest record value the ingest writes: the producer's
+    /// `message.max.bytes` (librdkafka's default 1,000,000, or the value in
+    /// `kafka.settings`) minus [`RECORD_HEADROOM`]. 995,904 bytes by default.
+    pub fn record_limit(&self) -> usize {
+        self.client
+            .max_message_bytes()
+            .saturating_sub(RECORD_HEADROOM)
+    }
+
+    /// Every `kafka.settings` value that is a secret, for redaction.
+    pub fn secret_settings(&self) -> impl Iterator<Item = &str> {
+        self.client
+            .settings
+            .iter()
+            .filter(|(k, _)| is_secret_setting(k))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Whether a librdkafka property (as written in `kafka.settings`, with `.` or
+/// `_`) holds a secret: a password, secret, token, key material or a SASL
+/// configuration string. Such values are never printed.
+pub fn is_secret_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase().replace('_', ".");
+    ["password", "secret", "token", "jaas", "oauthbearer.config"]
+        .iter()
+        .any(|w| key.contains(w))
+        || key == "ssl.key.pem"
+}
+
+/// Prints everything but the secret `kafka.settings` values, which show as
+/// `***`.
+impl std::fmt::Debug for IngestKafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings: std::collections::BTreeMap<&str, &str> = self
+            .client
+            .settings
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_setting(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("IngestKafkaConfig")
+            .field("brokers", &self.client.brokers)
+            .field("settings", &settings)
+            .field("raw_topic", &self.raw_topic)
+            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
+            .field("message_timeout_ms", &self.message_timeout_ms)
+            .field("linger_ms", &self.linger_ms)
+            .field("queue_max_messages", &self.queue_max_messages)
+            .field("queue_max_kbytes", &self.queue_max_kbytes)
+            .finish()
+    }
+}
+
+/// A configuration that could not be read, rewritten so that it names the
+/// key and what was expected but never shows the value found there: the
+/// value may be a password, or a whole `DLRFLOW_SOURCES` list with its
+/// credentials, that TOML could not parse.
+fn without_values(err: ConfigError) -> ConfigError {
+    let ConfigError::Load(errors) = err else {
+        return err;
+    };
+    let mut setting = String::from("configuration");
+    let mut reasons = Vec::new();
+    for (i, e) in (*errors).into_iter().enumerate() {
+        let key = e.path.join(".");
+        if i == 0 && !key.is_empty() {
+            setting = key.clone();
+        }
+        let from = e
+            .metadata
+            .as_ref()
+            .map(|m| match &m.source {
+                Some(src) => format!(" in {} {src}", m.name),
+                None => format!(" in {}", m.name),
+            })
+            .unwrap_or_default();
+        let at = if i == 0 || key.is_empty() {
+            String::new()
+        } else {
+            format!(" at `{key}`")
+        };
+        reasons.push(format!(
+            "{}{at}{from}",
+            kind_without_value(&e.kind.to_string())
+        ));
+    }
+    ConfigError::invalid(setting, reasons.join("; "))
+}
+
+/// figment's error text with the offending value cut out: `invalid type:
+/// found string "s3cret", expected u64` → `invalid type: expected u64`.
+fn kind_without_value(kind: &str) -> String {
+    for prefix in ["invalid type", "invalid value", "unknown variant"] {
+        if kind.starts_with(prefix) {
+            return match kind.rfind(", expected ") {
+                Some(at) => format!("{prefix}: expected{}", &kind[at + ", expected".len()..]),
+                None => format!("{prefix} (value not shown)"),
+            };
+        }
+    }
+    if kind.starts_with("signed integer") || kind.starts_with("unsigned integer") {
+        return "integer out of range (value not shown)".into();
+    }
+    kind.to_owned()
 }

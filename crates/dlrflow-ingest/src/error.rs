@@ -14,8 +14,10 @@ pub enum ApiError {
     /// Not JSON, or not the provider's outer shape (400: never resend).
     #[error("{0}")]
     BadBody(String),
-    #[error("body larger than {limit} bytes")]
-    TooLarge { limit: usize },
+    /// A body over `http.body_limit_bytes`, or a record (a Lisoloo body, an
+    /// Arpoone element) the broker can never take (413: never resend).
+    #[error("{what} larger than {limit} bytes")]
+    TooLarge { what: &'static str, limit: usize },
     /// The event is not durable: the gateway must retry (503).
     #[error("temporarily unavailable: {0}")]
     Unavailable(&'static str),

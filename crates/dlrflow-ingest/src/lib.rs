@@ -5,8 +5,9 @@
 //! record (`acks=all`, idempotent producer). It never interprets an event
 //! beyond that: parsing, dedupe and state belong to `dlrflow-state`. A 4xx
 //! tells the gateway never to send again, so only bad credentials (401), a body
-//! that is not JSON of the right outer shape (400) and an oversized body (413)
-//! get one; anything the broker did not take gets 503 with `Retry-After`.
+//! that is not JSON of the right outer shape (400) and a body or record that
+//! can never be written (413) get one; anything else the broker did not take
+//! gets 503 with `Retry-After`.
 
 pub mod auth;
 pub mod config;
@@ -31,8 +32,8 @@ use rdkafka::producer::{FutureProducer, Producer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::config::Config;
 use crate::config::{AuthMode, Provider, SourceConfig};
+pub use crate::config::{Config, RECORD_HEADROOM};
 pub use crate::error::ApiError;
 use crate::produce::{OutRecord, Producer as RawProducer};
 
@@ -44,6 +45,14 @@ pub const MAX_KEY_LEN: usize = 512;
 /// Arpoone sends at most this many records per request.
 pub const ARPOONE_MAX_RECORDS: usize = 1000;
 
+/// The UTF-8 byte-order mark. JSON texts must not start with one (RFC 8259
+/// §8.1) but parsers may ignore it, and some senders write it: it is skipped
+/// for the checks and the key, and kept in the record.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The metrics label of a request whose path names no configured source.
+const UNKNOWN_SOURCE: &str = "unknown";
+
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -53,6 +62,10 @@ struct Inner {
     sources: HashMap<String, SourceConfig>,
     producer: RawProducer,
     http: config::HttpConfig,
+    /// The largest body read (`http.body_limit_bytes`, default the record limit).
+    body_limit: usize,
+    /// The largest record value (Lisoloo body, Arpoone element) written.
+    record_limit: usize,
     shutting_down: AtomicBool,
 }
 
@@ -67,7 +80,16 @@ impl App {
     /// reachable yet: `/readyz` says whether it is.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         cfg.validate()?;
+        // Count from the first request on, not from the first scrape.
+        let _ = dlrflow_runtime::telemetry::metrics_handle();
         let producer = RawProducer::new(&cfg.kafka).context("creating the Kafka producer")?;
+        let (body_limit, record_limit) = (cfg.body_limit(), cfg.kafka.record_limit());
+        tracing::info!(
+            body_limit,
+            record_limit,
+            message_max_bytes = cfg.kafka.client.max_message_bytes(),
+            "bodies over body_limit and records (a Lisoloo body, an Arpoone element) over record_limit get 413"
+        );
         // Connect (and obtain the idempotent producer id) before the first
         // request instead of during it; a broker that is down is not fatal.
         match producer.ready().await {
@@ -91,6 +113,8 @@ impl App {
                 sources,
                 producer,
                 http: cfg.http.clone(),
+                body_limit,
+                record_limit,
                 shutting_down: AtomicBool::new(false),
             }),
         };
@@ -178,20 +202,25 @@ async fn webhook(
 }
 
 async fn handle(state: AppState, target: Target, headers: HeaderMap, body: Body) -> Response {
-    let source_name = target.source.clone();
+    // Only configured names become label values: a path is whatever the
+    // client sent, and every new label value is a new series.
+    let source_label = match state.inner.sources.get_key_value(&target.source) {
+        Some((name, _)) => name.clone(),
+        None => UNKNOWN_SOURCE.to_owned(),
+    };
     let result = accept(&state, target, &headers, body).await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(e) => e.kind(),
     };
-    metrics::counter!("dlrflow_ingest_requests_total", "source" => source_name, "outcome" => outcome).increment(1);
+    metrics::counter!("dlrflow_ingest_requests_total", "source" => source_label, "outcome" => outcome).increment(1);
     match result {
         Ok(resp) => resp,
         Err(e) => e.into_response_with(state.inner.http.retry_after_secs),
     }
 }
 
-#[tracing::instrument(skip_all, fields(source = %target.source, records, trace_id))]
+#[tracing::instrument(skip_all, fields(source, records, trace_id))]
 async fn accept(
     state: &AppState,
     target: Target,
@@ -203,6 +232,7 @@ async fn accept(
         .sources
         .get(&target.source)
         .ok_or(ApiError::UnknownRoute)?;
+    tracing::Span::current().record("source", source.name.as_str());
     if let Some(kind) = &target.kind {
         let known = matches!(kind.as_str(), "delivered" | "pending" | "not_delivered");
         if source.provider != Provider::Arpoone || !known {
@@ -214,7 +244,10 @@ async fn accept(
         return Err(ApiError::Unavailable("shutting down"));
     }
 
-    let body = read_body(body, headers, &inner.http).await?;
+    let body = read_body(body, headers, inner.body_limit, &inner.http).await?;
+    // The checks and the key skip a leading byte-order mark; the records keep
+    // the bytes as received.
+    let json = body.strip_prefix(BOM).unwrap_or(&body);
     let traceparent = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -231,7 +264,13 @@ async fn accept(
 
     match source.provider {
         Provider::Lisoloo => {
-            let key = lisoloo_key(&body)?;
+            if body.len() > inner.record_limit {
+                return Err(ApiError::TooLarge {
+                    what: "event",
+                    limit: inner.record_limit,
+                });
+            }
+            let key = lisoloo_key(json)?;
             tracing::Span::current().record("records", 1);
             inner
                 .producer
@@ -246,13 +285,21 @@ async fn accept(
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         Provider::Arpoone => {
-            let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&body)
+            let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(json)
                 .map_err(|e| ApiError::BadBody(format!("expected a JSON array of records: {e}")))?;
             if elements.len() > ARPOONE_MAX_RECORDS {
                 return Err(ApiError::BadBody(format!(
                     "{} records in one request; at most {ARPOONE_MAX_RECORDS} are allowed",
                     elements.len()
                 )));
+            }
+            // Checked before anything is enqueued: a request is written whole
+            // or not at all.
+            if elements.iter().any(|e| e.get().len() > inner.record_limit) {
+                return Err(ApiError::TooLarge {
+                    what: "array element",
+                    limit: inner.record_limit,
+                });
             }
             tracing::Span::current().record("records", elements.len());
             let keys: Vec<Option<String>> = elements.iter().map(|e| arpoone_key(e.get())).collect();
@@ -311,23 +358,24 @@ fn authenticate(
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
+    limit: usize,
     http: &config::HttpConfig,
 ) -> Result<bytes::Bytes, ApiError> {
+    let too_large = ApiError::TooLarge {
+        what: "body",
+        limit,
+    };
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > http.body_limit_bytes as u64) {
-        return Err(ApiError::TooLarge {
-            limit: http.body_limit_bytes,
-        });
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
     }
-    let limited = http_body_util::Limited::new(body, http.body_limit_bytes);
+    let limited = http_body_util::Limited::new(body, limit);
     match tokio::time::timeout(http.body_read_timeout(), limited.collect()).await {
         Err(_) => Err(ApiError::Unavailable("request body not received in time")),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge {
-            limit: http.body_limit_bytes,
-        }),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large),
         Ok(Err(_)) => Err(ApiError::Unavailable("request body could not be read")),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
@@ -339,7 +387,8 @@ struct LisolooProbe<'a> {
     message_id: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// Checks that a Lisoloo body is JSON and returns its `message_id`, the key.
+/// Checks that a Lisoloo body (without its byte-order mark) is JSON and
+/// returns its `message_id`, the key.
 /// A body that is JSON but not the envelope we know is still accepted (with no
 /// key): the consumer sends it to the DLQ where it can be replayed.
 fn lisoloo_key(body: &[u8]) -> Result<Option<String>, ApiError> {

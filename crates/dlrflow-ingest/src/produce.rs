@@ -29,10 +29,18 @@ pub struct Producer {
     kafka: FutureProducer,
     topic: String,
     delivery_timeout: Duration,
+    record_limit: usize,
 }
 
+/// The producer could not be created. The text names the setting librdkafka
+/// refused but never shows its value, nor any secret of the configuration;
+/// it is a string because rdkafka's error carries the value and prints it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CreateError(String);
+
 impl Producer {
-    pub fn new(cfg: &IngestKafkaConfig) -> Result<Self, KafkaError> {
+    pub fn new(cfg: &IngestKafkaConfig) -> Result<Self, CreateError> {
         let kafka: FutureProducer = cfg
             .client
             .client_config(&[
@@ -54,11 +62,13 @@ impl Producer {
                 ("reconnect.backoff.ms", "50".into()),
                 ("reconnect.backoff.max.ms", "1000".into()),
             ])
-            .create()?;
+            .create()
+            .map_err(|e| CreateError(describe_create_error(&e, cfg)))?;
         Ok(Self {
             kafka,
             topic: cfg.raw_topic.clone(),
             delivery_timeout: cfg.delivery_timeout(),
+            record_limit: cfg.record_limit(),
         })
     }
 
@@ -98,6 +108,10 @@ impl Producer {
             }
             match self.kafka.send_result(record) {
                 Ok(fut) => pending.push(fut),
+                Err((KafkaError::MessageProduction(code), _)) if too_large(code) => {
+                    metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "too_large").increment(1);
+                    return Err(self.too_large());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "queue_full").increment(1);
                     return Err(ApiError::Unavailable("producer queue full"));
@@ -124,6 +138,17 @@ impl Producer {
         for res in results {
             match res {
                 Ok(Ok(_)) => {}
+                Ok(Err((KafkaError::MessageProduction(code), _))) if too_large(code) => {
+                    // The broker's limit (broker `message.max.bytes`, topic
+                    // `max.message.bytes`) is below the producer's: this record
+                    // can never be written, so a retry would only fail again.
+                    tracing::error!(
+                        error = %code,
+                        "the broker refused a record for its size: its limit is below kafka.settings.message.max.bytes"
+                    );
+                    metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "too_large").increment(1);
+                    return Err(self.too_large());
+                }
                 Ok(Err((e, _))) => {
                     tracing::warn!(error = %e, "broker did not acknowledge a record");
                     metrics::counter!("dlrflow_ingest_produce_failures_total", "reason" => "not_acknowledged").increment(1);
@@ -138,6 +163,13 @@ impl Producer {
         Ok(())
     }
 
+    fn too_large(&self) -> ApiError {
+        ApiError::TooLarge {
+            what: "record",
+            limit: self.record_limit,
+        }
+    }
+
     /// Whether the broker answers and the raw topic exists.
     pub async fn ready(&self) -> Result<usize, String> {
         let kafka = self.kafka.clone();
@@ -149,6 +181,43 @@ impl Producer {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// The errors that mean "this record can never be written": retrying it
+/// (a 503) would fail the same way every time.
+fn too_large(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+    )
+}
+
+/// The producer's creation error without any configured value: rdkafka's
+/// text for a refused property ends with the value, and librdkafka's own
+/// message quotes it, so only the property and the reason are kept, and any
+/// secret of `kafka.settings` still in the text is masked.
+fn describe_create_error(e: &KafkaError, cfg: &IngestKafkaConfig) -> String {
+    let text = match e {
+        KafkaError::ClientConfig(_, reason, key, value) => {
+            let reason = if value.is_empty() {
+                reason.clone()
+            } else {
+                reason.replace(value.as_str(), "***")
+            };
+            format!("librdkafka refused the setting `{key}` (value not shown): {reason}")
+        }
+        other => other.to_string(),
+    };
+    redact(&text, cfg.secret_settings())
+}
+
+/// `text` with every one of `secrets` replaced by `***`.
+fn redact<'a>(text: &str, secrets: impl Iterator<Item = &'a str>) -> String {
+    let mut out = text.to_owned();
+    for s in secrets.filter(|s| !s.is_empty()) {
+        out = out.replace(s, "***");
+    }
+    out
 }
 
 fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {

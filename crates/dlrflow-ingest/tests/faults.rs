@@ -192,3 +192,28 @@ async fn a_stalled_real_broker_gives_503_and_is_healthy_afterwards() {
         broker.log()
     );
 }
+
+/// Issue 9: a broker that refuses a record for its size (its limit below the
+/// producer's `message.max.bytes`) refuses it on every retry too, so the
+/// answer is 413 at once, not a 503 the gateway would retry until it drops
+/// the event. (The ingest's own check keeps such records from the broker
+/// with matching limits; this is the misconfigured case.)
+#[tokio::test]
+async fn a_broker_refusing_a_record_for_its_size_gives_413_not_503() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).unwrap();
+    let app = spawn_with(mock_config(&cluster)).await;
+    healthy(&app).await;
+
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let (status, took, retry_after) = post(&app).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(retry_after.is_none(), "413 carries no Retry-After");
+    assert!(
+        took < Duration::from_millis(TIMEOUT_MS + 1000),
+        "answered in {took:?}"
+    );
+}

@@ -217,7 +217,7 @@ async fn bad_bodies_get_400_or_413_and_write_nothing() {
         StatusCode::BAD_REQUEST
     );
 
-    // Over the 1 MiB default: declared, and streamed without a length.
+    // Over the default body limit: declared, and streamed without a length.
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(1024 * 1024));
     assert_eq!(
         post("/lisoloo/webhook", big.clone().into())
@@ -425,6 +425,401 @@ async fn config_errors_name_the_setting() {
     assert!(err.contains("sources[0].auth"), "{err}");
 
     // Secrets never show up in Debug output.
-    let cfg = config("127.0.0.1:9092", "t");
-    assert!(!format!("{cfg:?}").contains(PASS));
+    let mut cfg = config("127.0.0.1:9092", "t");
+    cfg.kafka
+        .client
+        .settings
+        .insert("sasl.password".into(), "kafka-s3cret".into());
+    cfg.kafka.client.settings.insert(
+        "sasl_oauthbearer_client_secret".into(),
+        "oauth-s3cret".into(),
+    );
+    let debug = format!("{cfg:?}");
+    for secret in [
+        PASS,
+        PASS_NEW,
+        ARPOONE_TOKEN,
+        "kafka-s3cret",
+        "oauth-s3cret",
+    ] {
+        assert!(!debug.contains(secret), "{debug}");
+    }
+
+    // No password in the broker address, and the error does not repeat it.
+    let mut cfg = config("user:b-s3cret@127.0.0.1:9092", "t");
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("kafka.brokers") && !err.contains("b-s3cret"),
+        "{err}"
+    );
+
+    // The record limit follows the producer's message.max.bytes.
+    cfg.kafka.client.brokers = "127.0.0.1:9092".into();
+    cfg.kafka
+        .client
+        .settings
+        .insert("message.max.bytes".into(), "200000".into());
+    assert_eq!(
+        cfg.kafka.record_limit(),
+        200_000 - dlrflow_ingest::RECORD_HEADROOM
+    );
+    assert_eq!(cfg.body_limit(), cfg.kafka.record_limit());
+    cfg.http.body_limit_bytes = Some(300_000);
+    assert_eq!(cfg.body_limit(), 300_000);
+    cfg.validate().unwrap();
+    cfg.kafka
+        .client
+        .settings
+        .insert("message.max.bytes".into(), "4000".into());
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("message.max.bytes"), "{err}");
+}
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Issue 9: a body that starts with a UTF-8 byte-order mark used to get 400,
+/// which the gateway treats as final. It is accepted, keyed as usual, and the
+/// record holds the bytes as received.
+#[tokio::test]
+async fn a_body_with_a_byte_order_mark_is_accepted_and_kept_as_received() {
+    let app = spawn_app().await;
+    let lisoloo_mid = message_id();
+    let lisoloo_body = [BOM, lisoloo_event(&lisoloo_mid).as_bytes()].concat();
+    let resp = app
+        .client
+        .post(app.url("/lisoloo/webhook"))
+        .header("Authorization", basic(USER, PASS))
+        .body(lisoloo_body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+
+    let arpoone_mid = uuid::Uuid::new_v4().to_string();
+    let elements = [
+        format!(
+            r#"{{"Msisdn":"351911111111","Status":"DELIVERED","MessageId":"{arpoone_mid}","ReportDateTime":"2026-05-27T10:15:00"}}"#
+        ),
+        format!(
+            r#"{{ "Msisdn": "351922222222", "Status": "PENDING", "MessageId": "{arpoone_mid}", "ReportDateTime": "2026-05-27T10:15:01" }}"#
+        ),
+    ];
+    let arpoone_body = [
+        BOM,
+        format!("[\n {},{}]", elements[0], elements[1]).as_bytes(),
+    ]
+    .concat();
+    let resp = app
+        .client
+        .post(app.url("/arpoone/webhook/delivered"))
+        .header("Authorization", basic(USER, PASS))
+        .body(arpoone_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["accepted"], 2);
+
+    // A mark that is not at the very start, or a body that is only a mark,
+    // is still not JSON.
+    for bad in [
+        [b" ", BOM, lisoloo_event("m").as_bytes()].concat(),
+        BOM.to_vec(),
+        [BOM, BOM, lisoloo_event("m").as_bytes()].concat(),
+    ] {
+        let resp = app
+            .client
+            .post(app.url("/lisoloo/webhook"))
+            .header("Authorization", basic(USER, PASS))
+            .body(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+
+    let records = app.records(3).await;
+    assert_eq!(records.len(), 3);
+    let lisoloo: Vec<_> = records
+        .iter()
+        .filter(|r| r.header("provider") == Some("lisoloo"))
+        .collect();
+    assert_eq!(lisoloo.len(), 1);
+    assert_eq!(
+        lisoloo[0].payload, lisoloo_body,
+        "the whole body, mark included"
+    );
+    assert_eq!(lisoloo[0].key.as_deref(), Some(lisoloo_mid.as_bytes()));
+    let arpoone: BTreeSet<&[u8]> = records
+        .iter()
+        .filter(|r| r.header("provider") == Some("arpoone"))
+        .map(|r| {
+            assert_eq!(r.key.as_deref(), Some(arpoone_mid.as_bytes()));
+            r.payload.as_slice()
+        })
+        .collect();
+    let want: BTreeSet<&[u8]> = elements.iter().map(|e| e.as_bytes()).collect();
+    assert_eq!(arpoone, want, "each element's exact bytes");
+}
+
+/// A Lisoloo event of exactly `size` bytes (padded in an unknown field).
+fn lisoloo_event_of(message_id: &str, size: usize) -> Vec<u8> {
+    let base = lisoloo_event(message_id);
+    let pad = size - base.len() - r#","pad":"""#.len();
+    let body = format!(
+        "{},\"pad\":\"{}\"}}",
+        &base[..base.len() - 1],
+        "x".repeat(pad)
+    );
+    assert_eq!(body.len(), size);
+    body.into_bytes()
+}
+
+/// An Arpoone report of exactly `size` bytes (padded in `CustomPayload`).
+fn arpoone_report_of(message_id: &str, size: usize) -> String {
+    let base = format!(
+        r#"{{"Msisdn":"351911111111","Status":"DELIVERED","MessageId":"{message_id}","ReportDateTime":"2026-05-27T10:15:00","CustomPayload":""}}"#
+    );
+    let at = base.len() - 2;
+    let report = format!(
+        "{}{}{}",
+        &base[..at],
+        "y".repeat(size - base.len()),
+        &base[at..]
+    );
+    assert_eq!(report.len(), size);
+    report
+}
+
+/// Issue 9: a body under `http.body_limit_bytes` but over what the producer
+/// can write (librdkafka `message.max.bytes`) used to get 503 on every try,
+/// so the gateway spent its retries and dropped the event. A record that can
+/// never be written gets 413 at once; the largest one that can is written.
+#[tokio::test]
+async fn records_over_the_record_limit_get_413_at_once_and_the_largest_allowed_is_written() {
+    let brokers = dlrflow_runtime::testing::test_brokers();
+    let topic = dlrflow_runtime::testing::unique_name("ingest-sizes");
+    dlrflow_runtime::testing::create_topic(&brokers, &topic, 3)
+        .await
+        .unwrap();
+
+    // The defaults agree: the body limit is the record limit, derived from
+    // librdkafka's default message.max.bytes.
+    let cfg = config(&brokers, &topic);
+    let limit = cfg.kafka.record_limit();
+    assert_eq!(limit, 1_000_000 - dlrflow_ingest::RECORD_HEADROOM);
+    assert_eq!(cfg.body_limit(), limit);
+    let app = spawn_with(cfg).await;
+    let post = |app: &TestApp, path: &'static str, body: Vec<u8>| {
+        let req = app
+            .client
+            .post(app.url(path))
+            .header("Authorization", basic(USER, PASS))
+            .body(body);
+        async move {
+            let started = std::time::Instant::now();
+            let status = req.send().await.unwrap().status();
+            (status, started.elapsed())
+        }
+    };
+    // The size from the issue: over message.max.bytes, under 1 MiB.
+    let (status, took) = post(
+        &app,
+        "/lisoloo/webhook",
+        lisoloo_event_of(&message_id(), 1_020_331),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    app.stop().await.unwrap();
+
+    // A larger body limit (for big Arpoone batches) still holds every record
+    // to the record limit.
+    let mut cfg = config(&brokers, &topic);
+    cfg.http.body_limit_bytes = Some(4 * 1024 * 1024);
+    let app = spawn_with(cfg).await;
+    let kept = message_id();
+    let cases = [
+        (
+            "Lisoloo, one byte over",
+            "/lisoloo/webhook",
+            lisoloo_event_of(&message_id(), limit + 1),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "Lisoloo, the issue's 1,020,331 bytes",
+            "/lisoloo/webhook",
+            lisoloo_event_of(&message_id(), 1_020_331),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "Lisoloo, a byte-order mark making it one over",
+            "/lisoloo/webhook",
+            [BOM, &lisoloo_event_of(&message_id(), limit - 2)].concat(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "Arpoone, one element one byte over",
+            "/arpoone/webhook",
+            format!(
+                "[{},{}]",
+                arpoone_report_of("a-small", 300),
+                arpoone_report_of("a-big", limit + 1)
+            )
+            .into_bytes(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "Lisoloo, exactly the limit",
+            "/lisoloo/webhook",
+            lisoloo_event_of(&kept, limit),
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            "Arpoone, two elements of exactly the limit",
+            "/arpoone/webhook",
+            format!(
+                "[{},{}]",
+                arpoone_report_of("a-max-1", limit),
+                arpoone_report_of("a-max-2", limit)
+            )
+            .into_bytes(),
+            StatusCode::OK,
+        ),
+    ];
+    let mut want: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for (name, path, body, status) in cases {
+        let (got, took) = post(&app, path, body.clone()).await;
+        assert_eq!(got, status, "{name}");
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            assert!(took < std::time::Duration::from_secs(1), "{name}: {took:?}");
+        } else if path == "/lisoloo/webhook" {
+            want.insert(body);
+        } else {
+            let elements: Vec<&serde_json::value::RawValue> =
+                serde_json::from_slice(&body).unwrap();
+            want.extend(elements.iter().map(|e| e.get().as_bytes().to_vec()));
+        }
+    }
+    let records = app.records(3).await;
+    let got: BTreeSet<Vec<u8>> = records.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(records.len(), 3, "only the records at the limit");
+    assert!(got == want, "the records at the limit, byte for byte");
+    assert!(records
+        .iter()
+        .any(|r| r.key.as_deref() == Some(kept.as_bytes())));
+    app.stop().await.unwrap();
+
+    // A message.max.bytes in kafka.settings moves the record limit with it.
+    let topic = dlrflow_runtime::testing::unique_name("ingest-sizes-set");
+    dlrflow_runtime::testing::create_topic(&brokers, &topic, 1)
+        .await
+        .unwrap();
+    let mut cfg = config(&brokers, &topic);
+    cfg.kafka
+        .client
+        .settings
+        .insert("message_max_bytes".into(), "100000".into());
+    let limit = 100_000 - dlrflow_ingest::RECORD_HEADROOM;
+    assert_eq!(cfg.body_limit(), limit);
+    let app = spawn_with(cfg).await;
+    let over = lisoloo_event_of(&message_id(), limit + 1);
+    let (status, took) = post(&app, "/lisoloo/webhook", over).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    // At the limit with the longest key and every header: the headroom holds.
+    let long_key = "k".repeat(dlrflow_ingest::MAX_KEY_LEN);
+    let at = lisoloo_event_of(&long_key, limit);
+    let resp = app
+        .client
+        .post(app.url("/lisoloo/webhook"))
+        .header("Authorization", basic(USER, PASS))
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(at.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let records = app.records(1).await;
+    assert_eq!(records.len(), 1);
+    assert!(records[0].payload == at);
+    assert_eq!(records[0].key.as_deref(), Some(long_key.as_bytes()));
+    assert!(records[0].header("traceparent").is_some());
+}
+
+/// Issue 9: the `source` label came from the URL path, so every random path
+/// made a new series. Only configured names (or `unknown`) are label values.
+#[tokio::test]
+async fn metric_labels_take_only_configured_source_names() {
+    let app = spawn_app().await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let paths = [
+        format!("/x{tag}/webhook"),
+        format!("/y{tag}/webhook/delivered"),
+        format!("/z{tag}/t/tok_0123456789abcdef/webhook"),
+        format!("/w{tag}/t/tok/webhook/pending"),
+    ];
+    for p in &paths {
+        let resp = app
+            .client
+            .post(app.url(p))
+            .header("Authorization", basic(USER, PASS))
+            .body(lisoloo_event("m"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{p}");
+    }
+    // A configured source keeps its name, whatever the outcome.
+    let resp = app
+        .client
+        .post(app.url("/lisoloo/webhook"))
+        .header("Authorization", basic(USER, "wrong"))
+        .body(lisoloo_event("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains(&tag), "a path became a label:\n{metrics}");
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("dlrflow_ingest_requests_total{"))
+        .collect();
+    let unknown: f64 = requests
+        .iter()
+        .filter(|l| l.contains(r#"source="unknown""#) && l.contains(r#"outcome="unknown_route""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(unknown >= paths.len() as f64, "{requests:#?}");
+    assert!(
+        requests
+            .iter()
+            .any(|l| l.contains(r#"source="lisoloo""#) && l.contains(r#"outcome="unauthorized""#)),
+        "{requests:#?}"
+    );
+    for l in &requests {
+        let source = l
+            .split("source=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap();
+        assert!(
+            ["lisoloo", "arpoone", "arpoone-tok", "open", "unknown"].contains(&source),
+            "{l}"
+        );
+    }
 }
