@@ -116,7 +116,8 @@ pub struct BudgetConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RedisConfig {
-    pub url: String,
+    /// Secret (it may carry a password); printed only with the password masked.
+    pub url: SecretString,
     /// Prefix of every Redis key (tests use a unique one).
     pub prefix: String,
 }
@@ -179,6 +180,7 @@ impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let cfg: Config = config::load(DEFAULTS, file)?;
+        cfg.register_secrets();
         cfg.validate()?;
         Ok(cfg)
     }
@@ -196,10 +198,21 @@ impl Config {
                 "must be an http:// or https:// URL",
             ));
         }
-        if reqwest::Url::parse(&api.base_url).is_err() {
+        let Ok(base) = reqwest::Url::parse(&api.base_url) else {
             return Err(ConfigError::invalid(
                 "status_api.base_url",
                 "not a valid URL",
+            ));
+        };
+        if (!base.username().is_empty() || base.password().is_some())
+            && api.auth_header.eq_ignore_ascii_case("authorization")
+        {
+            // reqwest turns URL credentials into a Basic `Authorization`
+            // header, which would replace the API key's.
+            return Err(ConfigError::invalid(
+                "status_api.base_url",
+                "credentials in the URL would replace the API key's Authorization header; \
+                 remove them or send the key in another status_api.auth_header",
             ));
         }
         if api.api_key.expose_secret().trim().is_empty() {
@@ -256,7 +269,8 @@ impl Config {
         if self.redis.prefix.trim().is_empty() {
             return Err(ConfigError::invalid("redis.prefix", "must not be empty"));
         }
-        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+        let redis_url = self.redis.url.expose_secret();
+        if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
             return Err(ConfigError::invalid("redis.url", "must be a redis:// URL"));
         }
         let pg = &self.postgres;
@@ -341,6 +355,15 @@ impl Config {
         Ok(())
     }
 
+    /// Makes every secret of this configuration invisible in what the process
+    /// prints from now on (see [`crate::redact`]).
+    pub fn register_secrets(&self) {
+        crate::redact::register(self.status_api.api_key.expose_secret());
+        crate::redact::register_url(self.redis.url.expose_secret());
+        crate::redact::register_url(self.postgres.url.expose_secret());
+        crate::redact::register_url(&self.status_api.base_url);
+    }
+
     /// The value of the auth header: `{scheme} {key}` or the bare key.
     pub(crate) fn auth_value(&self) -> String {
         let key = self.status_api.api_key.expose_secret();
@@ -373,6 +396,10 @@ impl BudgetConfig {
     }
     pub fn safety_margin(&self) -> Duration {
         ms(self.safety_margin_ms)
+    }
+    /// The window the limiter counts over: the gateway's plus the margin.
+    pub fn limiter_window(&self) -> Duration {
+        self.window() + self.safety_margin()
     }
 }
 
@@ -479,6 +506,10 @@ mod tests {
                 Box::new(|c| c.status_api.auth_header = "bad header".into()),
             ),
             (
+                "status_api.base_url",
+                Box::new(|c| c.status_api.base_url = "https://u:url-pw-1@gw.example".into()),
+            ),
+            (
                 "reconcile.lease_ms",
                 Box::new(|c| c.reconcile.lease_ms = 1000),
             ),
@@ -492,6 +523,7 @@ mod tests {
             change(&mut c);
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(setting), "{setting}: {err}");
+            assert!(!err.contains("url-pw-1"), "{err}");
         }
     }
 
@@ -504,6 +536,14 @@ mod tests {
         let mut d = valid();
         d.budget.key_id = "tenant-a".into();
         assert_eq!(d.key_id(), "tenant-a");
+    }
+
+    #[test]
+    fn url_credentials_are_fine_with_another_auth_header() {
+        let mut c = valid();
+        c.status_api.base_url = "https://u:pw@gw.example".into();
+        c.status_api.auth_header = "X-Api-Key".into();
+        c.validate().unwrap();
     }
 
     #[test]

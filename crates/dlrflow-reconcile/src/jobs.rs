@@ -62,7 +62,7 @@ const UPSERT_TAIL: &str = r#"
 ON CONFLICT (message_id) DO UPDATE
    SET reason = excluded.reason, since = excluded.since, due_at = excluded.due_at,
        first_requested_at = excluded.first_requested_at, attempts = 0,
-       last_error = NULL, done_at = NULL, gave_up = false
+       last_error = NULL, done_at = NULL, gave_up = false, failed = false
  WHERE reconcile_jobs.done_at IS NOT NULL
 "#;
 
@@ -310,6 +310,27 @@ RETURNING j.message_id, j.source, j.reason, j.attempts, j.first_requested_at,
     .await
 }
 
+/// Records that the budget `name` (`{redis.prefix}:{key_id}`) is in use;
+/// true if this is its first use in this database. The limiter asks when its
+/// Redis state is missing: a budget used before means Redis lost its log.
+///
+/// Takes a transaction-scoped advisory lock on the name first, so replicas
+/// settle it one at a time: the caller initializes Redis before it commits,
+/// and the next replica finds both the row and the Redis state.
+pub async fn first_use(tx: &mut Transaction<'_, Postgres>, name: &str) -> sqlx::Result<bool> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('dlrflow-reconcile:budget:' || $1))")
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    let inserted: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO reconcile_budgets (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING true",
+    )
+    .bind(name)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(inserted.is_some())
+}
+
 /// Gives a job back without counting an attempt (no read was made).
 pub async fn release(pool: &PgPool, job: &Job, owner: &str, delay: Duration) -> sqlx::Result<()> {
     sqlx::query(
@@ -360,6 +381,29 @@ RETURNING gave_up"#,
     Ok(gave_up.unwrap_or(false))
 }
 
+/// Closes a job whose answer can never be written (a permanent error): done,
+/// `failed`, the error kept. Like a completed read it counts as read now, so
+/// its triggers fire again only after their usual guard (a deadline later, a
+/// newer change, `conflict_reread_secs`), never in a loop.
+pub async fn fail(pool: &PgPool, job: &Job, owner: &str, error: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        r#"
+UPDATE reconcile_jobs
+   SET done_at = now(), reads = reads + 1, attempts = attempts + 1, last_error = $3,
+       lease_owner = NULL, lease_until = NULL, gave_up = false, failed = true,
+       last_read_at = greatest(last_read_at, $4)
+ WHERE message_id = $1 AND lease_owner = $2"#,
+    )
+    .bind(&job.message_id)
+    .bind(owner)
+    .bind(error)
+    .bind(job.claimed_at)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
 /// Finishes a job inside the transaction that wrote the read's answer.
 ///
 /// `last_read_at` becomes the later of the claim time and the newest
@@ -375,7 +419,7 @@ pub async fn complete(
         r#"
 UPDATE reconcile_jobs
    SET done_at = now(), reads = reads + 1, attempts = attempts + 1, last_error = NULL,
-       lease_owner = NULL, lease_until = NULL, gave_up = false,
+       lease_owner = NULL, lease_until = NULL, gave_up = false, failed = false,
        last_read_at = greatest($3, (SELECT max(updated_at) FROM recipient_state
                                      WHERE message_id = $1 AND recipient = ANY($4)))
  WHERE message_id = $1 AND lease_owner = $2"#,

@@ -13,10 +13,12 @@ pub mod client;
 pub mod config;
 pub mod jobs;
 pub mod limiter;
+pub mod redact;
 pub mod store;
 mod telemetry;
 mod worker;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,8 @@ use axum::{Json, Router};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use dlrflow_runtime::ExposeSecret;
 
 use crate::client::StatusClient;
 pub use crate::config::Config;
@@ -58,6 +62,18 @@ pub(crate) struct Inner {
     pub(crate) key_id: String,
     pub(crate) health: Mutex<Health>,
     shutting_down: AtomicBool,
+    /// Faults injected by tests, by task name (see [`AppState::inject_fault`]).
+    faults: Mutex<HashMap<String, Fault>>,
+}
+
+/// A failure a test makes a background task suffer (see
+/// [`AppState::inject_fault`]). Never used by the service itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The task panics.
+    Panic,
+    /// The task returns an error.
+    Error,
 }
 
 #[derive(Default)]
@@ -65,6 +81,8 @@ pub(crate) struct Health {
     /// Set after a 401 (ours or another replica's): reads are stopped.
     pub(crate) unauthorized: Option<String>,
     pub(crate) sweep_error: Option<String>,
+    /// The limiter's Redis failed the last request (workers cannot get budget).
+    pub(crate) redis_error: Option<String>,
 }
 
 impl Inner {
@@ -80,12 +98,38 @@ impl Inner {
         telemetry::unauthorized_state(reason.is_some());
         self.health.lock().expect("health lock").unauthorized = reason;
     }
+
+    /// Records whether the limiter's Redis answered the last time it was asked.
+    pub(crate) fn set_redis_error(&self, error: Option<String>) {
+        let mut h = self.health.lock().expect("health lock");
+        match (&h.redis_error, &error) {
+            (None, Some(e)) => tracing::warn!(
+                error = %e,
+                "Redis unreachable: no budget can be granted, status reads stop until it answers"
+            ),
+            (Some(_), None) => tracing::info!("Redis answers again: status reads resume"),
+            _ => {}
+        }
+        telemetry::redis_up(error.is_none());
+        h.redis_error = error;
+    }
+
+    /// Carries out a fault injected for `task`, if any (tests only).
+    pub(crate) fn injected_fault(&self, task: &str) -> anyhow::Result<()> {
+        let fault = self.faults.lock().expect("faults lock").remove(task);
+        match fault {
+            None => Ok(()),
+            Some(Fault::Panic) => panic!("fault injected into `{task}` by a test"),
+            Some(Fault::Error) => Err(anyhow::anyhow!("fault injected into `{task}` by a test")),
+        }
+    }
 }
 
 impl App {
     /// Validates the configuration, connects to PostgreSQL (running the
     /// migrations if `postgres.migrate`) and Redis, and binds the listener.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        cfg.register_secrets();
         cfg.validate()?;
         // Install the Prometheus recorder now: counts made before the first
         // scrape would otherwise go to the no-op recorder.
@@ -94,10 +138,7 @@ impl App {
         if cfg.postgres.migrate {
             store::migrate(&pool).await?;
         }
-        let redis_client = redis::Client::open(cfg.redis.url.as_str()).context("redis.url")?;
-        let redis = redis::aio::ConnectionManager::new(redis_client)
-            .await
-            .context("connecting to Redis (redis.url)")?;
+        let redis = limiter::connect(cfg.redis.url.expose_secret()).await?;
         let key_id = cfg.key_id();
         let limiter = Limiter::new(
             redis,
@@ -105,8 +146,9 @@ impl App {
                 prefix: cfg.redis.prefix.clone(),
                 key_id: key_id.clone(),
                 limit: cfg.budget.reads,
-                window: cfg.budget.window() + cfg.budget.safety_margin(),
+                window: cfg.budget.limiter_window(),
                 unauthorized_hold: Duration::from_secs(cfg.budget.unauthorized_hold_secs),
+                reset_hold: cfg.budget.limiter_window(),
             },
         );
         let client = StatusClient::new(&cfg).context("building the status API client")?;
@@ -125,6 +167,7 @@ impl App {
                 key_id,
                 health: Mutex::new(Health::default()),
                 shutting_down: AtomicBool::new(false),
+                faults: Mutex::new(HashMap::new()),
             }),
         };
         Ok(App { listener, state })
@@ -143,6 +186,14 @@ impl App {
     /// Sweeps, reads and serves `/healthz`, `/readyz`, `/metrics` until
     /// `shutdown`; then stops claiming jobs and lets reads in flight finish
     /// within `http.shutdown_grace_ms`.
+    ///
+    /// Every background task is supervised: the sweeper (`sweeper`), each
+    /// worker (`worker-0` …) and the HTTP server (`http`) run until shutdown,
+    /// and one that ends before — by panic, by error or by returning at all —
+    /// stops the others and makes `run` return an error naming it (also
+    /// logged as one error line), so the process exits and its orchestrator
+    /// restarts it rather than keep a replica that answers `/readyz` but no
+    /// longer works.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let inner = self.state.inner.clone();
         let grace = inner.cfg.http.shutdown_grace();
@@ -152,44 +203,113 @@ impl App {
             sources = ?inner.cfg.reconcile.sources,
             "reconcile running"
         );
-        let mut tasks = tokio::task::JoinSet::new();
         let work = CancellationToken::new();
-        tasks.spawn(worker::sweeper(inner.clone(), work.clone()));
+        let mut tasks = Supervised::default();
+        tasks.spawn(
+            "sweeper".into(),
+            worker::sweeper(inner.clone(), work.clone()),
+        );
         for i in 0..inner.cfg.reconcile.concurrency {
-            tasks.spawn(worker::worker(inner.clone(), i, work.clone()));
+            tasks.spawn(
+                format!("worker-{i}"),
+                worker::worker(inner.clone(), i, work.clone()),
+            );
         }
-        let server = {
-            let shutdown = shutdown.clone();
-            let inner = inner.clone();
-            axum::serve(self.listener, router(self.state.clone())).with_graceful_shutdown(
-                async move {
-                    shutdown.cancelled().await;
-                    inner.shutting_down.store(true, Ordering::SeqCst);
-                },
-            )
+        {
+            let work = work.clone();
+            let server = axum::serve(self.listener, router(self.state.clone()))
+                .with_graceful_shutdown(async move { work.cancelled().await });
+            tasks.spawn(
+                "http".into(),
+                async move { server.await.context("http server") },
+            );
+        }
+        let failure = tokio::select! {
+            () = shutdown.cancelled() => None,
+            Some(joined) = tasks.set.join_next_with_id() => {
+                // Nothing asked it to stop: whatever it returned is a failure.
+                let (name, result) = tasks.describe(joined);
+                let e = result
+                    .err()
+                    .unwrap_or_else(|| anyhow::anyhow!("returned"));
+                let e = anyhow::anyhow!(
+                    "reconcile task `{name}` stopped unexpectedly: {}",
+                    redact::error_text(&format!("{e:#}"))
+                );
+                tracing::error!(task = %name, error = %e, "a reconcile task died; stopping the process");
+                telemetry::task_died(&name);
+                Some(e)
+            }
         };
-        let server = tokio::spawn(async move { server.await });
-        shutdown.cancelled().await;
         inner.shutting_down.store(true, Ordering::SeqCst);
         work.cancel();
         let drained = tokio::time::timeout(grace, async {
-            while let Some(res) = tasks.join_next().await {
-                if let Err(e) = res {
-                    tracing::error!(error = %e, "a reconcile task failed");
+            while let Some(joined) = tasks.set.join_next_with_id().await {
+                if let (name, Err(e)) = tasks.describe(joined) {
+                    tracing::error!(
+                        task = %name,
+                        error = %redact::error_text(&format!("{e:#}")),
+                        "a reconcile task failed while stopping"
+                    );
                 }
             }
         })
         .await;
         if drained.is_err() {
             tracing::warn!("reads in flight did not finish within the grace period");
-            tasks.abort_all();
+            tasks.set.abort_all();
         }
-        match tokio::time::timeout(grace, server).await {
-            Ok(res) => res.context("server task")?.context("http server")?,
-            Err(_) => tracing::warn!("http server did not stop within the grace period"),
+        match failure {
+            Some(e) => Err(e),
+            None => {
+                tracing::info!("reconcile stopped");
+                Ok(())
+            }
         }
-        tracing::info!("reconcile stopped");
-        Ok(())
+    }
+}
+
+/// Named background tasks (see [`App::run`]).
+#[derive(Default)]
+struct Supervised {
+    set: tokio::task::JoinSet<anyhow::Result<()>>,
+    names: HashMap<tokio::task::Id, String>,
+}
+
+impl Supervised {
+    fn spawn<F>(&mut self, name: String, fut: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let id = self.set.spawn(fut).id();
+        self.names.insert(id, name);
+    }
+
+    /// The task's name and its result, a panic turned into an error.
+    fn describe(
+        &self,
+        joined: Result<(tokio::task::Id, anyhow::Result<()>), tokio::task::JoinError>,
+    ) -> (String, anyhow::Result<()>) {
+        let name = |id| {
+            self.names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| "unnamed".into())
+        };
+        match joined {
+            Ok((id, result)) => (name(id), result),
+            Err(e) if e.is_panic() => {
+                let task = name(e.id());
+                let payload = e.into_panic();
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-text panic".into());
+                (task, Err(anyhow::anyhow!("panicked: {msg}")))
+            }
+            Err(e) => (name(e.id()), Err(anyhow::anyhow!("{e}"))),
+        }
     }
 }
 
@@ -213,6 +333,9 @@ fn not_ready(reason: impl Into<String>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
+/// How long `/readyz` waits for PostgreSQL or Redis before it says no.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn readyz(State(state): State<AppState>) -> Response {
     let inner = &state.inner;
     if inner.shutting_down.load(Ordering::Relaxed) {
@@ -221,13 +344,35 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if let Some(reason) = inner.unauthorized() {
         return not_ready(format!("status API key refused: {reason}"));
     }
-    if let Err(e) = sqlx::query("SELECT 1").execute(&inner.pool).await {
-        return not_ready(format!("PostgreSQL: {e}"));
+    let pg = tokio::time::timeout(
+        READY_CHECK_TIMEOUT,
+        sqlx::query("SELECT 1").execute(&inner.pool),
+    )
+    .await;
+    match pg {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            return not_ready(format!(
+                "PostgreSQL: {}",
+                redact::error_text(&e.to_string())
+            ))
+        }
+        Err(_) => return not_ready("PostgreSQL: no answer within 2 s"),
     }
-    let in_window = match inner.limiter.in_window().await {
-        Ok(n) => n,
-        Err(e) => return not_ready(format!("Redis: {e}")),
+    // Without Redis no budget can be granted, so no status read can be made.
+    let in_window = match tokio::time::timeout(READY_CHECK_TIMEOUT, inner.limiter.in_window()).await
+    {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            let e = redact::error_text(&e.to_string());
+            inner.set_redis_error(Some(e.clone()));
+            return not_ready(format!("Redis unreachable, status reads stopped: {e}"));
+        }
+        Err(_) => {
+            return not_ready("Redis unreachable, status reads stopped: no answer within 2 s")
+        }
     };
+    inner.set_redis_error(None);
     let sweep_error = inner
         .health
         .lock()
@@ -253,5 +398,17 @@ impl AppState {
 
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// **For tests only**: makes the background task `task` (`sweeper`,
+    /// `worker-0`, `worker-1`, …) suffer `fault` at the start of its next
+    /// round, to prove that a dead task stops the process (see [`App::run`]).
+    /// The service never calls it; nothing outside a test should.
+    pub fn inject_fault(&self, task: &str, fault: Fault) {
+        self.inner
+            .faults
+            .lock()
+            .expect("faults lock")
+            .insert(task.to_owned(), fault);
     }
 }

@@ -31,6 +31,21 @@
 //! What the proof assumes: one Redis primary whose clock does not jump forward
 //! (a backward jump only makes the limiter stricter), and the network delay to
 //! the gateway below half the margin.
+//!
+//! ## When Redis forgets
+//!
+//! The proof also assumes the log is never lost. A Redis restarted without
+//! persistence (or flushed) comes back empty while the gateway still counts
+//! the reads of the last window: granting at once could double the budget.
+//! So a fourth key, `epoch`, marks that the log is intact, and the script
+//! grants nothing while it is missing ([`Acquire::Uninitialized`]). The
+//! caller then tells a key used for the first time from a lost log (the
+//! reconciler asks PostgreSQL whether this key has been used before, see
+//! `jobs::first_use`) and calls [`Limiter::initialize`]: a first use starts
+//! at once, a lost log holds every grant on every replica for `reset_hold`
+//! (the limiter's whole window), after which no grant made before the loss
+//! can be in any window. While Redis cannot be reached there are no grants
+//! at all: the workers stop reading, and resume when it answers.
 
 use std::time::Duration;
 
@@ -43,16 +58,23 @@ pub enum Acquire {
     /// One read may be made now. `left` reads remain in the current window;
     /// `at_us` is the grant's Redis time (microseconds since the epoch).
     Granted { left: u32, at_us: i64 },
-    /// The budget is spent (or a 429 pause is on): ask again after `wait`.
+    /// The budget is spent (or a 429 pause or a reset hold is on): ask again
+    /// after `wait`.
     Wait { wait: Duration, paused: bool },
     /// The key was refused with a 401; no reads until an operator acts.
     Unauthorized { reason: String },
+    /// The limiter's state is not in Redis: the key is new, or Redis lost it.
+    /// No grant until [`Limiter::initialize`] was called.
+    Uninitialized,
 }
 
 const ACQUIRE: &str = r#"
 local reason = redis.call('GET', KEYS[3])
 if reason then
   return {-1, 0, reason}
+end
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return {2, 0, 'uninitialized'}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -86,16 +108,33 @@ end
 return 1
 "#;
 
+/// Marks the log intact (`epoch`) if it is not yet; after a loss
+/// (`ARGV[2]` > 0) also holds every grant for that many ms. Returns 1 if this
+/// call did it, 0 if another caller already had.
+const INITIALIZE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+local hold = tonumber(ARGV[2])
+if hold > 0 and redis.call('PTTL', KEYS[2]) < hold then
+  redis.call('SET', KEYS[2], 'reset', 'PX', hold)
+end
+return 1
+"#;
+
 /// The budget of one API key.
 #[derive(Clone)]
 pub struct Limiter {
     redis: ConnectionManager,
-    keys: [String; 3],
+    keys: [String; 4],
     limit: u32,
     window_us: u64,
     unauthorized_hold: Duration,
+    reset_hold_ms: u64,
     acquire: Script,
     pause: Script,
+    initialize: Script,
 }
 
 /// How a [`Limiter`] counts.
@@ -108,6 +147,31 @@ pub struct LimiterSettings {
     /// The window the limiter counts over (gateway window + safety margin).
     pub window: Duration,
     pub unauthorized_hold: Duration,
+    /// No grants for this long after the Redis state was found lost (the
+    /// limiter's window; see the module documentation).
+    pub reset_hold: Duration,
+}
+
+/// Opens a Redis connection that fails fast while Redis is away (about 3 s
+/// at most per command) and reconnects at the next command once it is back.
+/// Connection errors never carry the URL or its password.
+pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
+    use anyhow::Context;
+    let client = redis::Client::open(url)
+        .map_err(|e| anyhow::anyhow!(crate::redact::error_text(&e.to_string())))
+        .context("redis.url")?;
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(1))
+        .set_response_timeout(Duration::from_secs(2))
+        // One retry after at most 500 ms: the default backoff grows to a
+        // minute and more between attempts, long after Redis is back.
+        .set_number_of_retries(1)
+        .set_factor(2)
+        .set_max_delay(500);
+    ConnectionManager::new_with_config(client, cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!(crate::redact::error_text(&e.to_string())))
+        .context("connecting to Redis (redis.url)")
 }
 
 impl Limiter {
@@ -119,12 +183,15 @@ impl Limiter {
                 format!("{base}:reads"),
                 format!("{base}:paused"),
                 format!("{base}:unauthorized"),
+                format!("{base}:epoch"),
             ],
             limit: s.limit,
             window_us: u64::try_from(s.window.as_micros()).unwrap_or(u64::MAX),
             unauthorized_hold: s.unauthorized_hold,
+            reset_hold_ms: u64::try_from(s.reset_hold.as_millis()).unwrap_or(u64::MAX),
             acquire: Script::new(ACQUIRE),
             pause: Script::new(PAUSE),
+            initialize: Script::new(INITIALIZE),
         }
     }
 
@@ -136,6 +203,7 @@ impl Limiter {
             .key(&self.keys[0])
             .key(&self.keys[1])
             .key(&self.keys[2])
+            .key(&self.keys[3])
             .arg(self.limit)
             .arg(self.window_us)
             .arg(member)
@@ -148,10 +216,38 @@ impl Limiter {
             },
             0 => Acquire::Wait {
                 wait: Duration::from_millis(u64::try_from(value).unwrap_or(1).max(1)),
-                paused: text == "paused",
+                paused: text != "budget",
             },
+            2 => Acquire::Uninitialized,
             _ => Acquire::Unauthorized { reason: text },
         })
+    }
+
+    /// Marks the limiter's state present after [`Acquire::Uninitialized`].
+    /// `lost`: the key was used before, so Redis lost the log: every replica
+    /// waits the reset hold first. Returns the hold this call started (zero
+    /// for a first use, or when another caller initialized it already).
+    pub async fn initialize(&self, lost: bool, epoch: &str) -> redis::RedisResult<Duration> {
+        let mut conn = self.redis.clone();
+        let hold = if lost { self.reset_hold_ms } else { 0 };
+        let done: i64 = self
+            .initialize
+            .key(&self.keys[3])
+            .key(&self.keys[1])
+            .arg(epoch)
+            .arg(hold)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if done == 1 {
+            Duration::from_millis(hold)
+        } else {
+            Duration::ZERO
+        })
+    }
+
+    /// Names the budget (`{prefix}:{key_id}`): what `jobs::first_use` records.
+    pub fn name(&self) -> &str {
+        self.keys[0].trim_end_matches(":reads")
     }
 
     /// A 429 with `Retry-After`: every replica waits at least `for_`.

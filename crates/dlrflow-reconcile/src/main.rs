@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::Parser;
 
@@ -14,11 +15,28 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     dlrflow_runtime::telemetry::init_logs();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, secrets masked: in the logs and for a human at the terminal.
+            let e = dlrflow_reconcile::redact::scrub(&format!("{e:#}"));
+            tracing::error!(error = %e, "dlrflow-reconcile stopped");
+            eprintln!("dlrflow-reconcile: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = dlrflow_reconcile::Config::load(cli.config.as_deref())?;
     let shutdown = dlrflow_runtime::shutdown::signal_token();
-    let app = dlrflow_reconcile::App::build(cfg).await?;
+    // A signal while connecting stops the start too.
+    let app = tokio::select! {
+        app = dlrflow_reconcile::App::build(cfg) => app?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
     app.run(shutdown).await
 }

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use crate::jobs::{Backlog, Swept};
+use crate::redact;
+use crate::store::ErrorClass;
 
 pub(crate) fn read(outcome: &'static str) {
     metrics::counter!("dlrflow_reconcile_reads_total", "outcome" => outcome).increment(1);
@@ -83,20 +85,75 @@ pub(crate) fn bad_answer(e: &dlrflow_events::ParseError) {
 pub(crate) fn gave_up(message_id: &str, error: &str) {
     tracing::warn!(
         message_id,
-        error,
+        error = %redact::error_text(error),
         "giving up on a message: reconcile.give_up_after_secs passed"
     );
     metrics::counter!("dlrflow_reconcile_gave_up_total").increment(1);
 }
 
 pub(crate) fn db_error(stage: &'static str, e: &sqlx::Error) {
-    tracing::error!(stage, error = %e, "PostgreSQL error");
+    let (class, _) = crate::store::classify_sqlx(e);
+    tracing::error!(stage, class = class.as_str(), error = %redact::error_text(&e.to_string()), "PostgreSQL error");
     metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "postgres", "stage" => stage)
         .increment(1);
 }
 
 pub(crate) fn redis_error(stage: &'static str, e: &redis::RedisError) {
-    tracing::error!(stage, error = %e, "Redis error");
+    tracing::error!(stage, error = %redact::error_text(&e.to_string()), "Redis error");
     metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "redis", "stage" => stage)
+        .increment(1);
+}
+
+pub(crate) fn redis_up(up: bool) {
+    metrics::gauge!("dlrflow_reconcile_redis_up").set(if up { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn budget_reset(hold: Duration) {
+    tracing::warn!(
+        hold_ms = hold.as_millis() as u64,
+        "the limiter's log of recent reads was lost (Redis restarted empty or was flushed): \
+         no replica reads until one window has passed"
+    );
+    metrics::counter!("dlrflow_reconcile_budget_resets_total").increment(1);
+}
+
+pub(crate) fn task_died(task: &str) {
+    metrics::counter!("dlrflow_reconcile_task_failures_total", "task" => task.to_owned())
+        .increment(1);
+}
+
+/// Writing an answer failed; `error` is already scrubbed and bounded.
+pub(crate) fn write_error(class: ErrorClass, reason: &str, error: &str, retrying: bool) {
+    if retrying {
+        tracing::warn!(
+            class = class.as_str(),
+            reason,
+            error,
+            "writing the answer failed; retrying"
+        );
+    } else {
+        tracing::error!(
+            class = class.as_str(),
+            reason,
+            error,
+            "writing the answer failed"
+        );
+    }
+    metrics::counter!(
+        "dlrflow_reconcile_write_errors_total",
+        "class" => class.as_str(),
+        "reason" => reason.to_owned()
+    )
+    .increment(1);
+}
+
+pub(crate) fn job_failed(message_id: &str, reason: &str, error: &str) {
+    tracing::error!(
+        message_id,
+        reason,
+        error,
+        "the answer can never be written: job marked failed, the others go on"
+    );
+    metrics::counter!("dlrflow_reconcile_jobs_failed_total", "reason" => reason.to_owned())
         .increment(1);
 }

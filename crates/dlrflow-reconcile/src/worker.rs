@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::client::Read;
 use crate::jobs::{self, Job, SweepParams};
 use crate::limiter::Acquire;
+use crate::redact;
+use crate::store::ErrorClass;
 use crate::telemetry;
 use crate::Inner;
 
@@ -28,11 +30,14 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
-/// Sweeps every `reconcile.sweep_interval_ms` until shutdown.
-pub(crate) async fn sweeper(inner: Arc<Inner>, shutdown: CancellationToken) {
+/// Sweeps every `reconcile.sweep_interval_ms` until shutdown. Errors are
+/// retried at the next sweep (and shown by `/readyz`); returning before
+/// shutdown is a failure of the process (see `App::run`).
+pub(crate) async fn sweeper(inner: Arc<Inner>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let r = &inner.cfg.reconcile;
     let lock_name = format!("dlrflow-reconcile:sweep:{}", inner.cfg.postgres.schema);
     loop {
+        inner.injected_fault("sweeper")?;
         let params = SweepParams {
             sources: &r.sources,
             strict_sources: &r.strict_sources,
@@ -46,7 +51,8 @@ pub(crate) async fn sweeper(inner: Arc<Inner>, shutdown: CancellationToken) {
             }
             Err(e) => {
                 telemetry::db_error("sweep", &e);
-                inner.health.lock().expect("health lock").sweep_error = Some(e.to_string());
+                inner.health.lock().expect("health lock").sweep_error =
+                    Some(redact::error_text(&e.to_string()));
             }
         }
         match jobs::backlog(&inner.pool, &r.sources, r).await {
@@ -54,17 +60,24 @@ pub(crate) async fn sweeper(inner: Arc<Inner>, shutdown: CancellationToken) {
             Err(e) => telemetry::db_error("backlog", &e),
         }
         if !nap(jitter(r.sweep_interval()), &shutdown).await {
-            return;
+            return Ok(());
         }
     }
 }
 
 /// One read worker: claim the oldest due job, wait for budget, read, write.
-pub(crate) async fn worker(inner: Arc<Inner>, index: usize, shutdown: CancellationToken) {
+/// Returning before shutdown is a failure of the process (see `App::run`).
+pub(crate) async fn worker(
+    inner: Arc<Inner>,
+    index: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let name = format!("worker-{index}");
     let owner = format!("{}/{index}", inner.owner);
     let r = &inner.cfg.reconcile;
     let mut grants = 0u64;
     while !shutdown.is_cancelled() {
+        inner.injected_fault(&name)?;
         if inner.unauthorized().is_some() {
             // Stopped by a 401: only look whether the shared marker is gone.
             match inner.limiter.unauthorized_reason().await {
@@ -73,7 +86,7 @@ pub(crate) async fn worker(inner: Arc<Inner>, index: usize, shutdown: Cancellati
                 Err(e) => telemetry::redis_error("unauthorized check", &e),
             }
             if !nap(jitter(Duration::from_secs(5)), &shutdown).await {
-                return;
+                return Ok(());
             }
             continue;
         }
@@ -81,20 +94,21 @@ pub(crate) async fn worker(inner: Arc<Inner>, index: usize, shutdown: Cancellati
             Ok(Some(job)) => job,
             Ok(None) => {
                 if !nap(jitter(r.poll_interval()), &shutdown).await {
-                    return;
+                    return Ok(());
                 }
                 continue;
             }
             Err(e) => {
                 telemetry::db_error("claim", &e);
                 if !nap(jitter(Duration::from_secs(1)), &shutdown).await {
-                    return;
+                    return Ok(());
                 }
                 continue;
             }
         };
         process(&inner, &owner, &mut grants, job, &shutdown).await;
     }
+    Ok(())
 }
 
 /// Waits for a grant; `None` means the job was handed back.
@@ -120,7 +134,11 @@ async fn wait_for_grant(
         *grants += 1;
         let member = format!("{owner}/{grants}");
         let asked = Instant::now();
-        match inner.limiter.acquire(&member).await {
+        let acquired = inner.limiter.acquire(&member).await;
+        if acquired.is_ok() {
+            inner.set_redis_error(None);
+        }
+        match acquired {
             Ok(Acquire::Granted { left, .. }) => {
                 telemetry::budget_left(left);
                 if asked.elapsed() > fresh {
@@ -143,6 +161,14 @@ async fn wait_for_grant(
                 )
                 .await;
             }
+            Ok(Acquire::Uninitialized) => {
+                // New budget, or Redis lost its log: PostgreSQL knows which.
+                // Nothing is granted until it is settled.
+                if let Err(e) = initialize_budget(inner, &member).await {
+                    tracing::warn!(error = %redact::error_text(&format!("{e:#}")), "could not initialize the budget in Redis");
+                    nap(jitter(Duration::from_millis(500)), shutdown).await;
+                }
+            }
             Ok(Acquire::Unauthorized { reason }) => {
                 inner.set_unauthorized(Some(reason));
                 if let Err(e) = jobs::release(&inner.pool, job, owner, Duration::ZERO).await {
@@ -151,11 +177,30 @@ async fn wait_for_grant(
                 return None;
             }
             Err(e) => {
-                telemetry::redis_error("acquire", &e);
+                // No budget can be granted: no read. Ask again shortly; the
+                // connection is re-established as soon as Redis answers.
+                metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "redis", "stage" => "acquire")
+                    .increment(1);
+                inner.set_redis_error(Some(redact::error_text(&e.to_string())));
                 nap(jitter(Duration::from_millis(500)), shutdown).await;
             }
         }
     }
+}
+
+/// After [`Acquire::Uninitialized`]: a budget this database has seen before
+/// lost its Redis log, and every replica waits the limiter's window; a new
+/// one starts at once. Replicas do this one at a time (see `jobs::first_use`):
+/// Redis is initialized before the first-use row commits.
+async fn initialize_budget(inner: &Inner, epoch: &str) -> anyhow::Result<()> {
+    let mut tx = inner.pool.begin().await?;
+    let first = jobs::first_use(&mut tx, inner.limiter.name()).await?;
+    let hold = inner.limiter.initialize(!first, epoch).await?;
+    tx.commit().await?;
+    if !hold.is_zero() {
+        telemetry::budget_reset(hold);
+    }
+    Ok(())
 }
 
 #[tracing::instrument(skip_all, fields(message_id = %job.message_id, reason = %job.reason, attempts = job.attempts))]
@@ -182,11 +227,21 @@ async fn process(
                 "the answer is about message `{}`",
                 snapshot.message_id
             )),
-            Ok(snapshot) => match write(inner, owner, &job, &snapshot).await {
-                Ok(()) => None,
-                Err(e) => {
-                    tracing::error!(error = ?e, "writing the answer failed");
-                    Some(format!("write failed: {e:#}"))
+            Ok(snapshot) => match write_with_retries(inner, owner, &job, &snapshot, shutdown).await
+            {
+                Written::Done => None,
+                Written::Transient(e) => Some(format!("write failed: {e}")),
+                Written::Permanent { reason, error } => {
+                    let error = redact::truncate(
+                        &format!("permanent write error ({reason}): {error}"),
+                        redact::ERROR_BOUND,
+                    );
+                    telemetry::job_failed(&job.message_id, &reason, &error);
+                    if let Err(e) = jobs::fail(&inner.pool, &job, owner, &error).await {
+                        // The lease ends and the job comes back: no worse than a retry.
+                        telemetry::db_error("fail", &e);
+                    }
+                    return;
                 }
             },
             Err(e) => {
@@ -196,6 +251,7 @@ async fn process(
         },
         Read::NotFound => Some("404 not found".to_owned()),
         Read::Failed(e) => {
+            let e = redact::error_text(&e);
             tracing::warn!(error = %e, "status read failed");
             Some(e)
         }
@@ -237,6 +293,7 @@ async fn process(
         }
     };
     if let Some(error) = failure {
+        let error = redact::error_text(&error);
         match jobs::retry_later(
             &inner.pool,
             &job,
@@ -251,6 +308,51 @@ async fn process(
             Ok(true) => telemetry::gave_up(&job.message_id, &error),
             Ok(false) => {}
             Err(e) => telemetry::db_error("retry_later", &e),
+        }
+    }
+}
+
+/// How writing an answer ended.
+enum Written {
+    Done,
+    /// Still failing after the retries in place: read again later.
+    Transient(String),
+    /// Can never succeed: the job is marked failed.
+    Permanent {
+        reason: String,
+        error: String,
+    },
+}
+
+/// Transient write failures retried in place (the answer is kept, no second
+/// read spends budget): after 200, 400 and 800 ms (± 20 %).
+const WRITE_RETRIES: u32 = 3;
+
+async fn write_with_retries(
+    inner: &Inner,
+    owner: &str,
+    job: &Job,
+    snapshot: &dlrflow_events::StatusSnapshot,
+    shutdown: &CancellationToken,
+) -> Written {
+    let mut attempt = 0;
+    loop {
+        let Err(e) = write(inner, owner, job, snapshot).await else {
+            return Written::Done;
+        };
+        let (class, reason) = crate::store::classify(&e);
+        let error = redact::error_text(&format!("{e:#}"));
+        let retry = class == ErrorClass::Transient && attempt < WRITE_RETRIES;
+        telemetry::write_error(class, &reason, &error, retry);
+        match class {
+            ErrorClass::Permanent => return Written::Permanent { reason, error },
+            ErrorClass::Transient if !retry => return Written::Transient(error),
+            ErrorClass::Transient => {
+                if !nap(jitter(Duration::from_millis(200 << attempt)), shutdown).await {
+                    return Written::Transient(error);
+                }
+                attempt += 1;
+            }
         }
     }
 }

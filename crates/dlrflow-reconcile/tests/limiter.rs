@@ -9,9 +9,23 @@ use std::time::{Duration, Instant};
 use dlrflow_reconcile::limiter::{Acquire, Limiter, LimiterSettings};
 use dlrflow_runtime::testing::unique_name;
 
+/// A limiter on a new budget (`prefix` is fresh): initialized as a first use.
 async fn limiter(prefix: &str, limit: u32, window: Duration) -> Limiter {
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let l = limiter_with_hold(prefix, limit, window, Duration::from_secs(60)).await;
+    l.initialize(false, "test").await.unwrap();
+    l
+}
+
+/// A limiter, not initialized; `reset_hold` after a lost log.
+async fn limiter_with_hold(
+    prefix: &str,
+    limit: u32,
+    window: Duration,
+    reset_hold: Duration,
+) -> Limiter {
+    let conn = dlrflow_reconcile::limiter::connect(&common::redis_url())
+        .await
+        .unwrap();
     Limiter::new(
         conn,
         &LimiterSettings {
@@ -20,6 +34,7 @@ async fn limiter(prefix: &str, limit: u32, window: Duration) -> Limiter {
             limit,
             window,
             unauthorized_hold: Duration::from_secs(5),
+            reset_hold,
         },
     )
 }
@@ -57,7 +72,7 @@ async fn hammer(limit: u32, window: Duration, callers: usize, run: Duration) -> 
                     Acquire::Wait { wait, .. } => {
                         tokio::time::sleep(wait.min(Duration::from_millis(3))).await
                     }
-                    Acquire::Unauthorized { reason } => panic!("{reason}"),
+                    other => panic!("{other:?}"),
                 }
             }
             grants
@@ -106,7 +121,9 @@ async fn a_pause_stops_grants_and_a_401_marker_stops_them_until_it_is_gone() {
     // A shorter pause never shortens a longer one.
     b.pause(Duration::from_millis(10)).await.unwrap();
     match b.acquire("2").await.unwrap() {
-        Acquire::Wait { wait, paused: true } => {
+        Acquire::Wait {
+            wait, paused: true, ..
+        } => {
             assert!(wait > Duration::from_millis(300), "{wait:?}")
         }
         other => panic!("{other:?}"),
@@ -134,4 +151,68 @@ async fn a_pause_stops_grants_and_a_401_marker_stops_them_until_it_is_gone() {
         .query_async(&mut conn)
         .await
         .unwrap();
+}
+
+/// A Redis that lost the limiter's keys (restarted empty, flushed) has
+/// forgotten grants the gateway still counts: nothing is granted until the
+/// caller says whether the budget is new, and a lost one holds every grant
+/// for the reset hold. Only this test's own keys are deleted; the shared
+/// Redis is never flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_log_holds_every_grant_for_the_reset_hold() {
+    let prefix = unique_name("dlrflow-test-limiter");
+    let hold = Duration::from_millis(600);
+    let a = limiter_with_hold(&prefix, 3, Duration::from_secs(60), hold).await;
+    assert_eq!(a.name(), format!("{prefix}:k"));
+    // A new budget: nothing granted before it is initialized, then at once.
+    assert_eq!(a.acquire("0").await.unwrap(), Acquire::Uninitialized);
+    assert_eq!(a.initialize(false, "e1").await.unwrap(), Duration::ZERO);
+    for i in 1..=3 {
+        let got = a.acquire(&i.to_string()).await.unwrap();
+        assert!(matches!(got, Acquire::Granted { .. }), "{got:?}");
+    }
+    assert!(matches!(
+        a.acquire("4").await.unwrap(),
+        Acquire::Wait { paused: false, .. }
+    ));
+    // Redis forgets everything about this budget.
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.iter().any(|k| k.ends_with(":epoch")), "{keys:?}");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The empty log would grant 3 more at once: it grants nothing instead.
+    let b = limiter_with_hold(&prefix, 3, Duration::from_secs(60), hold).await;
+    assert_eq!(b.acquire("5").await.unwrap(), Acquire::Uninitialized);
+    assert_eq!(a.acquire("6").await.unwrap(), Acquire::Uninitialized);
+    // Both learn it is a lost log; one of them starts the hold.
+    let started = Instant::now();
+    assert_eq!(b.initialize(true, "e2").await.unwrap(), hold);
+    assert_eq!(a.initialize(true, "e3").await.unwrap(), Duration::ZERO);
+    match a.acquire("7").await.unwrap() {
+        Acquire::Wait { paused: true, wait } => assert!(wait > hold / 2, "{wait:?}"),
+        other => panic!("a lost log granted at once: {other:?}"),
+    }
+    let mut i = 0;
+    loop {
+        i += 1;
+        match a.acquire(&format!("8/{i}")).await.unwrap() {
+            Acquire::Granted { .. } => break,
+            Acquire::Wait { wait, .. } => tokio::time::sleep(wait).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        started.elapsed() >= hold - Duration::from_millis(20),
+        "{:?}",
+        started.elapsed()
+    );
 }

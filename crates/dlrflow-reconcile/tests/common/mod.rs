@@ -331,7 +331,7 @@ pub fn test_config(server: &StatusServer, db: &TestDb) -> Config {
     c.status_api.base_url = server.url();
     c.status_api.api_key = SecretString::from(API_KEY);
     c.status_api.timeout_ms = 5000;
-    c.redis.url = redis_url();
+    c.redis.url = SecretString::from(redis_url());
     c.redis.prefix = unique_name("dlrflow-test-reconcile");
     c.postgres = db.cfg.clone();
     c.postgres.max_connections = 6;
@@ -389,4 +389,105 @@ pub fn phones(n: usize) -> Vec<String> {
 
 pub fn unique_set(log: &[ReadRecord]) -> HashSet<String> {
     log.iter().map(|r| r.message_id.clone()).collect()
+}
+
+/// `GET /readyz`: the status code and the body (bounded in time).
+pub async fn readyz(addr: SocketAddr) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/readyz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("/readyz answers within 5 s");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET /metrics` as text.
+pub async fn metrics(addr: SocketAddr) -> String {
+    reqwest::Client::new()
+        .get(format!("http://{addr}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A private Redis on a free port of its own, in its own directory, without
+/// persistence: stopped and started again by the test (the shared Redis is
+/// never touched). Killed when dropped.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    password: Option<String>,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub fn start(password: Option<&str>) -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique_name("dlrflow-reconcile-redis"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = PrivateRedis {
+            port,
+            dir,
+            password: password.map(str::to_owned),
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    /// `redis://[:password@]127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Starts it (again, empty, on the same port).
+    pub fn up(&mut self) {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(pw) = &self.password {
+            cmd.args(["--requirepass", pw]);
+        }
+        self.child = Some(cmd.spawn().expect("redis-server is installed"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it: every connection drops and its data is gone.
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.down();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -1,0 +1,233 @@
+//! Backend outages and failures: no single job, and no Redis or PostgreSQL
+//! failure, stops the reconciler for good, the budget holds throughout, and
+//! `/readyz` says what is wrong.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use dlrflow_events::Status;
+use dlrflow_runtime::testing::{unique_name, wait_for};
+use dlrflow_runtime::SecretString;
+
+fn ago(secs: i64) -> chrono::DateTime<Utc> {
+    Utc::now() - chrono::Duration::seconds(secs)
+}
+
+const PHONE: &str = "+243990000001";
+
+/// `n` messages whose one recipient is stuck in `sent`; the gateway says delivered.
+async fn stuck_messages(db: &TestDb, server: &StatusServer, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|_| unique_name("m")).collect();
+    let updates: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            server.set_truth(id, &[(PHONE.to_owned(), Status::Delivered)]);
+            webhook(id, PHONE, Status::Sent, ago(3 * 3600))
+        })
+        .collect();
+    db.seed(&updates).await;
+    ids
+}
+
+/// Redis (a private one) is killed after part of the window's budget was
+/// spent, while more messages wait, and comes back empty on the same port
+/// 2 s later. While it is away no budget can be granted: no read reaches the
+/// gateway and `/readyz` says 503 naming Redis. When it is back, reads resume
+/// by themselves and `/readyz` says 200 — and the restarted, empty Redis does
+/// not hand out a fresh budget inside the gateway's window (the budget was
+/// used before, so every replica first waits one limiter window): no window
+/// of the gateway's log ever holds more than the budget, and the gateway
+/// never answers 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_stops_reads_which_resume_within_the_budget() {
+    const BUDGET: usize = 10;
+    const BEFORE: usize = 6;
+    // A window much longer than the outage: a fresh budget handed out by the
+    // restarted Redis would land inside the window of the reads before it.
+    let window = Duration::from_secs(8);
+    let server = StatusServer::start(BUDGET, window).await;
+    let db = TestDb::new().await;
+    let mut ids = stuck_messages(&db, &server, BEFORE).await;
+    let mut redis = PrivateRedis::start(None);
+    let mut cfg = test_config(&server, &db);
+    cfg.redis.url = SecretString::from(redis.url());
+    cfg.budget.safety_margin_ms = 500;
+    let started = Instant::now();
+    let app = spawn(cfg).await;
+
+    let first_reads = wait_for(Duration::from_secs(20), || async {
+        (server.log().len() >= BEFORE).then_some(())
+    })
+    .await;
+    assert!(first_reads.is_some(), "no reads: {:?}", server.log());
+    let first = server.log()[0].at.duration_since(started);
+    assert!(
+        first < Duration::from_secs(3),
+        "a budget never used before starts at once: {first:?}"
+    );
+
+    // Redis goes away; the workers find more stuck messages and keep asking
+    // for budget (4 of the window's 10 are left).
+    redis.down();
+    let down_at = Instant::now();
+    ids.extend(stuck_messages(&db, &server, BUDGET).await);
+    let not_ready = wait_for(Duration::from_secs(8), || async {
+        let (code, body) = readyz(app.addr).await;
+        (code == 503).then_some(body)
+    })
+    .await
+    .expect("/readyz stays 200 while Redis is down");
+    let reason = not_ready["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("Redis"), "{not_ready}");
+    let remaining = Duration::from_secs(2).saturating_sub(down_at.elapsed());
+    tokio::time::sleep(remaining).await;
+    let during: Vec<_> = server
+        .log()
+        .into_iter()
+        .filter(|r| r.at > down_at + Duration::from_millis(300))
+        .collect();
+    assert!(during.is_empty(), "reads while Redis was down: {during:?}");
+
+    // Back, empty, on the same port.
+    redis.up();
+    let ready = wait_for(Duration::from_secs(10), || async {
+        let (code, body) = readyz(app.addr).await;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "/readyz did not recover after Redis came back"
+    );
+    let done = wait_for(Duration::from_secs(30), || async {
+        let n = db
+            .count("SELECT count(*) FROM recipient_state WHERE status = 'delivered'")
+            .await;
+        (n == ids.len() as i64).then_some(())
+    })
+    .await;
+    let log = server.log();
+    assert!(
+        done.is_some(),
+        "reads did not resume after Redis came back: {} reads",
+        log.len()
+    );
+    assert!(
+        log.iter().all(|r| r.status == 200),
+        "the gateway refused reads (budget exceeded): {log:?}"
+    );
+    let worst = max_in_window(&log, window);
+    assert!(worst <= BUDGET, "{worst} reads in one gateway window");
+    assert_eq!(log.len(), ids.len(), "each message read once");
+    let metrics = metrics(app.addr).await;
+    assert!(
+        metrics.contains("dlrflow_reconcile_budget_resets_total"),
+        "{metrics}"
+    );
+    app.stop().await;
+    db.drop().await;
+}
+
+/// Write failures, made by a trigger in the test's own schema of the real
+/// PostgreSQL: one message's answer is refused for good (SQLSTATE 22023 with
+/// a 3,000-character message), another's fails twice with a serialization
+/// failure (40001). The refused job is closed as failed with its error
+/// bounded, is not read again, and holds up no one; the flaky one is written
+/// after retries in place, without a second read; the others are fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_write_error_fails_only_its_job_and_a_transient_one_is_retried() {
+    let server = StatusServer::start(120, Duration::from_secs(60)).await;
+    let db = TestDb::new().await;
+    let ids = stuck_messages(&db, &server, 4).await;
+    let (bad, flaky) = (&ids[0], &ids[1]);
+    let schema = &db.cfg.schema;
+    for sql in [
+        format!("CREATE SEQUENCE {schema}.flaky_writes"),
+        format!(
+            r#"CREATE FUNCTION {schema}.refuse_some() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.message_id = '{bad}' AND NEW.status = 'delivered' THEN
+    RAISE EXCEPTION 'refused: %', repeat('x', 3000) USING ERRCODE = '22023';
+  END IF;
+  IF NEW.message_id = '{flaky}' AND NEW.status = 'delivered'
+     AND nextval('{schema}.flaky_writes') <= 2 THEN
+    RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+  END IF;
+  RETURN NEW;
+END $$"#
+        ),
+        format!(
+            "CREATE TRIGGER refuse_some BEFORE INSERT OR UPDATE ON {schema}.recipient_state \
+             FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_some()"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&db.pool).await.unwrap();
+    }
+    let app = spawn(test_config(&server, &db)).await;
+
+    let others_fixed = wait_for(Duration::from_secs(20), || async {
+        let n = db
+            .count("SELECT count(*) FROM recipient_state WHERE status = 'delivered'")
+            .await;
+        (n == 3).then_some(())
+    })
+    .await;
+    assert!(others_fixed.is_some(), "{:?}", server.log());
+    let failed = wait_for(Duration::from_secs(10), || async {
+        sqlx::query_as::<_, (bool, Option<String>)>(
+            "SELECT failed, last_error FROM reconcile_jobs WHERE message_id = $1 AND done_at IS NOT NULL",
+        )
+        .bind(bad)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    let (is_failed, error) = failed.expect("the refused job was not closed");
+    assert!(is_failed);
+    let error = error.unwrap_or_default();
+    assert!(error.contains("22023"), "{error}");
+    assert!(
+        error.len() <= 1024,
+        "unbounded error: {} bytes",
+        error.len()
+    );
+    // A quiet period of several sweeps (200 ms each): no job is read again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        server.reads_of(bad),
+        1,
+        "a refused answer is not re-read in a loop"
+    );
+    assert_eq!(
+        server.reads_of(flaky),
+        1,
+        "a transient failure costs no second read"
+    );
+    for id in &ids[2..] {
+        assert_eq!(server.reads_of(id), 1);
+    }
+    assert_eq!(db.status_of(bad, PHONE).await.unwrap().0, "sent");
+    assert_eq!(db.status_of(flaky, PHONE).await.unwrap().0, "delivered");
+    let metrics = metrics(app.addr).await;
+    assert!(
+        metrics.contains(r#"dlrflow_reconcile_jobs_failed_total{reason="22023"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"dlrflow_reconcile_write_errors_total{class="transient",reason="40001"} 2"#
+        ),
+        "{metrics}"
+    );
+    let (code, body) = readyz(app.addr).await;
+    assert_eq!(
+        code, 200,
+        "one refused job does not make the replica unready: {body}"
+    );
+    app.stop().await;
+    db.drop().await;
+}
