@@ -204,11 +204,9 @@ impl App {
             "reconcile running"
         );
         let work = CancellationToken::new();
-        let mut tasks = Supervised::default();
-        tasks.spawn(
-            "sweeper".into(),
-            worker::sweeper(inner.clone(), work.clone()),
-        );
+        let mut tasks =
+            dlrflow_runtime::supervise::Tasks::new(work.clone()).with_scrub(redact::error_text);
+        tasks.spawn("sweeper", worker::sweeper(inner.clone(), work.clone()));
         for i in 0..inner.cfg.reconcile.concurrency {
             tasks.spawn(
                 format!("worker-{i}"),
@@ -219,97 +217,27 @@ impl App {
             let work = work.clone();
             let server = axum::serve(self.listener, router(self.state.clone()))
                 .with_graceful_shutdown(async move { work.cancelled().await });
-            tasks.spawn(
-                "http".into(),
-                async move { server.await.context("http server") },
-            );
+            tasks.spawn("http", async move { server.await.context("http server") });
         }
-        let failure = tokio::select! {
-            () = shutdown.cancelled() => None,
-            Some(joined) = tasks.set.join_next_with_id() => {
-                // Nothing asked it to stop: whatever it returned is a failure.
-                let (name, result) = tasks.describe(joined);
-                let e = result
-                    .err()
-                    .unwrap_or_else(|| anyhow::anyhow!("returned"));
-                let e = anyhow::anyhow!(
-                    "reconcile task `{name}` stopped unexpectedly: {}",
-                    redact::error_text(&format!("{e:#}"))
-                );
-                tracing::error!(task = %name, error = %e, "a reconcile task died; stopping the process");
-                telemetry::task_died(&name);
-                Some(e)
-            }
-        };
-        inner.shutting_down.store(true, Ordering::SeqCst);
-        work.cancel();
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(joined) = tasks.set.join_next_with_id().await {
-                if let (name, Err(e)) = tasks.describe(joined) {
-                    tracing::error!(
-                        task = %name,
-                        error = %redact::error_text(&format!("{e:#}")),
-                        "a reconcile task failed while stopping"
-                    );
+        // Shutdown or a dead task: stop claiming jobs, let the rest drain.
+        let stopping = {
+            let inner = inner.clone();
+            let work = work.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = work.cancelled() => {}
                 }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("reads in flight did not finish within the grace period");
-            tasks.set.abort_all();
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => {
-                tracing::info!("reconcile stopped");
-                Ok(())
-            }
-        }
-    }
-}
-
-/// Named background tasks (see [`App::run`]).
-#[derive(Default)]
-struct Supervised {
-    set: tokio::task::JoinSet<anyhow::Result<()>>,
-    names: HashMap<tokio::task::Id, String>,
-}
-
-impl Supervised {
-    fn spawn<F>(&mut self, name: String, fut: F)
-    where
-        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        let id = self.set.spawn(fut).id();
-        self.names.insert(id, name);
-    }
-
-    /// The task's name and its result, a panic turned into an error.
-    fn describe(
-        &self,
-        joined: Result<(tokio::task::Id, anyhow::Result<()>), tokio::task::JoinError>,
-    ) -> (String, anyhow::Result<()>) {
-        let name = |id| {
-            self.names
-                .get(&id)
-                .cloned()
-                .unwrap_or_else(|| "unnamed".into())
+                inner.shutting_down.store(true, Ordering::SeqCst);
+                work.cancel();
+            })
         };
-        match joined {
-            Ok((id, result)) => (name(id), result),
-            Err(e) if e.is_panic() => {
-                let task = name(e.id());
-                let payload = e.into_panic();
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-text panic".into());
-                (task, Err(anyhow::anyhow!("panicked: {msg}")))
-            }
-            Err(e) => (name(e.id()), Err(anyhow::anyhow!("{e}"))),
+        let result = tasks.run(grace).await;
+        let _ = stopping.await;
+        if result.is_ok() {
+            tracing::info!("reconcile stopped");
         }
+        result
     }
 }
 

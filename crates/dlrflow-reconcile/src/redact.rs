@@ -20,7 +20,7 @@ pub const MASK: &str = "***";
 
 /// The bound of an error text copied into a log line, a readiness reason or
 /// `reconcile_jobs.last_error` (bytes).
-pub const ERROR_BOUND: usize = 1024;
+pub const ERROR_BOUND: usize = dlrflow_runtime::text::ERROR_BOUND;
 
 /// Secrets shorter than this are only hidden inside URLs: replacing every
 /// occurrence of two letters would garble every line.
@@ -78,18 +78,9 @@ pub fn error_text(text: &str) -> String {
     truncate(&scrub(text), ERROR_BOUND)
 }
 
-/// Cuts `s` to at most `max` bytes at a character boundary, ending with
-/// `…[+N bytes]` (within the bound) when it cut anything.
+/// [`dlrflow_runtime::text::truncate`], owned.
 pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let marker = format!("…[+{} bytes]", s.len());
-    let mut end = max.saturating_sub(marker.len()).min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{marker}", &s[..end])
+    dlrflow_runtime::text::truncate(s, max).into_owned()
 }
 
 /// Masks the password of every `scheme://userinfo@` in `text`.

@@ -117,11 +117,6 @@ pub(crate) fn budget_reset(hold: Duration) {
     metrics::counter!("dlrflow_reconcile_budget_resets_total").increment(1);
 }
 
-pub(crate) fn task_died(task: &str) {
-    metrics::counter!("dlrflow_reconcile_task_failures_total", "task" => task.to_owned())
-        .increment(1);
-}
-
 /// Writing an answer failed; `error` is already scrubbed and bounded.
 pub(crate) fn write_error(class: ErrorClass, reason: &str, error: &str, retrying: bool) {
     if retrying {

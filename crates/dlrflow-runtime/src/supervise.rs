@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 /// A set of named long-running tasks sharing one shutdown token.
 pub struct Tasks {
     set: JoinSet<anyhow::Result<()>>,
-    names: HashMap<tokio::task::Id, &'static str>,
+    names: HashMap<tokio::task::Id, String>,
     shutdown: CancellationToken,
+    scrub: fn(&str) -> String,
 }
 
 impl Tasks {
@@ -23,17 +24,25 @@ impl Tasks {
             set: JoinSet::new(),
             names: HashMap::new(),
             shutdown,
+            scrub: |s| s.to_owned(),
         }
+    }
+
+    /// Passes every error text through `scrub` (e.g. a redactor of the
+    /// service's secrets) before it is logged or returned.
+    pub fn with_scrub(mut self, scrub: fn(&str) -> String) -> Self {
+        self.scrub = scrub;
+        self
     }
 
     /// Starts `fut` as the task `name`. It should run until the shutdown
     /// token is cancelled; ending earlier is a failure.
-    pub fn spawn<F>(&mut self, name: &'static str, fut: F)
+    pub fn spawn<F>(&mut self, name: impl Into<String>, fut: F)
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let handle = self.set.spawn(fut);
-        self.names.insert(handle.id(), name);
+        self.names.insert(handle.id(), name.into());
     }
 
     /// Waits until shutdown or the first task that ends; then cancels the
@@ -46,14 +55,18 @@ impl Tasks {
             () = self.shutdown.cancelled() => {}
             Some(joined) = self.set.join_next_with_id() => {
                 let early = !self.shutdown.is_cancelled();
-                let err = match self.describe(joined) {
-                    (name, Ok(())) if early => Some(anyhow::anyhow!("task `{name}` stopped before shutdown")),
-                    (_, Ok(())) => None,
-                    (name, Err(e)) => Some(e.context(format!("task `{name}` failed"))),
+                let (name, result) = self.describe(joined);
+                let err = match result {
+                    Ok(()) if early => Some(anyhow::anyhow!("task `{name}` stopped before shutdown")),
+                    Ok(()) => None,
+                    Err(e) => Some(anyhow::anyhow!(
+                        "task `{name}` stopped unexpectedly: {}",
+                        (self.scrub)(&format!("{e:#}")).replace('\n', " ")
+                    )),
                 };
                 if let Some(e) = err {
-                    tracing::error!(error = format!("{e:#}"), "background task ended; stopping the process");
-                    metrics::counter!("dlrflow_task_failures_total").increment(1);
+                    tracing::error!(task = %name, error = %e, "background task ended; stopping the process");
+                    metrics::counter!("dlrflow_task_failures_total", "task" => name).increment(1);
                     failure = Some(e);
                 }
                 self.shutdown.cancel();
@@ -91,8 +104,13 @@ impl Tasks {
     fn describe(
         &self,
         joined: Result<(tokio::task::Id, anyhow::Result<()>), tokio::task::JoinError>,
-    ) -> (&'static str, anyhow::Result<()>) {
-        let name = |id| self.names.get(&id).copied().unwrap_or("unnamed");
+    ) -> (String, anyhow::Result<()>) {
+        let name = |id| {
+            self.names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| "unnamed".into())
+        };
         match joined {
             Ok((id, r)) => (name(id), r),
             Err(e) => {
