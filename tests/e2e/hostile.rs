@@ -236,6 +236,21 @@ fn cases(tag: &str, owned: &str) -> Vec<Case> {
         ),
         End::State,
     );
+    // serde_json skips an unknown value without a depth limit: the ingest
+    // accepts it, and so must the state.
+    add(
+        "nesting far past the parser's limit, unknown field",
+        l,
+        with(
+            event(
+                &m(40),
+                "sms.delivered",
+                json!({"recipient_phone": "+1000040", "delivered_at": TS, "deep": "@@"}),
+            ),
+            &format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)),
+        ),
+        End::State,
+    );
     add(
         "byte-order mark",
         l,
