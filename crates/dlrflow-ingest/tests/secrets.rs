@@ -171,26 +171,48 @@ async fn startup_errors_never_show_secrets() {
     }
 }
 
-/// Collects a child's output lines as they come.
-fn collect(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
+/// A child's output lines, collected as they come.
+struct Output {
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Output {
+    /// Everything the child printed, once both pipes reached their end
+    /// (after the child exited).
+    async fn all(self) -> String {
+        for r in self.readers {
+            tokio::time::timeout(Duration::from_secs(10), r)
+                .await
+                .expect("the child's pipes close after it exits")
+                .unwrap();
+        }
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+fn collect(child: &mut Child) -> Output {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
     let l = lines.clone();
-    tokio::spawn(async move {
+    let out = tokio::spawn(async move {
         let mut r = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = r.next_line().await {
             l.lock().unwrap().push(line);
         }
     });
     let l = lines.clone();
-    tokio::spawn(async move {
+    let err = tokio::spawn(async move {
         let mut r = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = r.next_line().await {
             l.lock().unwrap().push(line);
         }
     });
-    lines
+    Output {
+        lines,
+        readers: vec![out, err],
+    }
 }
 
 #[tokio::test]
@@ -215,7 +237,8 @@ raw_topic = "{topic}"
         sources_toml()
     ));
     let mut child = ingest(&path, &[]).spawn().unwrap();
-    let lines = collect(&mut child);
+    let output = collect(&mut child);
+    let lines = output.lines.clone();
     let addr = dlrflow_runtime::testing::wait_for(Duration::from_secs(30), || {
         let lines = lines.clone();
         async move {
@@ -333,8 +356,7 @@ raw_topic = "{topic}"
         .expect("stopped after SIGTERM")
         .unwrap();
     assert!(status.success(), "{status}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let logs = lines.lock().unwrap().join("\n");
+    let logs = output.all().await;
     assert!(logs.contains("rejected request"), "{logs}");
     assert!(logs.contains("librdkafka"), "{logs}");
 

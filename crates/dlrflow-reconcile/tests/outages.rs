@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use common::*;
 use dlrflow_events::Status;
-use dlrflow_runtime::testing::{unique_name, wait_for};
+use dlrflow_runtime::testing::{unique_name, wait_for, PrivateRedis};
 use dlrflow_runtime::SecretString;
 
 fn ago(secs: i64) -> chrono::DateTime<Utc> {

@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{assert_expected, count, spawn_app, wait_count, Env};
-use dlrflow_runtime::testing::{read_topic, wait_for};
+use dlrflow_runtime::testing::{read_topic, wait_for, PrivateRedis};
 use dlrflow_state::testkit::{lisoloo_scenario, produce_raw, producer, RawRecord};
 use serde_json::json;
 use sha2::Digest;
@@ -224,70 +223,10 @@ async fn odd_records_end_in_state_or_dlq_and_never_hold_back_the_rest() {
     env.drop_schema().await;
 }
 
-/// A private Redis on its own port, stopped and started by the test (the
-/// shared one is never touched).
-struct PrivateRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = PrivateRedis {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        r.up();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) is installed");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "private redis up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_degrades_dedupe_but_state_keeps_moving() {
     let env = Env::new(2).await;
-    let mut redis = PrivateRedis::start();
+    let mut redis = PrivateRedis::start(None);
     let mut cfg = env.config();
     cfg.redis.url = redis.url();
     let app = spawn_app(cfg).await;
@@ -303,7 +242,7 @@ async fn redis_down_degrades_dedupe_but_state_keeps_moving() {
     let mut done = thirds[0].len() as i64;
     wait_count(&pool, "SELECT count(*) FROM delivery_events", done, T).await;
 
-    redis.kill();
+    redis.down();
     // Sent during the outage, plus duplicates of what was already written.
     produce_raw(&p, &env.raw, thirds[1]).await.unwrap();
     produce_raw(&p, &env.raw, thirds[0]).await.unwrap();
