@@ -61,7 +61,7 @@ pub fn path_token_matches(token: &str, source: &SourceConfig) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dlrflow_runtime::SecretString;
+    use dlrflow_runtime::Secret;
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
@@ -70,7 +70,7 @@ mod tests {
     fn cred(u: &str, p: &str) -> Credential {
         Credential {
             username: u.into(),
-            password: SecretString::from(p.to_owned()),
+            password: Secret::new(p),
         }
     }
 

@@ -2,14 +2,15 @@
 //! `DLRFLOW_…` environment variables override them (see `dlrflow_runtime::config`).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use dlrflow_runtime::config::{self, ConfigError};
+pub use dlrflow_runtime::kafka::is_secret_setting;
 use dlrflow_runtime::kafka::KafkaConfig;
-use dlrflow_runtime::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use dlrflow_runtime::settings::{ms, HttpSettings};
+use dlrflow_runtime::{ExposeSecret, Secret};
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULTS: &str = r#"
 [http]
@@ -41,7 +42,7 @@ pub const RECORD_HEADROOM: usize = 4096;
 /// The longest source name (it is copied into every record's headers).
 pub const MAX_SOURCE_NAME_LEN: usize = 64;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
     pub http: HttpConfig,
     pub kafka: IngestKafkaConfig,
@@ -49,9 +50,12 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpConfig {
-    pub listen: SocketAddr,
+    /// `listen` and `shutdown_grace_ms` (in-flight requests and the producer
+    /// flush).
+    #[serde(flatten)]
+    pub server: HttpSettings,
     /// Larger bodies get 413. Unset (the default), it is the record limit
     /// ([`IngestKafkaConfig::record_limit`]), so a body the HTTP layer takes
     /// always fits in one record. Set it higher only for larger Arpoone
@@ -59,21 +63,21 @@ pub struct HttpConfig {
     /// record limit.
     pub body_limit_bytes: Option<usize>,
     /// A client that has not sent its whole body by then gets 503.
-    pub body_read_timeout_ms: u64,
+    #[serde(rename = "body_read_timeout_ms", with = "ms")]
+    pub body_read_timeout: Duration,
     /// The `Retry-After` value on every 503.
     pub retry_after_secs: u64,
-    /// How long shutdown waits for in-flight requests and the producer flush.
-    pub shutdown_grace_ms: u64,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct IngestKafkaConfig {
     #[serde(flatten)]
     pub client: KafkaConfig,
     pub raw_topic: String,
     /// Longest wait for the broker's acknowledgement before the request gets
     /// 503; keep it well below the gateway's 5 s timeout.
-    pub delivery_timeout_ms: u64,
+    #[serde(rename = "delivery_timeout_ms", with = "ms")]
+    pub delivery_timeout: Duration,
     /// librdkafka `message.timeout.ms`: how long a record the request already
     /// gave up on keeps being retried in the background (0 = until delivered;
     /// the bounded queue still caps memory). Not the request deadline: an
@@ -90,7 +94,7 @@ pub struct IngestKafkaConfig {
     pub queue_max_kbytes: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     Lisoloo,
@@ -106,7 +110,7 @@ impl Provider {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMode {
     /// HTTP Basic with one of `credentials`.
@@ -117,13 +121,13 @@ pub enum AuthMode {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Credential {
     pub username: String,
-    pub password: SecretString,
+    pub password: Secret,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SourceConfig {
     /// The first path segment: `POST /{name}/webhook`.
     pub name: String,
@@ -135,14 +139,13 @@ pub struct SourceConfig {
     pub credentials: Vec<Credential>,
     /// Active path tokens (`auth = "path_token"`).
     #[serde(default)]
-    pub path_tokens: Vec<SecretString>,
+    pub path_tokens: Vec<Secret>,
 }
 
 impl Config {
-    /// Loads and validates the configuration. A value that cannot be read is
-    /// named by its key, never shown: it may be a secret.
+    /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg: Config = config::load(DEFAULTS, file).map_err(without_values)?;
+        let cfg: Config = config::load(DEFAULTS, file)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -179,7 +182,8 @@ impl Config {
         if self.kafka.raw_topic.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.raw_topic", "must not be empty"));
         }
-        if !(100..=4500).contains(&self.kafka.delivery_timeout_ms) {
+        let delivery_ms = self.kafka.delivery_timeout.as_millis();
+        if !(100..=4500).contains(&delivery_ms) {
             return Err(ConfigError::invalid(
                 "kafka.delivery_timeout_ms",
                 "must be between 100 and 4500 ms: the gateway gives up after 5 s",
@@ -269,17 +273,7 @@ impl Config {
     }
 }
 
-impl HttpConfig {
-    pub fn body_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.body_read_timeout_ms)
-    }
-}
-
 impl IngestKafkaConfig {
-    pub fn delivery_timeout(&self) -> Duration {
-        Duration::from_millis(self.delivery_timeout_ms)
-    }
-
     /// The largest record value the ingest writes: the producer's
     /// `message.max.bytes` (librdkafka's default 1,000,000, or the value in
     /// `kafka.settings`) minus [`RECORD_HEADROOM`]. 995,904 bytes by default.
@@ -288,107 +282,4 @@ impl IngestKafkaConfig {
             .max_message_bytes()
             .saturating_sub(RECORD_HEADROOM)
     }
-
-    /// Every `kafka.settings` value that is a secret, for redaction.
-    pub fn secret_settings(&self) -> impl Iterator<Item = &str> {
-        self.client
-            .settings
-            .iter()
-            .filter(|(k, _)| is_secret_setting(k))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Whether a librdkafka property (as written in `kafka.settings`, with `.` or
-/// `_`) holds a secret: a password, secret, token, key material or a SASL
-/// configuration string. Such values are never printed.
-pub fn is_secret_setting(key: &str) -> bool {
-    let key = key.to_ascii_lowercase().replace('_', ".");
-    ["password", "secret", "token", "jaas", "oauthbearer.config"]
-        .iter()
-        .any(|w| key.contains(w))
-        || key == "ssl.key.pem"
-}
-
-/// Prints everything but the secret `kafka.settings` values, which show as
-/// `***`.
-impl std::fmt::Debug for IngestKafkaConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let settings: std::collections::BTreeMap<&str, &str> = self
-            .client
-            .settings
-            .iter()
-            .map(|(k, v)| {
-                let v = if is_secret_setting(k) {
-                    "***"
-                } else {
-                    v.as_str()
-                };
-                (k.as_str(), v)
-            })
-            .collect();
-        f.debug_struct("IngestKafkaConfig")
-            .field("brokers", &self.client.brokers)
-            .field("settings", &settings)
-            .field("raw_topic", &self.raw_topic)
-            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
-            .field("message_timeout_ms", &self.message_timeout_ms)
-            .field("linger_ms", &self.linger_ms)
-            .field("queue_max_messages", &self.queue_max_messages)
-            .field("queue_max_kbytes", &self.queue_max_kbytes)
-            .finish()
-    }
-}
-
-/// A configuration that could not be read, rewritten so that it names the
-/// key and what was expected but never shows the value found there: the
-/// value may be a password, or a whole `DLRFLOW_SOURCES` list with its
-/// credentials, that TOML could not parse.
-fn without_values(err: ConfigError) -> ConfigError {
-    let ConfigError::Load(errors) = err else {
-        return err;
-    };
-    let mut setting = String::from("configuration");
-    let mut reasons = Vec::new();
-    for (i, e) in (*errors).into_iter().enumerate() {
-        let key = e.path.join(".");
-        if i == 0 && !key.is_empty() {
-            setting = key.clone();
-        }
-        let from = e
-            .metadata
-            .as_ref()
-            .map(|m| match &m.source {
-                Some(src) => format!(" in {} {src}", m.name),
-                None => format!(" in {}", m.name),
-            })
-            .unwrap_or_default();
-        let at = if i == 0 || key.is_empty() {
-            String::new()
-        } else {
-            format!(" at `{key}`")
-        };
-        reasons.push(format!(
-            "{}{at}{from}",
-            kind_without_value(&e.kind.to_string())
-        ));
-    }
-    ConfigError::invalid(setting, reasons.join("; "))
-}
-
-/// figment's error text with the offending value cut out: `invalid type:
-/// found string "s3cret", expected u64` → `invalid type: expected u64`.
-fn kind_without_value(kind: &str) -> String {
-    for prefix in ["invalid type", "invalid value", "unknown variant"] {
-        if kind.starts_with(prefix) {
-            return match kind.rfind(", expected ") {
-                Some(at) => format!("{prefix}: expected{}", &kind[at + ", expected".len()..]),
-                None => format!("{prefix} (value not shown)"),
-            };
-        }
-    }
-    if kind.starts_with("signed integer") || kind.starts_with("unsigned integer") {
-        return "integer out of range (value not shown)".into();
-    }
-    kind.to_owned()
 }

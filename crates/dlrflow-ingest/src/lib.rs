@@ -16,20 +16,18 @@ mod produce;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
+use dlrflow_runtime::service::{ready_check, Lifecycle, Readiness, Service};
 use http_body_util::BodyExt;
-use rdkafka::producer::{FutureProducer, Producer};
-use tokio::net::TcpListener;
+use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthMode, Provider, SourceConfig};
@@ -66,12 +64,12 @@ struct Inner {
     body_limit: usize,
     /// The largest record value (Lisoloo body, Arpoone element) written.
     record_limit: usize,
-    shutting_down: AtomicBool,
+    lifecycle: Lifecycle,
 }
 
 /// A built, bound ingest service.
 pub struct App {
-    listener: TcpListener,
+    service: Service,
     state: AppState,
 }
 
@@ -80,8 +78,7 @@ impl App {
     /// reachable yet: `/readyz` says whether it is.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         cfg.validate()?;
-        // Count from the first request on, not from the first scrape.
-        let _ = dlrflow_runtime::telemetry::metrics_handle();
+        let mut service = Service::bind("dlrflow-ingest", &cfg.http.server).await?;
         let producer = RawProducer::new(&cfg.kafka).context("creating the Kafka producer")?;
         let (body_limit, record_limit) = (cfg.body_limit(), cfg.kafka.record_limit());
         tracing::info!(
@@ -100,9 +97,9 @@ impl App {
                 tracing::warn!(%reason, "broker not ready yet; answering 503 until it is")
             }
         }
-        let listener = TcpListener::bind(cfg.http.listen)
-            .await
-            .with_context(|| format!("binding http.listen = {}", cfg.http.listen))?;
+        // Records still unacknowledged at the end were answered with 503 (the
+        // gateway resends them), so a failed flush loses nothing.
+        service.flush_on_stop(producer.kafka().clone());
         let sources = cfg
             .sources
             .iter()
@@ -115,16 +112,14 @@ impl App {
                 http: cfg.http.clone(),
                 body_limit,
                 record_limit,
-                shutting_down: AtomicBool::new(false),
+                lifecycle: service.lifecycle(),
             }),
         };
-        Ok(App { listener, state })
+        Ok(App { service, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.service.local_addr()
     }
 
     pub fn state(&self) -> AppState {
@@ -135,52 +130,32 @@ impl App {
     /// in-flight requests finish and flushes the producer, all within
     /// `http.shutdown_grace_ms`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let state = self.state.clone();
-        let grace = Duration::from_millis(state.inner.http.shutdown_grace_ms);
-        tracing::info!(addr = %self.local_addr(), "ingest listening");
-        let signal = {
-            let state = state.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                shutdown.cancelled().await;
-                state.inner.shutting_down.store(true, Ordering::SeqCst);
-            }
+        let ready = {
+            let state = self.state.clone();
+            ready_check(move || {
+                let state = state.clone();
+                async move {
+                    let mut r = Readiness::default();
+                    match state.inner.producer.ready().await {
+                        Ok(partitions) => r.detail("partitions", partitions),
+                        Err(reason) => r.problem(format!("kafka: {reason}")),
+                    }
+                    r
+                }
+            })
         };
-        let server =
-            axum::serve(self.listener, router(state.clone())).with_graceful_shutdown(signal);
-        let server = tokio::spawn(async move { server.await });
-        shutdown.cancelled().await;
-        match tokio::time::timeout(grace, server).await {
-            Ok(res) => res.context("server task")?.context("http server")?,
-            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
-        }
-        let producer = state.inner.producer.kafka().clone();
-        // Records still unacknowledged here were answered with 503 (the
-        // gateway resends them), so a failed flush loses nothing.
-        if let Err(e) = tokio::task::spawn_blocking(move || producer.flush(grace)).await? {
-            tracing::warn!(error = %e, "producer not fully flushed at shutdown");
-        }
-        tracing::info!("ingest stopped");
-        Ok(())
+        self.service.run(router(self.state), ready, shutdown).await
     }
 }
 
-/// The ingest's routes, separate from `App` so handlers can be tested alone.
+/// The ingest's webhook routes (the skeleton adds `/healthz`, `/readyz` and
+/// `/metrics`), separate from `App` so handlers can be tested alone.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/{source}/webhook", post(webhook))
         .route("/{source}/webhook/{kind}", post(webhook))
         .route("/{source}/t/{token}/webhook", post(webhook))
         .route("/{source}/t/{token}/webhook/{kind}", post(webhook))
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(dlrflow_runtime::telemetry::metrics_endpoint),
-        )
         .with_state(state)
 }
 
@@ -240,7 +215,7 @@ async fn accept(
         }
     }
     authenticate(source, target.token.as_deref(), headers)?;
-    if inner.shutting_down.load(Ordering::Relaxed) {
+    if inner.lifecycle.is_stopping() {
         return Err(ApiError::Unavailable("shutting down"));
     }
 
@@ -373,7 +348,7 @@ async fn read_body(
         return Err(too_large);
     }
     let limited = http_body_util::Limited::new(body, limit);
-    match tokio::time::timeout(http.body_read_timeout(), limited.collect()).await {
+    match tokio::time::timeout(http.body_read_timeout, limited.collect()).await {
         Err(_) => Err(ApiError::Unavailable("request body not received in time")),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large),
         Ok(Err(_)) => Err(ApiError::Unavailable("request body could not be read")),
@@ -415,26 +390,6 @@ fn arpoone_key(element: &str) -> Option<String> {
         .ok()
         .and_then(|p| p.message_id.map(|m| m.into_owned()))
         .filter(|k| k.len() <= MAX_KEY_LEN)
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.inner.shutting_down.load(Ordering::Relaxed) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "shutting down"})),
-        )
-            .into_response();
-    }
-    match state.inner.producer.ready().await {
-        Ok(partitions) => {
-            Json(serde_json::json!({"status": "ready", "partitions": partitions})).into_response()
-        }
-        Err(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not ready", "reason": reason})),
-        )
-            .into_response(),
-    }
 }
 
 impl AppState {

@@ -67,7 +67,7 @@ impl Producer {
         Ok(Self {
             kafka,
             topic: cfg.raw_topic.clone(),
-            delivery_timeout: cfg.delivery_timeout(),
+            delivery_timeout: cfg.delivery_timeout,
             record_limit: cfg.record_limit(),
         })
     }
@@ -208,7 +208,7 @@ fn describe_create_error(e: &KafkaError, cfg: &IngestKafkaConfig) -> String {
         }
         other => other.to_string(),
     };
-    redact(&text, cfg.secret_settings())
+    redact(&text, cfg.client.secret_settings())
 }
 
 /// `text` with every one of `secrets` replaced by `***`.

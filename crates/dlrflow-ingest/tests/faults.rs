@@ -44,7 +44,7 @@ fn mock_config(
 ) -> dlrflow_ingest::Config {
     cluster.create_topic("raw", 3, 1).unwrap();
     let mut cfg = config(&cluster.bootstrap_servers(), "raw");
-    cfg.kafka.delivery_timeout_ms = TIMEOUT_MS;
+    cfg.kafka.delivery_timeout = Duration::from_millis(TIMEOUT_MS);
     cfg
 }
 
@@ -107,7 +107,7 @@ async fn a_broker_that_does_not_acknowledge_gives_503_never_2xx() {
 async fn no_broker_at_all_gives_503_within_the_timeout() {
     // Nothing listens on port 1.
     let mut cfg = config("127.0.0.1:1", "raw");
-    cfg.kafka.delivery_timeout_ms = TIMEOUT_MS;
+    cfg.kafka.delivery_timeout = Duration::from_millis(TIMEOUT_MS);
     let app = spawn_with(cfg).await;
     let (status, took, _) = post(&app).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -168,7 +168,7 @@ async fn a_stalled_real_broker_gives_503_and_is_healthy_afterwards() {
         .await
         .unwrap();
     let mut cfg = config(&broker.brokers(), "raw");
-    cfg.kafka.delivery_timeout_ms = TIMEOUT_MS;
+    cfg.kafka.delivery_timeout = Duration::from_millis(TIMEOUT_MS);
     let app = spawn_with(cfg).await;
     healthy(&app).await;
 

@@ -415,7 +415,7 @@ async fn config_errors_name_the_setting() {
     assert!(err.contains("sources[0].auth"), "{err}");
 
     let mut cfg = config("127.0.0.1:9092", "t");
-    cfg.kafka.delivery_timeout_ms = 6000;
+    cfg.kafka.delivery_timeout = std::time::Duration::from_secs(6);
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("kafka.delivery_timeout_ms"), "{err}");
 

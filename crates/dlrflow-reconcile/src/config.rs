@@ -3,13 +3,13 @@
 //! `dlrflow_runtime::config`): `DLRFLOW_STATUS_API__API_KEY=…`,
 //! `DLRFLOW_RECONCILE__SOURCES='["acme"]'`.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use dlrflow_runtime::config::{self, ConfigError};
-use dlrflow_runtime::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use dlrflow_runtime::settings::{HttpSettings, PostgresSettings, RedisSettings};
+use dlrflow_runtime::{ExposeSecret, Secret};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const DEFAULTS: &str = r#"
@@ -35,11 +35,14 @@ unauthorized_hold_secs = 3600
 [redis]
 url = "redis://127.0.0.1:6379"
 prefix = "dlrflow:reconcile"
+connect_timeout_ms = 1000
+response_timeout_ms = 2000
 
 [postgres]
 url = "postgres://postgres@127.0.0.1:5432/dlrflow"
 schema = "public"
 max_connections = 8
+acquire_timeout_ms = 10000
 migrate = true
 
 [reconcile]
@@ -63,30 +66,26 @@ poll_interval_ms = 500
 job_retention_secs = 604800
 "#;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
-    pub http: HttpConfig,
+    /// `/healthz`, `/readyz`, `/metrics`; the grace covers reads and writes
+    /// in flight.
+    pub http: HttpSettings,
     pub status_api: StatusApiConfig,
     pub budget: BudgetConfig,
-    pub redis: RedisConfig,
-    pub postgres: PostgresConfig,
+    /// The budget's sliding-window log (every replica shares it).
+    pub redis: RedisSettings,
+    /// Runs dlrflow-state's migrations, then ours, when `migrate`.
+    pub postgres: PostgresSettings,
     pub reconcile: ReconcileConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct HttpConfig {
-    /// `/healthz`, `/readyz`, `/metrics`.
-    pub listen: SocketAddr,
-    /// How long shutdown waits for in-flight reads and writes.
-    pub shutdown_grace_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct StatusApiConfig {
     /// `GET {base_url}/status/{message_id}`.
     pub base_url: String,
     /// The gateway API key; never logged. Required.
-    pub api_key: SecretString,
+    pub api_key: Secret,
     /// The header carrying the key (default `Authorization`).
     pub auth_header: String,
     /// Put before the key with one space (default `Bearer`); empty sends the bare key.
@@ -96,7 +95,7 @@ pub struct StatusApiConfig {
     pub connect_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct BudgetConfig {
     /// Reads allowed per window per API key, across every replica (gateway: 120).
     pub reads: u32,
@@ -114,25 +113,7 @@ pub struct BudgetConfig {
     pub unauthorized_hold_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct RedisConfig {
-    /// Secret (it may carry a password); printed only with the password masked.
-    pub url: SecretString,
-    /// Prefix of every Redis key (tests use a unique one).
-    pub prefix: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct PostgresConfig {
-    pub url: SecretString,
-    /// Schema holding dlrflow's tables (`search_path`).
-    pub schema: String,
-    pub max_connections: u32,
-    /// Run the migrations (dlrflow-state's, then ours) at start.
-    pub migrate: bool,
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ReconcileConfig {
     /// The sources (tenants) this API key serves. Required.
     pub sources: Vec<String>,
@@ -269,28 +250,9 @@ impl Config {
         if self.redis.prefix.trim().is_empty() {
             return Err(ConfigError::invalid("redis.prefix", "must not be empty"));
         }
-        let redis_url = self.redis.url.expose_secret();
-        if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
-            return Err(ConfigError::invalid("redis.url", "must be a redis:// URL"));
-        }
-        let pg = &self.postgres;
-        let valid_schema = !pg.schema.is_empty()
-            && pg
-                .schema
-                .bytes()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
-        if !valid_schema {
-            return Err(ConfigError::invalid(
-                "postgres.schema",
-                "use lower-case letters, digits and '_'",
-            ));
-        }
-        if pg.max_connections < 2 {
-            return Err(ConfigError::invalid(
-                "postgres.max_connections",
-                "must be at least 2",
-            ));
-        }
+        self.redis.validate()?;
+        // The sweeper and a worker each hold a connection.
+        self.postgres.validate(2)?;
         let r = &self.reconcile;
         if r.sources.is_empty() {
             return Err(ConfigError::invalid(
@@ -384,12 +346,6 @@ impl Config {
     }
 }
 
-impl HttpConfig {
-    pub fn shutdown_grace(&self) -> Duration {
-        ms(self.shutdown_grace_ms)
-    }
-}
-
 impl BudgetConfig {
     pub fn window(&self) -> Duration {
         ms(self.window_ms)
@@ -463,7 +419,7 @@ mod tests {
 
     fn valid() -> Config {
         let mut c = Config::defaults();
-        c.status_api.api_key = SecretString::from("k-123");
+        c.status_api.api_key = Secret::from("k-123");
         c.reconcile.sources = vec!["acme".into()];
         c
     }
@@ -486,7 +442,7 @@ mod tests {
         let cases: Vec<(&str, Change)> = vec![
             (
                 "status_api.api_key",
-                Box::new(|c| c.status_api.api_key = SecretString::from("")),
+                Box::new(|c| c.status_api.api_key = Secret::from("")),
             ),
             (
                 "reconcile.sources",
@@ -515,7 +471,7 @@ mod tests {
             ),
             (
                 "postgres.schema",
-                Box::new(|c| c.postgres.schema = "x; drop".into()),
+                Box::new(|c| c.postgres.schema = Some("x; drop".into())),
             ),
         ];
         for (setting, change) in cases {

@@ -20,21 +20,14 @@ mod worker;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
+use dlrflow_runtime::service::{probe, ready_check, Readiness, ReadyCheck, Service};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-use dlrflow_runtime::ExposeSecret;
 
 use crate::client::StatusClient;
 pub use crate::config::Config;
@@ -42,7 +35,7 @@ use crate::limiter::{Limiter, LimiterSettings};
 
 /// A built reconciler: connected, migrated, listening.
 pub struct App {
-    listener: TcpListener,
+    service: Service,
     state: AppState,
 }
 
@@ -61,7 +54,6 @@ pub(crate) struct Inner {
     pub(crate) owner: String,
     pub(crate) key_id: String,
     pub(crate) health: Mutex<Health>,
-    shutting_down: AtomicBool,
     /// Faults injected by tests, by task name (see [`AppState::inject_fault`]).
     faults: Mutex<HashMap<String, Fault>>,
 }
@@ -138,7 +130,12 @@ impl App {
         if cfg.postgres.migrate {
             store::migrate(&pool).await?;
         }
-        let redis = limiter::connect(cfg.redis.url.expose_secret()).await?;
+        let redis = cfg
+            .redis
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!(redact::error_text(&format!("{e:#}"))))
+            .context("connecting to Redis (redis.url)")?;
         let key_id = cfg.key_id();
         let limiter = Limiter::new(
             redis,
@@ -152,9 +149,9 @@ impl App {
             },
         );
         let client = StatusClient::new(&cfg).context("building the status API client")?;
-        let listener = TcpListener::bind(cfg.http.listen)
-            .await
-            .with_context(|| format!("binding http.listen = {}", cfg.http.listen))?;
+        let service = Service::bind("dlrflow-reconcile", &cfg.http)
+            .await?
+            .with_scrub(redact::error_text);
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "reconcile".into());
         let owner = format!("{host}/{}", uuid::Uuid::now_v7().simple());
         let state = AppState {
@@ -166,17 +163,14 @@ impl App {
                 owner,
                 key_id,
                 health: Mutex::new(Health::default()),
-                shutting_down: AtomicBool::new(false),
                 faults: Mutex::new(HashMap::new()),
             }),
         };
-        Ok(App { listener, state })
+        Ok(App { service, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.service.local_addr()
     }
 
     pub fn state(&self) -> AppState {
@@ -196,126 +190,68 @@ impl App {
     /// longer works.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let inner = self.state.inner.clone();
-        let grace = inner.cfg.http.shutdown_grace();
         tracing::info!(
-            addr = %self.local_addr(),
             key_id = %inner.key_id,
             sources = ?inner.cfg.reconcile.sources,
             "reconcile running"
         );
-        let work = CancellationToken::new();
-        let mut tasks =
-            dlrflow_runtime::supervise::Tasks::new(work.clone()).with_scrub(redact::error_text);
-        tasks.spawn("sweeper", worker::sweeper(inner.clone(), work.clone()));
+        let mut service = self.service;
+        // Cancelled by shutdown or a dead task: workers stop claiming jobs
+        // and the reads in flight finish within the grace.
+        let work = service.work();
+        service.spawn("sweeper", worker::sweeper(inner.clone(), work.clone()));
         for i in 0..inner.cfg.reconcile.concurrency {
-            tasks.spawn(
+            service.spawn(
                 format!("worker-{i}"),
                 worker::worker(inner.clone(), i, work.clone()),
             );
         }
-        {
-            let work = work.clone();
-            let server = axum::serve(self.listener, router(self.state.clone()))
-                .with_graceful_shutdown(async move { work.cancelled().await });
-            tasks.spawn("http", async move { server.await.context("http server") });
-        }
-        // Shutdown or a dead task: stop claiming jobs, let the rest drain.
-        let stopping = {
-            let inner = inner.clone();
-            let work = work.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    () = work.cancelled() => {}
+        service
+            .run(Router::new(), readiness(self.state), shutdown)
+            .await
+    }
+}
+
+/// `/readyz`: reads are allowed (no 401 holds them), PostgreSQL answers, the
+/// budget's Redis answers (without it no read can be granted), and the last
+/// sweep worked. Details: `key_id` and the budget used in the window.
+fn readiness(state: AppState) -> ReadyCheck {
+    ready_check(move || {
+        let inner = state.inner.clone();
+        async move {
+            let mut r = Readiness::default();
+            r.detail("key_id", &inner.key_id);
+            if let Some(reason) = inner.unauthorized() {
+                r.problem(format!("status API key refused: {reason}"));
+            }
+            let pg = probe("PostgreSQL", sqlx::query("SELECT 1").execute(&inner.pool)).await;
+            r.check(pg.map_err(|e| redact::error_text(&e)));
+            match probe("Redis", inner.limiter.in_window()).await {
+                Ok(used) => {
+                    inner.set_redis_error(None);
+                    r.detail(
+                        "budget",
+                        serde_json::json!({"limit": inner.limiter.limit(), "used_in_window": used}),
+                    );
                 }
-                inner.shutting_down.store(true, Ordering::SeqCst);
-                work.cancel();
-            })
-        };
-        let result = tasks.run(grace).await;
-        let _ = stopping.await;
-        if result.is_ok() {
-            tracing::info!("reconcile stopped");
+                Err(e) => {
+                    let e = redact::error_text(&e);
+                    inner.set_redis_error(Some(e.clone()));
+                    r.problem(format!("Redis unreachable, status reads stopped: {e}"));
+                }
+            }
+            let sweep_error = inner
+                .health
+                .lock()
+                .expect("health lock")
+                .sweep_error
+                .clone();
+            if let Some(e) = sweep_error {
+                r.problem(format!("last sweep failed: {e}"));
+            }
+            r
         }
-        result
-    }
-}
-
-/// The reconciler's routes, separate from `App` so they can be tested alone.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(dlrflow_runtime::telemetry::metrics_endpoint),
-        )
-        .with_state(state)
-}
-
-fn not_ready(reason: impl Into<String>) -> Response {
-    let body = serde_json::json!({"status": "not ready", "reason": reason.into()});
-    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-}
-
-/// How long `/readyz` waits for PostgreSQL or Redis before it says no.
-const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    let inner = &state.inner;
-    if inner.shutting_down.load(Ordering::Relaxed) {
-        return not_ready("shutting down");
-    }
-    if let Some(reason) = inner.unauthorized() {
-        return not_ready(format!("status API key refused: {reason}"));
-    }
-    let pg = tokio::time::timeout(
-        READY_CHECK_TIMEOUT,
-        sqlx::query("SELECT 1").execute(&inner.pool),
-    )
-    .await;
-    match pg {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            return not_ready(format!(
-                "PostgreSQL: {}",
-                redact::error_text(&e.to_string())
-            ))
-        }
-        Err(_) => return not_ready("PostgreSQL: no answer within 2 s"),
-    }
-    // Without Redis no budget can be granted, so no status read can be made.
-    let in_window = match tokio::time::timeout(READY_CHECK_TIMEOUT, inner.limiter.in_window()).await
-    {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => {
-            let e = redact::error_text(&e.to_string());
-            inner.set_redis_error(Some(e.clone()));
-            return not_ready(format!("Redis unreachable, status reads stopped: {e}"));
-        }
-        Err(_) => {
-            return not_ready("Redis unreachable, status reads stopped: no answer within 2 s")
-        }
-    };
-    inner.set_redis_error(None);
-    let sweep_error = inner
-        .health
-        .lock()
-        .expect("health lock")
-        .sweep_error
-        .clone();
-    if let Some(e) = sweep_error {
-        return not_ready(format!("last sweep failed: {e}"));
-    }
-    Json(serde_json::json!({
-        "status": "ready",
-        "key_id": inner.key_id,
-        "budget": {"limit": inner.limiter.limit(), "used_in_window": in_window},
-    }))
-    .into_response()
+    })
 }
 
 impl AppState {

@@ -152,28 +152,6 @@ pub struct LimiterSettings {
     pub reset_hold: Duration,
 }
 
-/// Opens a Redis connection that fails fast while Redis is away (about 3 s
-/// at most per command) and reconnects at the next command once it is back.
-/// Connection errors never carry the URL or its password.
-pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
-    use anyhow::Context;
-    let client = redis::Client::open(url)
-        .map_err(|e| anyhow::anyhow!(crate::redact::error_text(&e.to_string())))
-        .context("redis.url")?;
-    let cfg = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(1))
-        .set_response_timeout(Duration::from_secs(2))
-        // One retry after at most 500 ms: the default backoff grows to a
-        // minute and more between attempts, long after Redis is back.
-        .set_number_of_retries(1)
-        .set_factor(2)
-        .set_max_delay(500);
-    ConnectionManager::new_with_config(client, cfg)
-        .await
-        .map_err(|e| anyhow::anyhow!(crate::redact::error_text(&e.to_string())))
-        .context("connecting to Redis (redis.url)")
-}
-
 impl Limiter {
     pub fn new(redis: ConnectionManager, s: &LimiterSettings) -> Self {
         let base = format!("{}:{}", s.prefix, s.key_id);

@@ -7,22 +7,14 @@
 use anyhow::Context;
 use chrono::Utc;
 use dlrflow_events::DeliveryUpdate;
-use dlrflow_runtime::ExposeSecret;
+use dlrflow_runtime::settings::PostgresSettings;
 use sqlx::migrate::Migrator;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::config::PostgresConfig;
-
 /// A pool whose connections use `postgres.schema` as their `search_path`
-/// (the schema is created if missing), opened by dlrflow-state's `connect`.
-pub async fn connect(cfg: &PostgresConfig) -> anyhow::Result<PgPool> {
-    let state_cfg = dlrflow_state::PostgresConfig {
-        url: cfg.url.expose_secret().to_owned(),
-        schema: Some(cfg.schema.clone()),
-        pool_size: cfg.max_connections,
-        acquire_timeout_ms: 10_000,
-    };
-    dlrflow_state::connect(&state_cfg)
+/// (the schema is created if missing); errors never show a secret.
+pub async fn connect(cfg: &PostgresSettings) -> anyhow::Result<PgPool> {
+    cfg.connect()
         .await
         .map_err(|e| anyhow::anyhow!(crate::redact::error_text(&format!("{e:#}"))))
         .context("connecting to PostgreSQL (postgres.url)")

@@ -35,7 +35,8 @@ fn jitter(d: Duration) -> Duration {
 /// shutdown is a failure of the process (see `App::run`).
 pub(crate) async fn sweeper(inner: Arc<Inner>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let r = &inner.cfg.reconcile;
-    let lock_name = format!("dlrflow-reconcile:sweep:{}", inner.cfg.postgres.schema);
+    let schema = inner.cfg.postgres.schema.as_deref().unwrap_or("public");
+    let lock_name = format!("dlrflow-reconcile:sweep:{schema}");
     loop {
         inner.injected_fault("sweeper")?;
         let params = SweepParams {

@@ -23,9 +23,9 @@ async fn limiter_with_hold(
     window: Duration,
     reset_hold: Duration,
 ) -> Limiter {
-    let conn = dlrflow_reconcile::limiter::connect(&common::redis_url())
-        .await
-        .unwrap();
+    let mut redis = dlrflow_reconcile::Config::defaults().redis;
+    redis.url = common::redis_url().into();
+    let conn = redis.connect().await.unwrap();
     Limiter::new(
         conn,
         &LimiterSettings {

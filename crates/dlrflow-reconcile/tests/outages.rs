@@ -10,7 +10,6 @@ use chrono::Utc;
 use common::*;
 use dlrflow_events::Status;
 use dlrflow_runtime::testing::{unique_name, wait_for, PrivateRedis};
-use dlrflow_runtime::SecretString;
 
 fn ago(secs: i64) -> chrono::DateTime<Utc> {
     Utc::now() - chrono::Duration::seconds(secs)
@@ -53,7 +52,7 @@ async fn a_redis_outage_stops_reads_which_resume_within_the_budget() {
     let mut ids = stuck_messages(&db, &server, BEFORE).await;
     let mut redis = PrivateRedis::start(None);
     let mut cfg = test_config(&server, &db);
-    cfg.redis.url = SecretString::from(redis.url());
+    cfg.redis.url = redis.url().into();
     cfg.budget.safety_margin_ms = 500;
     let started = Instant::now();
     let app = spawn(cfg).await;
@@ -80,8 +79,8 @@ async fn a_redis_outage_stops_reads_which_resume_within_the_budget() {
     })
     .await
     .expect("/readyz stays 200 while Redis is down");
-    let reason = not_ready["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("Redis"), "{not_ready}");
+    let problems = not_ready["problems"].to_string();
+    assert!(problems.contains("Redis"), "{not_ready}");
     let remaining = Duration::from_secs(2).saturating_sub(down_at.elapsed());
     tokio::time::sleep(remaining).await;
     let during: Vec<_> = server
@@ -143,7 +142,7 @@ async fn a_permanent_write_error_fails_only_its_job_and_a_transient_one_is_retri
     let db = TestDb::new().await;
     let ids = stuck_messages(&db, &server, 4).await;
     let (bad, flaky) = (&ids[0], &ids[1]);
-    let schema = &db.cfg.schema;
+    let schema = db.schema();
     for sql in [
         format!("CREATE SEQUENCE {schema}.flaky_writes"),
         format!(

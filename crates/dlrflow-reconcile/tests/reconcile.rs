@@ -214,7 +214,7 @@ async fn a_refused_key_stops_reads_and_fails_readiness() {
             .await;
     }
     let mut cfg = test_config(&server, &db);
-    cfg.status_api.api_key = dlrflow_runtime::SecretString::from("wrong-key");
+    cfg.status_api.api_key = dlrflow_runtime::Secret::new("wrong-key");
     let app = spawn(cfg).await;
     let refused = wait_for(Duration::from_secs(15), || async {
         app.state.unauthorized()

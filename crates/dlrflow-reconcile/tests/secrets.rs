@@ -139,7 +139,7 @@ fn pg_url(port: u16, password: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs_errors_metrics_or_job_errors() {
     let db = TestDb::new().await;
-    let schema = db.cfg.schema.clone();
+    let schema = db.schema().to_owned();
     let mut redis = PrivateRedis::start(Some(REDIS_PW));
     let pg = || pg_url(5432, PG_PW);
     let common_env = |redis_url: String, pg_url: String| {

@@ -6,7 +6,8 @@
 //! (`DLRFLOW_KAFKA__BROKERS=…` sets `kafka.brokers`).
 //!
 //! A setting nothing reads is an error, not a silent default: any unknown key
-//! in the file, and any unknown nested key from the environment
+//! in the file (also inside flattened sections and lists), and any unknown
+//! nested key from the environment
 //! (`DLRFLOW_KAFKA__BROKRES`). Top-level environment names without `__`
 //! (`DLRFLOW_TEST_…`, `DLRFLOW_LOG_FORMAT`) belong to other tools and are
 //! left alone.
@@ -16,6 +17,7 @@ use std::path::Path;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// The environment variable naming an optional configuration file.
 pub const CONFIG_FILE_ENV: &str = "DLRFLOW_CONFIG";
@@ -40,23 +42,37 @@ impl ConfigError {
     }
 }
 
+/// Settings that were renamed: the old key is refused with a pointer to the new
+/// one instead of a bare "unknown setting".
+const RENAMED: &[(&str, &str)] = &[("postgres.pool_size", "postgres.max_connections")];
+
 /// Loads `T` from embedded defaults, an optional file and the environment.
+///
+/// A value that cannot be read is named by its key, never shown: it may be
+/// a secret.
 ///
 /// `file` wins over `DLRFLOW_CONFIG`. A named file that does not exist is an
 /// error: a typo in a path must not silently fall back to the defaults.
-pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<T, ConfigError> {
+///
+/// Unknown keys are found by serializing what was read and comparing its
+/// keys with the input's: a key of the input that does not come back was read
+/// by nothing. This sees through `#[serde(flatten)]`, which hides unknown keys
+/// from serde itself, so `T` (and every type in it) must serialize with the
+/// same key names it reads (no `skip_serializing`, no aliases).
+pub fn load<T: DeserializeOwned + Serialize>(
+    defaults: &str,
+    file: Option<&Path>,
+) -> Result<T, ConfigError> {
     let env_file = std::env::var_os(CONFIG_FILE_ENV).map(std::path::PathBuf::from);
     let file = file.map(Path::to_path_buf).or(env_file);
     let mut figment = Figment::from(Toml::string(defaults));
+    let mut file_keys = Vec::new();
     if let Some(path) = &file {
         if !path.exists() {
             return Err(ConfigError::MissingFile {
                 path: path.display().to_string(),
             });
         }
-    }
-    let mut file_keys = Vec::new();
-    if let Some(path) = &file {
         if let Ok(dict) = Figment::from(Toml::file(path)).extract::<figment::value::Dict>() {
             file_keys = dict.into_keys().collect();
         }
@@ -65,20 +81,26 @@ pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<
     let figment = figment.merge(Env::prefixed("DLRFLOW_").ignore(&["CONFIG"]).split("__"));
     let cfg: T = figment
         .extract()
-        .map_err(|e| ConfigError::Load(Box::new(e)))?;
-    // The same again, noting every key the type did not read.
-    let value: figment::value::Value = figment
+        .map_err(|e| without_values(ConfigError::Load(Box::new(e))))?;
+    let input: serde_json::Value = figment
         .extract()
-        .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        .map_err(|e| without_values(ConfigError::Load(Box::new(e))))?;
+    let read = serde_json::to_value(&cfg)
+        .map_err(|e| ConfigError::invalid("configuration", format!("cannot be listed: {e}")))?;
     let mut unknown = Vec::new();
-    let _: Result<T, _> = serde_ignored::deserialize(&value, |path| {
-        let path = path.to_string();
-        let nested = path.contains('.');
-        if nested || file_keys.iter().any(|k| k.eq_ignore_ascii_case(&path)) {
-            unknown.push(path);
-        }
+    unread_keys(&input, &read, "", &mut unknown);
+    // Top-level names without `__` from the environment (`DLRFLOW_TEST_…`,
+    // `DLRFLOW_LOG_FORMAT`) belong to other tools; in the file they are typos.
+    unknown.retain(|path| {
+        path.contains('.') || file_keys.iter().any(|k| k.eq_ignore_ascii_case(path))
     });
     if let Some(first) = unknown.first() {
+        if let Some((_, new)) = RENAMED.iter().find(|(old, _)| old == first) {
+            return Err(ConfigError::invalid(
+                first.clone(),
+                format!("was renamed to `{new}`"),
+            ));
+        }
         return Err(ConfigError::invalid(
             first.clone(),
             format!(
@@ -91,6 +113,90 @@ pub fn load<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> Result<
     Ok(cfg)
 }
 
+/// Collects the dotted paths of the keys in `input` that `read` lacks.
+fn unread_keys(
+    input: &serde_json::Value,
+    read: &serde_json::Value,
+    at: &str,
+    unknown: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (input, read) {
+        (Value::Object(input), Value::Object(read)) => {
+            for (key, value) in input {
+                let path = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                match read.get(key) {
+                    Some(back) => unread_keys(value, back, &path, unknown),
+                    None => unknown.push(path),
+                }
+            }
+        }
+        (Value::Array(input), Value::Array(read)) => {
+            for (i, (value, back)) in input.iter().zip(read).enumerate() {
+                unread_keys(value, back, &format!("{at}[{i}]"), unknown);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A configuration that could not be read, rewritten so that it names the
+/// key and what was expected but never shows the value found there: the
+/// value may be a password, or a whole `DLRFLOW_SOURCES` list with its
+/// credentials, that TOML could not parse.
+fn without_values(err: ConfigError) -> ConfigError {
+    let ConfigError::Load(errors) = err else {
+        return err;
+    };
+    let mut setting = String::from("configuration");
+    let mut reasons = Vec::new();
+    for (i, e) in (*errors).into_iter().enumerate() {
+        let key = e.path.join(".");
+        if i == 0 && !key.is_empty() {
+            setting = key.clone();
+        }
+        let from = e
+            .metadata
+            .as_ref()
+            .map(|m| match &m.source {
+                Some(src) => format!(" in {} {src}", m.name),
+                None => format!(" in {}", m.name),
+            })
+            .unwrap_or_default();
+        let at = if i == 0 || key.is_empty() {
+            String::new()
+        } else {
+            format!(" at `{key}`")
+        };
+        reasons.push(format!(
+            "{}{at}{from}",
+            kind_without_value(&e.kind.to_string())
+        ));
+    }
+    ConfigError::invalid(setting, reasons.join("; "))
+}
+
+/// figment's error text with the offending value cut out: `invalid type:
+/// found string "s3cret", expected u64` → `invalid type: expected u64`.
+fn kind_without_value(kind: &str) -> String {
+    for prefix in ["invalid type", "invalid value", "unknown variant"] {
+        if kind.starts_with(prefix) {
+            return match kind.rfind(", expected ") {
+                Some(at) => format!("{prefix}: expected{}", &kind[at + ", expected".len()..]),
+                None => format!("{prefix} (value not shown)"),
+            };
+        }
+    }
+    if kind.starts_with("signed integer") || kind.starts_with("unsigned integer") {
+        return "integer out of range (value not shown)".into();
+    }
+    kind.to_owned()
+}
+
 #[cfg(test)]
 // `figment::Jail`'s closure must return `figment::Error`, which is large.
 #[allow(clippy::result_large_err)]
@@ -98,11 +204,11 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, Serialize)]
     struct Sample {
         kafka: Kafka,
     }
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, Serialize)]
     struct Kafka {
         brokers: String,
         timeout_ms: u64,
@@ -141,6 +247,65 @@ mod tests {
             )
             .unwrap_err();
             assert!(err.to_string().contains("`brokers`"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    struct Flattened {
+        kafka: Section,
+        #[serde(default)]
+        sources: Vec<Source>,
+    }
+    #[derive(Debug, Deserialize, Serialize)]
+    struct Section {
+        #[serde(flatten)]
+        client: Kafka,
+        topic: String,
+    }
+    #[derive(Debug, Deserialize, Serialize)]
+    struct Source {
+        name: String,
+    }
+
+    #[test]
+    fn unknown_keys_are_found_inside_flattened_sections_and_lists() {
+        let defaults = "[kafka]\nbrokers = \"a:1\"\ntimeout_ms = 1\ntopic = \"t\"\n";
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DLRFLOW_KAFKA__TOPIC", "raw");
+            let cfg = load::<Flattened>(defaults, None).unwrap();
+            assert_eq!(cfg.kafka.topic, "raw");
+            jail.set_env("DLRFLOW_KAFKA__BROKRES", "b:2");
+            let err = load::<Flattened>(defaults, None).unwrap_err();
+            assert!(err.to_string().contains("kafka.brokres"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[[sources]]\nname = \"a\"\nnmae = \"b\"\n")?;
+            let err = load::<Flattened>(defaults, Some(Path::new("c.toml"))).unwrap_err();
+            assert!(err.to_string().contains("sources[0].nmae"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_renamed_key_points_to_its_new_name() {
+        #[derive(Debug, Deserialize, Serialize)]
+        struct Pg {
+            postgres: PgSection,
+        }
+        #[derive(Debug, Deserialize, Serialize)]
+        struct PgSection {
+            max_connections: u32,
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DLRFLOW_POSTGRES__POOL_SIZE", "4");
+            let err = load::<Pg>("[postgres]\nmax_connections = 8\n", None).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("postgres.pool_size") && text.contains("postgres.max_connections"),
+                "{text}"
+            );
             Ok(())
         });
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use rdkafka::client::{Client, ClientContext};
 use rdkafka::message::{Headers, OwnedHeaders};
 use rdkafka::ClientConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::config::ConfigError;
 
@@ -27,15 +27,73 @@ pub mod header {
     pub const ERROR: &str = "error";
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[kafka]`'s client part. Its `Debug` and `Serialize` show secret
+/// `settings` values as `***`.
+#[derive(Clone, Deserialize, Serialize)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
     /// Raw librdkafka properties, applied last. Values may be written as
     /// strings, numbers or booleans (`DLRFLOW_KAFKA__SETTINGS__FETCH_WAIT_MAX_MS=10`
     /// arrives as a number).
-    #[serde(default, deserialize_with = "settings_map")]
+    #[serde(
+        default,
+        deserialize_with = "settings_map",
+        serialize_with = "masked_settings"
+    )]
     pub settings: BTreeMap<String, String>,
+}
+
+/// Whether a librdkafka property (as written in `kafka.settings`, with `.` or
+/// `_`) holds a secret: a password, secret, token, key material or a SASL
+/// configuration string. Such values are never printed.
+pub fn is_secret_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase().replace('_', ".");
+    ["password", "secret", "token", "jaas", "oauthbearer.config"]
+        .iter()
+        .any(|w| key.contains(w))
+        || key == "ssl.key.pem"
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings: BTreeMap<&str, &str> = self
+            .settings
+            .iter()
+            .map(|(k, v)| (k.as_str(), shown(k, v)))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("settings", &settings)
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// Every `settings` value that is a secret, for redaction.
+    pub fn secret_settings(&self) -> impl Iterator<Item = &str> {
+        self.settings
+            .iter()
+            .filter(|(k, _)| is_secret_setting(k))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The settings with every secret value shown as `***`.
+fn masked_settings<S: Serializer>(
+    settings: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(settings.iter().map(|(k, v)| (k, shown(k, v))))
+}
+
+/// A setting's value as it may be shown.
+fn shown<'a>(key: &str, value: &'a str) -> &'a str {
+    if is_secret_setting(key) {
+        crate::settings::MASK
+    } else {
+        value
+    }
 }
 
 fn settings_map<'de, D: serde::Deserializer<'de>>(
@@ -161,7 +219,7 @@ pub fn copy_headers<H: Headers>(from: Option<&H>, extra: &[(&str, &str)]) -> Own
 mod tests {
     use super::*;
 
-    #[derive(Deserialize)]
+    #[derive(Deserialize, Serialize)]
     struct Holder {
         kafka: KafkaConfig,
     }

@@ -1,14 +1,20 @@
-//! Shared plumbing for every dlrflow binary: typed configuration loading
-//! (embedded defaults, then a file, then `DLRFLOW_` environment variables),
+//! Shared plumbing for every dlrflow binary: the service skeleton
+//! ([`service`]: listener, health/readiness/metrics routes, supervised tasks,
+//! drain and flush), the shared settings types ([`settings`]), typed
+//! configuration loading (embedded defaults, then a file, then `DLRFLOW_`
+//! environment variables),
 //! telemetry (JSON logs through `tracing`, Prometheus metrics), Kafka client
 //! settings with pass-through librdkafka options, W3C trace-context headers,
 //! and the process shutdown signal.
 //!
 //! This crate holds no business rules: it never parses a webhook, never
-//! decides a status, and never talks to PostgreSQL or Redis on its own.
+//! decides a status, and only opens connections to PostgreSQL and Redis for
+//! the services (it never queries them on its own).
 
 pub mod config;
 pub mod kafka;
+pub mod service;
+pub mod settings;
 pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;
@@ -17,3 +23,4 @@ pub mod text;
 pub mod trace;
 
 pub use secrecy::{ExposeSecret, SecretString};
+pub use settings::Secret;

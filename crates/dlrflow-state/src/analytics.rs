@@ -351,7 +351,7 @@ pub struct RelayStatus {
 }
 
 /// The relay's account of its progress, shared (cheap to clone) between the
-/// relay ([`Relay::health`]) and `/readyz` ([`crate::api::router_with_relay`]).
+/// relay ([`Relay::health`]) and `/readyz` ([`crate::api::readiness`]).
 #[derive(Debug, Clone)]
 pub struct RelayHealth {
     inner: Arc<Mutex<HealthState>>,
@@ -581,7 +581,7 @@ impl Relay {
                     "DELETE FROM delivery_outbox WHERE published_at IS NOT NULL \
                      AND published_at < now() - make_interval(secs => $1)",
                 )
-                .bind(cfg.retention_secs as f64)
+                .bind(cfg.retention.as_secs_f64())
                 .execute(&pool)
                 .await;
                 if let Err(e) = r {
@@ -591,7 +591,7 @@ impl Relay {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(cfg.idle_poll_ms)) => {}
+                () = tokio::time::sleep(cfg.idle_poll) => {}
             }
         }
     }

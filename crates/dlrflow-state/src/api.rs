@@ -1,4 +1,4 @@
-//! The read API for the merchant backend, health and metrics.
+//! The read API for the merchant backend, and the service's readiness.
 //!
 //! Status codes: 200 found; 404 no such message / recipient; 400 an id that
 //! cannot name anything dlrflow stores (it holds U+0000, is longer than
@@ -8,15 +8,15 @@
 //! any other error), retry later.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use dlrflow_runtime::service::{probe, ready_check, Readiness, ReadyCheck, PROBE_TIMEOUT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 use sqlx::{FromRow, PgPool};
@@ -101,27 +101,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// [`router`] whose `/readyz` also consults the outbox relay's health: not
-/// ready while [`crate::analytics::RelayHealth::problems`] reports any.
-pub fn router_with_relay(state: ApiState, relay: crate::analytics::RelayHealth) -> Router {
-    router(state).layer(Extension(relay))
-}
-
+/// The read API (the skeleton adds `/healthz`, `/readyz` and `/metrics`).
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/messages/{message_id}", get(get_message))
         .route(
             "/v1/messages/{message_id}/recipients/{phone}",
             get(get_recipient),
-        )
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(dlrflow_runtime::telemetry::metrics_endpoint),
         )
         .with_state(state)
 }
@@ -215,65 +201,45 @@ async fn get_recipient(
     row.map(Json).ok_or(ApiError::NotFound)
 }
 
-async fn readyz(
-    State(s): State<ApiState>,
-    relay: Option<Extension<crate::analytics::RelayHealth>>,
-) -> Response {
-    let pg = async {
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&s.pool),
-        )
-        .await
-        .map_err(|_| "postgres: timeout".to_owned())?
-        .map(|_| ())
-        .map_err(|e| format!("postgres: {e}"))
-    };
-    let redis = async {
-        let mut conn = s.redis.clone();
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            redis::cmd("PING").query_async::<String>(&mut conn),
-        )
-        .await
-        .map_err(|_| "redis: timeout".to_owned())?
-        .map(|_| ())
-        .map_err(|e| format!("redis: {e}"))
-    };
-    let kafka = {
-        let client = s.kafka.clone();
-        let topic = s.raw_topic.clone();
+/// `/readyz`: PostgreSQL and the broker answer, the consumer makes progress
+/// ([`crate::health::ConsumerHealth`]) and the outbox relay publishes
+/// ([`crate::analytics::RelayHealth`]). Redis is a cache: without it dedupe
+/// runs on PostgreSQL alone, so it only makes the service `degraded`.
+pub fn readiness(s: ApiState, relay: crate::analytics::RelayHealth) -> ReadyCheck {
+    ready_check(move || {
+        let (s, relay) = (s.clone(), relay.clone());
         async move {
-            tokio::task::spawn_blocking(move || {
-                dlrflow_runtime::kafka::topic_ready(client.client(), &topic, Duration::from_secs(2))
-            })
-            .await
-            .map_err(|e| format!("kafka: {e}"))?
-            .map(|_| ())
-            .map_err(|e| format!("kafka: {e}"))
+            let pg = probe("postgres", sqlx::query("SELECT 1").execute(&s.pool));
+            let redis = async {
+                let mut conn = s.redis.clone();
+                probe("redis", redis::cmd("PING").query_async::<String>(&mut conn)).await
+            };
+            let kafka = {
+                let client = s.kafka.clone();
+                let topic = s.raw_topic.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        dlrflow_runtime::kafka::topic_ready(client.client(), &topic, PROBE_TIMEOUT)
+                    })
+                    .await
+                    .map_err(|e| format!("kafka: {e}"))?
+                    .map_err(|e| format!("kafka: {e}"))
+                }
+            };
+            let (pg, redis, kafka) = tokio::join!(pg, redis, kafka);
+            let mut r = Readiness::default();
+            r.check(pg);
+            r.check(kafka);
+            let verdict = s.health.verdict();
+            r.problems.extend(verdict.problems);
+            r.problems.extend(relay.problems());
+            r.degraded = verdict.degraded;
+            if let Err(e) = redis {
+                if r.degraded.is_empty() {
+                    r.degraded(format!("{e}; dedupe runs on PostgreSQL alone"));
+                }
+            }
+            r
         }
-    };
-    let (pg, redis, kafka) = tokio::join!(pg, redis, kafka);
-    let verdict = s.health.verdict();
-    let mut problems: Vec<String> = [pg, kafka].into_iter().filter_map(Result::err).collect();
-    problems.extend(verdict.problems);
-    if let Some(Extension(relay)) = relay {
-        problems.extend(relay.problems());
-    }
-    // Redis is a cache: without it dedupe runs on PostgreSQL alone.
-    let mut degraded = verdict.degraded;
-    if let Err(e) = redis {
-        if degraded.is_empty() {
-            degraded.push(format!("{e}; dedupe runs on PostgreSQL alone"));
-        }
-    }
-    if problems.is_empty() {
-        Json(serde_json::json!({"status": "ready", "degraded": degraded})).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not ready", "problems": problems, "degraded": degraded})),
-        )
-            .into_response()
-    }
+    })
 }

@@ -2,13 +2,13 @@
 //! a file and `DLRFLOW_…` environment variables override them (see
 //! `dlrflow_runtime::config`), e.g. `DLRFLOW_POSTGRES__SCHEMA=tenant_a`.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use dlrflow_runtime::config::{self, ConfigError};
 use dlrflow_runtime::kafka::KafkaConfig;
-use serde::Deserialize;
+use dlrflow_runtime::settings::{ms, secs, HttpSettings, PostgresSettings, RedisSettings};
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULTS: &str = r#"
 [http]
@@ -33,11 +33,14 @@ retry_max_ms = 5000
 url = "redis://127.0.0.1:6379"
 prefix = "dlrflow:"
 ttl_secs = 604800
+connect_timeout_ms = 2000
+response_timeout_ms = 5000
 
 [postgres]
 url = "postgres://postgres@127.0.0.1:5432/dlrflow"
-pool_size = 8
+max_connections = 8
 acquire_timeout_ms = 5000
+migrate = true
 
 [health]
 stall_after_ms = 30000
@@ -48,38 +51,26 @@ idle_poll_ms = 50
 retention_secs = 3600
 "#;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
-    pub http: HttpConfig,
+    pub http: HttpSettings,
     pub kafka: StateKafkaConfig,
     pub batch: BatchConfig,
-    pub redis: RedisConfig,
-    pub postgres: PostgresConfig,
+    pub redis: DedupeRedisConfig,
+    pub postgres: PostgresSettings,
     pub outbox: OutboxConfig,
     pub health: HealthConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HealthConfig {
     /// `/readyz` says not ready when the consumer loop has not come round,
     /// or one batch has kept failing, for this long.
-    pub stall_after_ms: u64,
+    #[serde(rename = "stall_after_ms", with = "ms")]
+    pub stall_after: Duration,
 }
 
-impl HealthConfig {
-    pub fn stall_after(&self) -> Duration {
-        Duration::from_millis(self.stall_after_ms)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct HttpConfig {
-    pub listen: SocketAddr,
-    /// How long shutdown waits for in-flight work (HTTP, the current batch).
-    pub shutdown_grace_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct StateKafkaConfig {
     #[serde(flatten)]
     pub client: KafkaConfig,
@@ -94,57 +85,44 @@ pub struct StateKafkaConfig {
     #[serde(default)]
     pub instance_id: Option<String>,
     /// Longest wait for a DLQ / analytics / replay produce acknowledgement.
-    pub produce_timeout_ms: u64,
+    #[serde(rename = "produce_timeout_ms", with = "ms")]
+    pub produce_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct BatchConfig {
     /// At most this many records per Redis round trip and PostgreSQL transaction.
     pub max_records: usize,
     /// A batch closes this long after its first record at the latest.
-    pub max_wait_ms: u64,
+    #[serde(rename = "max_wait_ms", with = "ms")]
+    pub max_wait: Duration,
     /// Backoff of a failing batch (Redis, PostgreSQL or broker down), doubling.
-    pub retry_initial_ms: u64,
-    pub retry_max_ms: u64,
+    #[serde(rename = "retry_initial_ms", with = "ms")]
+    pub retry_initial: Duration,
+    #[serde(rename = "retry_max_ms", with = "ms")]
+    pub retry_max: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct RedisConfig {
-    pub url: String,
+/// `[redis]`: the connection, and how long a dedupe key is kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DedupeRedisConfig {
     /// Every dedupe key is `{prefix}d:{dedupe_key}`.
-    pub prefix: String,
-    pub ttl_secs: u64,
+    #[serde(flatten)]
+    pub conn: RedisSettings,
+    #[serde(rename = "ttl_secs", with = "secs")]
+    pub ttl: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct PostgresConfig {
-    pub url: String,
-    /// Optional schema: created if missing and set as `search_path`.
-    #[serde(default)]
-    pub schema: Option<String>,
-    pub pool_size: u32,
-    pub acquire_timeout_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct OutboxConfig {
     /// Rows published per relay round.
     pub batch_size: i64,
     /// Relay poll interval when the outbox is empty.
-    pub idle_poll_ms: u64,
+    #[serde(rename = "idle_poll_ms", with = "ms")]
+    pub idle_poll: Duration,
     /// Published rows are deleted after this long.
-    pub retention_secs: u64,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/dlrflow".into(),
-            schema: None,
-            pool_size: 8,
-            acquire_timeout_ms: 5000,
-        }
-    }
+    #[serde(rename = "retention_secs", with = "secs")]
+    pub retention: Duration,
 }
 
 impl Config {
@@ -162,13 +140,14 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.client.validate()?;
+        // The consumer and the outbox relay each hold a connection.
+        self.postgres.validate(2)?;
+        self.redis.conn.validate()?;
         for (name, value) in [
             ("kafka.raw_topic", &self.kafka.raw_topic),
             ("kafka.dlq_topic", &self.kafka.dlq_topic),
             ("kafka.delivery_topic", &self.kafka.delivery_topic),
             ("kafka.group_id", &self.kafka.group_id),
-            ("redis.url", &self.redis.url),
-            ("postgres.url", &self.postgres.url),
         ] {
             if value.trim().is_empty() {
                 return Err(ConfigError::invalid(name, "must not be empty"));
@@ -186,35 +165,20 @@ impl Config {
                 "must be between 1 and 100000",
             ));
         }
-        if self.batch.max_wait_ms > 60_000 {
+        if self.batch.max_wait > Duration::from_secs(60) {
             return Err(ConfigError::invalid(
                 "batch.max_wait_ms",
                 "must be at most 60000",
             ));
         }
-        if self.batch.retry_initial_ms == 0 || self.batch.retry_max_ms < self.batch.retry_initial_ms
-        {
+        if self.batch.retry_initial.is_zero() || self.batch.retry_max < self.batch.retry_initial {
             return Err(ConfigError::invalid(
                 "batch.retry_max_ms",
                 "needs 0 < batch.retry_initial_ms <= batch.retry_max_ms",
             ));
         }
-        if self.redis.ttl_secs == 0 {
+        if self.redis.ttl.is_zero() {
             return Err(ConfigError::invalid("redis.ttl_secs", "must be positive"));
-        }
-        if self.postgres.pool_size < 2 {
-            return Err(ConfigError::invalid(
-                "postgres.pool_size",
-                "must be at least 2 (consumer + relay)",
-            ));
-        }
-        if let Some(schema) = &self.postgres.schema {
-            if !valid_identifier(schema) {
-                return Err(ConfigError::invalid(
-                    "postgres.schema",
-                    "use lower-case letters, digits and '_' (not starting with a digit)",
-                ));
-            }
         }
         if self.outbox.batch_size < 1 {
             return Err(ConfigError::invalid(
@@ -222,13 +186,13 @@ impl Config {
                 "must be positive",
             ));
         }
-        if self.health.stall_after_ms < 1000 {
+        if self.health.stall_after < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 "health.stall_after_ms",
                 "must be at least 1000",
             ));
         }
-        if self.kafka.produce_timeout_ms < 100 {
+        if self.kafka.produce_timeout < Duration::from_millis(100) {
             return Err(ConfigError::invalid(
                 "kafka.produce_timeout_ms",
                 "must be at least 100",
@@ -240,24 +204,4 @@ impl Config {
 
 fn toml_defaults() -> Config {
     config::load(DEFAULTS, None).expect("embedded defaults are valid")
-}
-
-pub(crate) fn valid_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.as_bytes()[0].is_ascii_digit()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-impl BatchConfig {
-    pub fn max_wait(&self) -> Duration {
-        Duration::from_millis(self.max_wait_ms)
-    }
-}
-
-impl StateKafkaConfig {
-    pub fn produce_timeout(&self) -> Duration {
-        Duration::from_millis(self.produce_timeout_ms)
-    }
 }

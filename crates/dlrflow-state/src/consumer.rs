@@ -335,7 +335,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
                 }
             })
             .collect();
-        let mut backoff = Duration::from_millis(batch_cfg.retry_initial_ms);
+        let mut backoff = batch_cfg.retry_initial;
         let started = std::time::Instant::now();
         let done = loop {
             match process(&mut p, &mut parsed).await {
@@ -354,7 +354,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
                         () = shutdown.cancelled() => break false,
                         () = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(batch_cfg.retry_max_ms));
+                    backoff = (backoff * 2).min(batch_cfg.retry_max);
                 }
             }
         };
@@ -483,7 +483,7 @@ async fn collect(
             return Some(batch);
         }
     }
-    let deadline = tokio::time::Instant::now() + cfg.max_wait();
+    let deadline = tokio::time::Instant::now() + cfg.max_wait;
     while batch.len() < cfg.max_records {
         tokio::select! {
             biased;
@@ -868,7 +868,7 @@ async fn send_to_dlq(
         );
         pending.push((i, fut));
     }
-    let timeout = cfg.kafka.produce_timeout();
+    let timeout = cfg.kafka.produce_timeout;
     let mut failure = None;
     for (i, fut) in pending {
         match tokio::time::timeout(timeout, fut).await {

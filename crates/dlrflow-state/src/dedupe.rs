@@ -42,17 +42,13 @@ pub struct Dedupe {
 }
 
 impl Dedupe {
-    pub async fn connect(url: &str, prefix: &str, ttl_secs: u64) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(url)?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(std::time::Duration::from_secs(2))
-            .set_response_timeout(std::time::Duration::from_secs(5))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, cfg).await?;
+    /// Connects with the `[redis]` settings; the error never holds the
+    /// URL's password.
+    pub async fn connect(cfg: &crate::config::DedupeRedisConfig) -> anyhow::Result<Self> {
         Ok(Self {
-            conn,
-            prefix: prefix.to_owned(),
-            ttl_secs,
+            conn: cfg.conn.connect().await?,
+            prefix: cfg.conn.prefix.clone(),
+            ttl_secs: cfg.ttl.as_secs(),
             pending_marks: Vec::new(),
             skip_until: None,
         })

@@ -24,64 +24,59 @@ pub mod testkit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
+use dlrflow_runtime::service::Service;
 use rdkafka::consumer::BaseConsumer;
-use rdkafka::producer::{FutureProducer, Producer};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::config::{Config, PostgresConfig};
+pub use crate::config::Config;
 pub use crate::store::{
-    apply_batch, apply_updates, connect, migrate, update_id, Applied, BatchResult, Incoming,
-    Outcome, StoreError,
+    apply_batch, apply_updates, migrate, update_id, Applied, BatchResult, Incoming, Outcome,
+    StoreError,
 };
 
 /// A built service: PostgreSQL migrated, Redis connected, consumer subscribed,
 /// listener bound.
 pub struct App {
-    listener: TcpListener,
+    service: Service,
     pipeline: consumer::Pipeline,
     api: api::ApiState,
-    producer: FutureProducer,
     cfg: Config,
 }
 
 impl App {
-    /// Connects, migrates and binds. PostgreSQL and Redis must be reachable;
-    /// the broker need not be yet (`/readyz` says).
+    /// Connects, migrates (`postgres.migrate`) and binds. PostgreSQL and
+    /// Redis must be reachable; the broker need not be yet (`/readyz` says).
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         cfg.validate()?;
-        // Install the Prometheus recorder before the first counter moves.
-        let _ = dlrflow_runtime::telemetry::metrics_handle();
-        let pool = store::connect(&cfg.postgres)
-            .await
-            .context("connecting to postgres.url")?;
-        store::migrate(&pool).await.context("running migrations")?;
-        let dedupe = dedupe::Dedupe::connect(&cfg.redis.url, &cfg.redis.prefix, cfg.redis.ttl_secs)
+        let mut service = Service::bind("dlrflow-state", &cfg.http).await?;
+        let pool = cfg
+            .postgres
+            .connect()
             .await
             .map_err(|e| anyhow::anyhow!("{}", dlrflow_runtime::text::redact_url(&e.to_string())))
-            .with_context(|| {
-                format!(
-                    "connecting to redis.url = {}",
-                    dlrflow_runtime::text::redact_url(&cfg.redis.url)
-                )
-            })?;
+            .context("connecting to PostgreSQL (postgres.url)")?;
+        if cfg.postgres.migrate {
+            store::migrate(&pool).await.context("running migrations")?;
+        }
+        let dedupe = dedupe::Dedupe::connect(&cfg.redis)
+            .await
+            .context("connecting to Redis (redis.url)")?;
         let consumer = consumer::create_consumer(&cfg)?;
         let producer = consumer::create_producer(&cfg, "dlrflow-state")?;
+        // DLQ and analytics records not yet acknowledged at the end are not
+        // committed either: they are produced again after the restart.
+        service.flush_on_stop(producer.clone());
         let meta: BaseConsumer = cfg
             .kafka
             .client
             .client_config(&[("client.id", "dlrflow-state-meta".into())])
             .create()
             .context("creating the Kafka metadata client")?;
-        let listener = TcpListener::bind(cfg.http.listen)
-            .await
-            .with_context(|| format!("binding http.listen = {}", cfg.http.listen))?;
-        let health = Arc::new(health::ConsumerHealth::new(cfg.health.stall_after()));
+        let health = Arc::new(health::ConsumerHealth::new(cfg.health.stall_after));
         let api = api::ApiState {
             pool: pool.clone(),
             redis: dedupe.connection(),
@@ -91,7 +86,7 @@ impl App {
         };
         let pipeline = consumer::Pipeline {
             consumer: Arc::new(consumer),
-            producer: producer.clone(),
+            producer,
             pool,
             dedupe,
             cfg: cfg.clone(),
@@ -99,18 +94,15 @@ impl App {
             health,
         };
         Ok(App {
-            listener,
+            service,
             pipeline,
             api,
-            producer,
             cfg,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.service.local_addr()
     }
 
     pub fn pool(&self) -> PgPool {
@@ -124,42 +116,25 @@ impl App {
     /// the error is returned: the process exits rather than stay up half
     /// alive.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let grace = Duration::from_millis(self.cfg.http.shutdown_grace_ms);
-        tracing::info!(addr = %self.local_addr(), "dlrflow-state listening");
-        let mut tasks = dlrflow_runtime::supervise::Tasks::new(shutdown.clone());
+        let mut service = self.service;
+        let work = service.work();
         let relay_health = analytics::RelayHealth::default();
-        {
-            let shutdown = shutdown.clone();
-            let server = axum::serve(
-                self.listener,
-                api::router_with_relay(self.api.clone(), relay_health.clone()),
-            )
-            .with_graceful_shutdown(async move { shutdown.cancelled().await });
-            tasks.spawn("http", async move { server.await.context("http server") });
+        let relay = analytics::Relay {
+            pool: self.api.pool.clone(),
+            producer: self.pipeline.producer.clone(),
+            topic: self.cfg.kafka.delivery_topic.clone(),
+            cfg: self.cfg.outbox.clone(),
+            produce_timeout: self.cfg.kafka.produce_timeout,
+            wake: self.pipeline.outbox_wake.clone(),
+            health: relay_health.clone(),
         }
-        {
-            let relay = analytics::Relay {
-                pool: self.api.pool.clone(),
-                producer: self.producer.clone(),
-                topic: self.cfg.kafka.delivery_topic.clone(),
-                cfg: self.cfg.outbox.clone(),
-                produce_timeout: self.cfg.kafka.produce_timeout(),
-                wake: self.pipeline.outbox_wake.clone(),
-                health: relay_health,
-            }
-            .run(shutdown.clone());
-            tasks.spawn("outbox relay", async move {
-                relay.await;
-                Ok(())
-            });
-        }
-        tasks.spawn("consumer", consumer::run(self.pipeline, shutdown.clone()));
-        let result = tasks.run(grace).await;
-        let producer = self.producer;
-        tokio::task::spawn_blocking(move || producer.flush(grace))
-            .await?
-            .ok();
-        tracing::info!("dlrflow-state stopped");
-        result
+        .run(work.clone());
+        service.spawn("outbox relay", async move {
+            relay.await;
+            Ok(())
+        });
+        service.spawn("consumer", consumer::run(self.pipeline, work));
+        let ready = api::readiness(self.api.clone(), relay_health);
+        service.run(api::router(self.api), ready, shutdown).await
     }
 }

@@ -45,9 +45,11 @@ async fn main() -> anyhow::Result<()> {
             app.run(shutdown).await
         }
         Command::Migrate => {
-            let pool = dlrflow_state::connect(&cfg.postgres)
+            let pool = cfg
+                .postgres
+                .connect()
                 .await
-                .context("connecting to postgres.url")?;
+                .context("connecting to PostgreSQL (postgres.url)")?;
             dlrflow_state::migrate(&pool)
                 .await
                 .context("running migrations")?;

@@ -136,7 +136,7 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
             pending.push(fut);
         }
         for fut in pending {
-            match tokio::time::timeout(cfg.kafka.produce_timeout(), fut).await {
+            match tokio::time::timeout(cfg.kafka.produce_timeout, fut).await {
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err((e, _)))) => anyhow::bail!("producing to {}: {e}", cfg.kafka.raw_topic),
                 _ => anyhow::bail!("no acknowledgement from {}", cfg.kafka.raw_topic),

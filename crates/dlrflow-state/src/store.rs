@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dlrflow_events::{
@@ -14,11 +13,8 @@ use dlrflow_events::{
     RecipientState, ReconcileReason, Status,
 };
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Executor, PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
-
-pub use crate::config::PostgresConfig;
 
 /// Migrations 1..999 of this crate. dlrflow-reconcile keeps its own, numbered
 /// from 1000, in the same `_sqlx_migrations` table: each side ignores the
@@ -67,46 +63,6 @@ pub fn is_record_error(e: &sqlx::Error) -> bool {
         sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => true,
         _ => false,
     }
-}
-
-/// Opens a pool. With `postgres.schema`, the schema is created if missing and
-/// every connection's `search_path` is set to it.
-pub async fn connect(cfg: &PostgresConfig) -> Result<PgPool, StoreError> {
-    let mut opts = PgConnectOptions::from_str(&cfg.url).map_err(StoreError::Url)?;
-    if let Some(schema) = &cfg.schema {
-        // Validated as a plain identifier by `Config::validate`; quoted anyway.
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
-            .connect_with(opts.clone())
-            .await?;
-        // Only created when missing, so a role without CREATE on the database
-        // can use a schema prepared for it.
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-                .bind(schema)
-                .fetch_one(&admin)
-                .await?;
-        if !exists {
-            let sql = format!(
-                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-                schema.replace('"', "")
-            );
-            // Two processes creating the same schema at once may race on the
-            // catalog's unique index; the loser retries once.
-            if admin.execute(sql.as_str()).await.is_err() {
-                admin.execute(sql.as_str()).await?;
-            }
-        }
-        admin.close().await;
-        opts = opts.options([("search_path", schema.as_str())]);
-    }
-    let pool = PgPoolOptions::new()
-        .max_connections(cfg.pool_size)
-        .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
-        .connect_with(opts)
-        .await?;
-    Ok(pool)
 }
 
 /// Runs this crate's migrations (ignoring versions it does not know, i.e.

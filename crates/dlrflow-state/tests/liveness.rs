@@ -191,7 +191,7 @@ async fn odd_records_end_in_state_or_dlq_and_never_hold_back_the_rest() {
 
     // `replay` resolves the reference to the raw record's exact bytes.
     let mut cfg = env.config();
-    cfg.kafka.produce_timeout_ms = 30_000;
+    cfg.kafka.produce_timeout = Duration::from_secs(30);
     let moved = dlrflow_state::replay::replay(
         &cfg,
         &dlrflow_state::replay::ReplayOptions {
@@ -228,7 +228,7 @@ async fn redis_down_degrades_dedupe_but_state_keeps_moving() {
     let env = Env::new(2).await;
     let mut redis = PrivateRedis::start(None);
     let mut cfg = env.config();
-    cfg.redis.url = redis.url();
+    cfg.redis.conn.url = redis.url().into();
     let app = spawn_app(cfg).await;
     let pool = env.pool().await;
     let p = producer(&env.brokers).unwrap();
@@ -325,9 +325,9 @@ async fn startup_errors_never_show_secrets() {
     ];
     for (what, url, secret) in cases {
         let mut cfg = env.config();
-        cfg.postgres.acquire_timeout_ms = 1000;
+        cfg.postgres.acquire_timeout = Duration::from_secs(1);
         match what {
-            "redis" => cfg.redis.url = url.into(),
+            "redis" => cfg.redis.conn.url = url.into(),
             _ => cfg.postgres.url = url.into(),
         }
         let err = match dlrflow_state::App::build(cfg).await {

@@ -45,8 +45,8 @@ async fn postgres_unavailable_for_a_while_loses_nothing_and_catches_up() {
     .unwrap();
 
     let mut cfg = env.config();
-    cfg.postgres.url = format!("postgres://{role}@127.0.0.1:5432/test");
-    cfg.postgres.acquire_timeout_ms = 1000;
+    cfg.postgres.url = format!("postgres://{role}@127.0.0.1:5432/test").into();
+    cfg.postgres.acquire_timeout = Duration::from_secs(1);
     let app = spawn_app(cfg).await;
     let pool = env.pool().await; // as postgres: unaffected by the lock-out
     let scenario = lisoloo_scenario(&env.group, 12, 4);

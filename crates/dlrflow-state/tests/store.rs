@@ -6,7 +6,8 @@ mod common;
 use chrono::{TimeZone, Utc};
 use common::{count, PG_BASE};
 use dlrflow_events::{DeliveryUpdate, Provider, Status};
-use dlrflow_state::{apply_updates, connect, migrate, Outcome, PostgresConfig};
+use dlrflow_runtime::settings::PostgresSettings;
+use dlrflow_state::{apply_updates, migrate, Outcome};
 
 fn update(status: Status, second: u32, key: &str, authoritative: bool) -> DeliveryUpdate {
     let at = Utc
@@ -43,12 +44,11 @@ fn update(status: Status, second: u32, key: &str, authoritative: bool) -> Delive
 async fn apply_updates_merges_flags_conflicts_resolves_authoritatively_and_dedupes() {
     dlrflow_runtime::telemetry::init_test_logs();
     let schema = dlrflow_runtime::testing::unique_name("store").replace('-', "_");
-    let cfg = PostgresConfig {
-        url: PG_BASE.into(),
+    let cfg = PostgresSettings {
         schema: Some(schema.clone()),
-        ..Default::default()
+        ..PostgresSettings::with_url(PG_BASE)
     };
-    let pool = connect(&cfg).await.unwrap();
+    let pool = cfg.connect().await.unwrap();
     migrate(&pool).await.unwrap();
     migrate(&pool).await.unwrap(); // idempotent
 

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use dlrflow_ingest::config::{AuthMode, Credential, Provider, SourceConfig};
 use dlrflow_ingest::{App, Config};
 use dlrflow_runtime::testing::{create_topic, read_topic, test_brokers, unique_name, Record};
-use dlrflow_runtime::SecretString;
+use dlrflow_runtime::Secret;
 use tokio_util::sync::CancellationToken;
 
 pub const USER: &str = "lisoloo_webhook_user";
@@ -69,7 +69,7 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
         .iter()
         .map(|p| Credential {
             username: USER.into(),
-            password: SecretString::from(p.to_string()),
+            password: Secret::new(p.to_string()),
         })
         .collect::<Vec<_>>();
     vec![
@@ -92,7 +92,7 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
             provider: Provider::Arpoone,
             auth: Some(AuthMode::PathToken),
             credentials: vec![],
-            path_tokens: vec![SecretString::from(ARPOONE_TOKEN.to_owned())],
+            path_tokens: vec![Secret::new(ARPOONE_TOKEN)],
         },
         SourceConfig {
             name: "open".into(),
@@ -107,8 +107,8 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
 pub fn config(brokers: &str, topic: &str) -> Config {
     let mut cfg: Config =
         dlrflow_runtime::config::load(dlrflow_ingest::config::DEFAULTS, None).unwrap();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.http.shutdown_grace_ms = 5000;
+    cfg.http.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.http.server.shutdown_grace = Duration::from_secs(5);
     cfg.kafka.client.brokers = brokers.into();
     cfg.kafka.raw_topic = topic.into();
     cfg.sources = sources(&[PASS, PASS_NEW]);

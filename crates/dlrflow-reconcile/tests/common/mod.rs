@@ -15,10 +15,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use dlrflow_events::{DeliveryUpdate, Provider, Status};
-use dlrflow_reconcile::config::PostgresConfig;
 use dlrflow_reconcile::{App, AppState, Config};
+use dlrflow_runtime::settings::PostgresSettings;
 use dlrflow_runtime::testing::unique_name;
-use dlrflow_runtime::SecretString;
+use dlrflow_runtime::Secret;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -226,7 +226,7 @@ async fn status(
 
 /// A fresh schema in the `dlrflow` database.
 pub struct TestDb {
-    pub cfg: PostgresConfig,
+    pub cfg: PostgresSettings,
     pub pool: PgPool,
 }
 
@@ -240,6 +240,14 @@ pub fn redis_url() -> String {
 }
 
 impl TestDb {
+    /// The test's own schema.
+    pub fn schema(&self) -> &str {
+        self.cfg
+            .schema
+            .as_deref()
+            .expect("a test database has its own schema")
+    }
+
     /// Creates the schema and migrates it (dlrflow-state's tables and ours).
     pub async fn new() -> TestDb {
         let schema = unique_name("t").replace('-', "_");
@@ -249,11 +257,9 @@ impl TestDb {
             .await
             .unwrap();
         admin.close().await;
-        let cfg = PostgresConfig {
-            url: SecretString::from(database_url()),
-            schema,
-            max_connections: 8,
-            migrate: true,
+        let cfg = PostgresSettings {
+            schema: Some(schema),
+            ..PostgresSettings::with_url(database_url())
         };
         let pool = dlrflow_reconcile::store::connect(&cfg).await.unwrap();
         dlrflow_reconcile::store::migrate(&pool).await.unwrap();
@@ -264,7 +270,7 @@ impl TestDb {
     pub async fn drop(self) {
         self.pool.close().await;
         if let Ok(admin) = sqlx::PgPool::connect(&database_url()).await {
-            let _ = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.cfg.schema))
+            let _ = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema()))
                 .execute(&admin)
                 .await;
             admin.close().await;
@@ -327,11 +333,11 @@ pub fn webhook(
 pub fn test_config(server: &StatusServer, db: &TestDb) -> Config {
     let mut c = Config::defaults();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
-    c.http.shutdown_grace_ms = 5000;
+    c.http.shutdown_grace = Duration::from_secs(5);
     c.status_api.base_url = server.url();
-    c.status_api.api_key = SecretString::from(API_KEY);
+    c.status_api.api_key = Secret::new(API_KEY);
     c.status_api.timeout_ms = 5000;
-    c.redis.url = SecretString::from(redis_url());
+    c.redis.url = Secret::new(redis_url());
     c.redis.prefix = unique_name("dlrflow-test-reconcile");
     c.postgres = db.cfg.clone();
     c.postgres.max_connections = 6;

@@ -80,8 +80,8 @@ async fn run(
     cfg.kafka.dlq_topic = format!("{id}.dlq");
     cfg.kafka.delivery_topic = format!("{id}.delivery");
     cfg.kafka.group_id = format!("{id}-group");
-    cfg.redis.prefix = format!("{id}:");
-    cfg.postgres.url = args.postgres_url.clone();
+    cfg.redis.conn.prefix = format!("{id}:");
+    cfg.postgres.url = args.postgres_url.clone().into();
     cfg.postgres.schema = Some(schema.clone());
     cfg.batch.max_records = max_records;
     for kv in &args.kafka_setting {
@@ -131,16 +131,16 @@ async fn run(
 async fn stage(args: &Args, records: &[RawRecord], chunk: usize) -> anyhow::Result<f64> {
     let id = unique_name("stage");
     let schema = id.replace('-', "_");
-    let pg = dlrflow_state::PostgresConfig {
-        url: args.postgres_url.clone(),
+    let pg = dlrflow_runtime::settings::PostgresSettings {
         schema: Some(schema.clone()),
-        ..Default::default()
+        ..dlrflow_runtime::settings::PostgresSettings::with_url(args.postgres_url.clone())
     };
-    let pool = dlrflow_state::connect(&pg).await?;
+    let pool = pg.connect().await?;
     dlrflow_state::migrate(&pool).await?;
-    let mut dedupe =
-        dlrflow_state::dedupe::Dedupe::connect("redis://127.0.0.1:6379", &format!("{id}:"), 600)
-            .await?;
+    let mut redis = dlrflow_state::Config::defaults().redis;
+    redis.conn.prefix = format!("{id}:");
+    redis.ttl = std::time::Duration::from_secs(600);
+    let mut dedupe = dlrflow_state::dedupe::Dedupe::connect(&redis).await?;
     let started = Instant::now();
     for part in records.chunks(chunk) {
         let events: Vec<_> = part

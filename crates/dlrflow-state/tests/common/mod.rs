@@ -49,18 +49,18 @@ impl Env {
     pub fn config(&self) -> Config {
         let mut cfg = Config::defaults();
         cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-        cfg.http.shutdown_grace_ms = 5000;
+        cfg.http.shutdown_grace = Duration::from_secs(5);
         cfg.kafka.client.brokers = self.brokers.clone();
         cfg.kafka.raw_topic = self.raw.clone();
         cfg.kafka.dlq_topic = self.dlq.clone();
         cfg.kafka.delivery_topic = self.delivery.clone();
         cfg.kafka.group_id = self.group.clone();
-        cfg.redis.prefix = self.prefix.clone();
+        cfg.redis.conn.prefix = self.prefix.clone();
         cfg.postgres.url = PG_BASE.into();
         cfg.postgres.schema = Some(self.schema.clone());
-        cfg.postgres.pool_size = 4;
-        cfg.batch.retry_max_ms = 1000;
-        cfg.outbox.idle_poll_ms = 20;
+        cfg.postgres.max_connections = 4;
+        cfg.batch.retry_max = Duration::from_secs(1);
+        cfg.outbox.idle_poll = Duration::from_millis(20);
         cfg
     }
 
@@ -76,7 +76,7 @@ impl Env {
             ("DLRFLOW_REDIS__PREFIX", self.prefix.clone()),
             ("DLRFLOW_POSTGRES__URL", PG_BASE.to_owned()),
             ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
-            ("DLRFLOW_POSTGRES__POOL_SIZE", "3".to_owned()),
+            ("DLRFLOW_POSTGRES__MAX_CONNECTIONS", "3".to_owned()),
             ("DLRFLOW_BATCH__RETRY_MAX_MS", "1000".to_owned()),
         ]
         .into_iter()
@@ -87,7 +87,7 @@ impl Env {
     /// A pool on the test's schema (for assertions).
     pub async fn pool(&self) -> PgPool {
         let cfg = self.config();
-        let pool = dlrflow_state::connect(&cfg.postgres).await.unwrap();
+        let pool = cfg.postgres.connect().await.unwrap();
         dlrflow_state::migrate(&pool).await.unwrap();
         pool
     }

@@ -1,0 +1,386 @@
+//! The one service skeleton every dlrflow service runs in.
+//!
+//! A [`Service`] owns the listener, the operational routes, the background
+//! tasks and the shutdown sequence; a service's `lib.rs` only builds its own
+//! parts and hands them over:
+//!
+//! * routes: the service's own, plus `/healthz`, `/readyz` and `/metrics`;
+//! * readiness: one JSON shape everywhere (see [`Readiness`]), answered within
+//!   [`READY_TIMEOUT`] whatever the checks do, and `not ready` from the moment
+//!   shutdown begins;
+//! * tasks: supervised ([`Tasks`]); one that ends before shutdown stops the
+//!   others and makes [`Service::run`] return its error;
+//! * shutdown: stop accepting, let in-flight requests and tasks finish, then
+//!   flush the Kafka producers, all within `http.shutdown_grace_ms`; a flush
+//!   that does not finish is logged.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::future::BoxFuture;
+use rdkafka::producer::{FutureProducer, Producer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::HttpSettings;
+use crate::supervise::Tasks;
+
+/// `/readyz` answers within this long even if a check hangs.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long one dependency probe ([`probe`]) may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The body of every `/readyz` answer:
+///
+/// ```json
+/// {"status": "ready" | "not ready", "problems": [...], "degraded": [...], ...details}
+/// ```
+///
+/// `problems` make the service not ready (503); `degraded` are reported but
+/// keep it ready (200), e.g. a cache that is down; `details` are the
+/// service's own fields (partitions, budget), flattened into the object.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Readiness {
+    pub problems: Vec<String>,
+    pub degraded: Vec<String>,
+    #[serde(flatten)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Readiness {
+    pub fn problem(&mut self, p: impl Into<String>) {
+        self.problems.push(p.into());
+    }
+
+    pub fn degraded(&mut self, d: impl Into<String>) {
+        self.degraded.push(d.into());
+    }
+
+    pub fn detail(&mut self, key: &str, value: impl Serialize) {
+        let value = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+        self.details.insert(key.to_owned(), value);
+    }
+
+    /// Records `result` of a dependency check: its error is a problem.
+    pub fn check<T>(&mut self, result: Result<T, String>) -> Option<T> {
+        result.map_err(|e| self.problem(e)).ok()
+    }
+
+    fn into_response(self) -> Response {
+        let ready = self.problems.is_empty();
+        let mut body = serde_json::to_value(&self).unwrap_or_default();
+        body["status"] = if ready { "ready" } else { "not ready" }.into();
+        let code = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (code, Json(body)).into_response()
+    }
+}
+
+/// A service's readiness checks, run for every `/readyz` request.
+pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Readiness> + Send + Sync>;
+
+/// Makes a [`ReadyCheck`] of an async function.
+pub fn ready_check<F, Fut>(f: F) -> ReadyCheck
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Readiness> + Send + 'static,
+{
+    Arc::new(move || Box::pin(f()))
+}
+
+/// Runs one dependency probe within [`PROBE_TIMEOUT`]: `Err("{what}: {error}")`
+/// or `Err("{what}: no answer within 2 s")`.
+pub async fn probe<T, E, F>(what: &str, fut: F) -> Result<T, String>
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<T, E>>,
+{
+    match tokio::time::timeout(PROBE_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer within {} s",
+            PROBE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Whether the service is stopping; handlers refuse new work once it is.
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    stopping: Arc<AtomicBool>,
+}
+
+impl Lifecycle {
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A bound service waiting for its routes, readiness and tasks.
+pub struct Service {
+    name: &'static str,
+    listener: TcpListener,
+    grace: Duration,
+    lifecycle: Lifecycle,
+    work: CancellationToken,
+    tasks: Tasks,
+    producers: Vec<FutureProducer>,
+}
+
+impl Service {
+    /// Installs the metrics recorder (so counts made before the first scrape
+    /// are kept) and binds `http.listen`.
+    pub async fn bind(name: &'static str, http: &HttpSettings) -> anyhow::Result<Service> {
+        let _ = crate::telemetry::metrics_handle();
+        let listener = TcpListener::bind(http.listen)
+            .await
+            .with_context(|| format!("binding http.listen = {}", http.listen))?;
+        let work = CancellationToken::new();
+        Ok(Service {
+            name,
+            listener,
+            grace: http.shutdown_grace,
+            lifecycle: Lifecycle::default(),
+            tasks: Tasks::new(work.clone()),
+            work,
+            producers: Vec::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.clone()
+    }
+
+    /// Cancelled when the service stops, for whatever reason (the shutdown
+    /// signal given to [`Service::run`], a task that died): background tasks
+    /// run until it is.
+    pub fn work(&self) -> CancellationToken {
+        self.work.clone()
+    }
+
+    /// Passes every task error through `scrub` before it is logged or
+    /// returned (e.g. a redactor of the service's secrets).
+    pub fn with_scrub(mut self, scrub: fn(&str) -> String) -> Self {
+        self.tasks = self.tasks.with_scrub(scrub);
+        self
+    }
+
+    /// Runs `fut` as the supervised task `name` until [`Service::work`] is
+    /// cancelled; ending before is a failure that stops the service.
+    pub fn spawn<F>(&mut self, name: impl Into<String>, fut: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.tasks.spawn(name, fut);
+    }
+
+    /// Flushes `producer` at the end of the shutdown, within the grace.
+    pub fn flush_on_stop(&mut self, producer: FutureProducer) {
+        self.producers.push(producer);
+    }
+
+    /// Serves `routes` plus the operational routes, and runs the tasks, until
+    /// `shutdown` or the first task failure; then drains within the grace and
+    /// flushes the producers. Returns the first task failure.
+    pub async fn run(
+        mut self,
+        routes: Router,
+        ready: ReadyCheck,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let addr = self.local_addr();
+        let link = {
+            let work = self.work.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => work.cancel(),
+                    () = work.cancelled() => {}
+                }
+            })
+        };
+        let router = routes.merge(ops_routes(ready, self.lifecycle.clone()));
+        {
+            let work = self.work.clone();
+            let lifecycle = self.lifecycle.clone();
+            let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+                work.cancelled().await;
+                lifecycle.stop();
+            });
+            self.tasks
+                .spawn("http", async move { server.await.context("http server") });
+        }
+        tracing::info!(service = self.name, %addr, "listening");
+        let result = self.tasks.run(self.grace).await;
+        self.lifecycle.stop();
+        link.abort();
+        for producer in self.producers {
+            let grace = self.grace;
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
+            match flushed {
+                Ok(Ok(())) => {}
+                // Whatever was not acknowledged was not answered with 2xx
+                // (ingest) or not committed (state): it is sent again.
+                Ok(Err(e)) => tracing::warn!(error = %e, "producer not fully flushed at shutdown"),
+                Err(e) => tracing::warn!(error = %e, "producer flush did not finish"),
+            }
+        }
+        match &result {
+            Ok(()) => tracing::info!(service = self.name, "stopped"),
+            Err(e) => {
+                tracing::error!(service = self.name, error = %format!("{e:#}"), "stopped after a failure")
+            }
+        }
+        result
+    }
+}
+
+/// `/healthz` (the process answers), `/readyz` (it can do its work) and
+/// `/metrics` (Prometheus text).
+pub fn ops_routes(ready: ReadyCheck, lifecycle: Lifecycle) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/readyz",
+            get(move || readyz(ready.clone(), lifecycle.clone())),
+        )
+        .route("/metrics", get(crate::telemetry::metrics_endpoint))
+}
+
+async fn readyz(ready: ReadyCheck, lifecycle: Lifecycle) -> Response {
+    if lifecycle.is_stopping() {
+        let mut r = Readiness::default();
+        r.problem("shutting down");
+        return r.into_response();
+    }
+    match tokio::time::timeout(READY_TIMEOUT, ready()).await {
+        Ok(r) => r.into_response(),
+        Err(_) => {
+            let mut r = Readiness::default();
+            r.problem(format!(
+                "readiness checks did not answer within {} s",
+                READY_TIMEOUT.as_secs()
+            ));
+            r.into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+        // Chunked bodies: the JSON object is between the first '{' and the last '}'.
+        let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
+        (code, serde_json::from_str(json).unwrap())
+    }
+
+    fn http() -> HttpSettings {
+        HttpSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn readiness_has_one_shape_and_a_hanging_check_is_not_ready_in_time() {
+        let shutdown = CancellationToken::new();
+        let svc = Service::bind("t", &http()).await.unwrap();
+        let addr = svc.local_addr();
+        let hang = Arc::new(AtomicBool::new(false));
+        let check = {
+            let hang = hang.clone();
+            ready_check(move || {
+                let hang = hang.load(Ordering::SeqCst);
+                async move {
+                    let mut r = Readiness::default();
+                    r.detail("partitions", 3);
+                    r.degraded("redis: down");
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    r
+                }
+            })
+        };
+        let run = tokio::spawn(svc.run(Router::new(), check, shutdown.clone()));
+        let (code, body) = get_json(addr, "/readyz").await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], "ready");
+        assert_eq!(body["partitions"], 3);
+        assert_eq!(body["degraded"][0], "redis: down");
+        assert_eq!(body["problems"], serde_json::json!([]));
+
+        hang.store(true, Ordering::SeqCst);
+        let (code, body) = get_json(addr, "/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body["status"], "not ready");
+        assert!(body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"));
+
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_task_that_dies_stops_the_service_and_readiness_says_so_first() {
+        let shutdown = CancellationToken::new();
+        let mut svc = Service::bind("t", &http()).await.unwrap();
+        let lifecycle = svc.lifecycle();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        svc.spawn("doomed", async move {
+            let _ = rx.await;
+            anyhow::bail!("boom")
+        });
+        let work = svc.work();
+        let ready = ready_check(|| async { Readiness::default() });
+        let run = tokio::spawn(svc.run(Router::new(), ready, shutdown.clone()));
+        assert!(!lifecycle.is_stopping());
+        tx.send(()).unwrap();
+        let err = run.await.unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("doomed"), "{err:#}");
+        assert!(lifecycle.is_stopping());
+        assert!(work.is_cancelled());
+        assert!(
+            !shutdown.is_cancelled(),
+            "the service stops itself, not its caller's token"
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! The settings every service shares, one type each: the HTTP listener,
+//! PostgreSQL and Redis, plus the [`Secret`] wrapper and the `…_ms` /
+//! `…_secs` duration fields.
+//!
+//! Durations are [`Duration`]s in the code and keep their unit in the key
+//! (`shutdown_grace_ms = 10000`), so a file never has to guess a unit and the
+//! code never multiplies by 1000. Every type here is `Serialize` so that
+//! [`crate::config::load`] can find keys nothing read and a service can print
+//! its effective configuration; secrets serialize as `***`.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool};
+
+use crate::config::ConfigError;
+
+/// What a secret prints as.
+pub const MASK: &str = "***";
+
+/// A secret setting (a password, an API key, a URL with credentials): read
+/// from the configuration like a string, printed and serialized as `***`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(SecretString::from(value.into()))
+    }
+}
+
+impl ExposeSecret<str> for Secret {
+    fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(MASK)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(MASK)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(v: String) -> Self {
+        Self::new(v)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(v: &str) -> Self {
+        Self::new(v)
+    }
+}
+
+/// `#[serde(with = "dlrflow_runtime::settings::ms")]`: a [`Duration`] written
+/// as whole milliseconds.
+pub mod ms {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// `#[serde(with = "dlrflow_runtime::settings::secs")]`: a [`Duration`]
+/// written as whole seconds.
+pub mod secs {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+/// `[http]`: the service's listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpSettings {
+    /// Address of the service's routes, `/healthz`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+    /// How long shutdown waits for in-flight requests and background work.
+    #[serde(rename = "shutdown_grace_ms", with = "ms")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/database`; a secret.
+    pub url: Secret,
+    /// Schema holding dlrflow's tables: created if missing and set as every
+    /// connection's `search_path`. Unset, the server's `search_path` applies.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Longest wait for a pooled connection.
+    #[serde(rename = "acquire_timeout_ms", with = "ms")]
+    pub acquire_timeout: Duration,
+    /// Run the migrations at start.
+    pub migrate: bool,
+}
+
+impl PostgresSettings {
+    /// Settings for `url` with the defaults the services ship with.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: Secret::new(url),
+            schema: None,
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
+            migrate: true,
+        }
+    }
+
+    /// `min_connections`: what the service runs at once (e.g. a consumer and
+    /// a relay), below which it would deadlock on its own pool.
+    pub fn validate(&self, min_connections: u32) -> Result<(), ConfigError> {
+        if self.url.expose_secret().trim().is_empty() {
+            return Err(ConfigError::invalid("postgres.url", "must not be empty"));
+        }
+        if PgConnectOptions::from_str(self.url.expose_secret()).is_err() {
+            return Err(ConfigError::invalid(
+                "postgres.url",
+                "is not a postgres:// URL (value not shown)",
+            ));
+        }
+        if self.max_connections < min_connections {
+            return Err(ConfigError::invalid(
+                "postgres.max_connections",
+                format!("must be at least {min_connections}"),
+            ));
+        }
+        if self.acquire_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "postgres.acquire_timeout_ms",
+                "must be positive",
+            ));
+        }
+        if let Some(schema) = &self.schema {
+            if !valid_identifier(schema) {
+                return Err(ConfigError::invalid(
+                    "postgres.schema",
+                    "use lower-case letters, digits and '_' (not starting with a digit)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a pool. With `schema`, the schema is created if missing and
+    /// every connection's `search_path` is set to it.
+    pub async fn connect(&self) -> Result<PgPool, sqlx::Error> {
+        let mut opts = PgConnectOptions::from_str(self.url.expose_secret())?;
+        if let Some(schema) = &self.schema {
+            self.ensure_schema(&opts, schema).await?;
+            opts = opts.options([("search_path", schema.as_str())]);
+        }
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(opts)
+            .await
+    }
+
+    /// Creates `schema` unless it exists; only then, so a role without
+    /// CREATE on the database can use a schema prepared for it.
+    async fn ensure_schema(&self, opts: &PgConnectOptions, schema: &str) -> sqlx::Result<()> {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(opts.clone())
+            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(&admin)
+                .await?;
+        if !exists {
+            // Validated as a plain identifier by `validate`; quoted anyway.
+            let sql = format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+                schema.replace('"', "")
+            );
+            // Two processes creating the same schema at once may race on the
+            // catalog's unique index; the loser retries once.
+            if admin.execute(sql.as_str()).await.is_err() {
+                admin.execute(sql.as_str()).await?;
+            }
+        }
+        admin.close().await;
+        Ok(())
+    }
+}
+
+/// A PostgreSQL identifier dlrflow accepts for a schema: lower-case letters,
+/// digits and `_`, not starting with a digit, at most 63 bytes.
+pub fn valid_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.as_bytes()[0].is_ascii_digit()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port[/db]`; a secret.
+    pub url: Secret,
+    /// Put before every key, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Longest wait for a new connection.
+    #[serde(rename = "connect_timeout_ms", with = "ms")]
+    pub connect_timeout: Duration,
+    /// Longest wait for one command's answer; then the command fails and the
+    /// caller's own fallback (PostgreSQL for dedupe, no budget for reads)
+    /// applies.
+    #[serde(rename = "response_timeout_ms", with = "ms")]
+    pub response_timeout: Duration,
+}
+
+impl RedisSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if redis::Client::open(self.url.expose_secret()).is_err() {
+            return Err(ConfigError::invalid(
+                "redis.url",
+                "is not a redis:// URL (value not shown)",
+            ));
+        }
+        for (key, d) in [
+            ("redis.connect_timeout_ms", self.connect_timeout),
+            ("redis.response_timeout_ms", self.response_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A connection that reconnects by itself. Its error never holds the
+    /// URL's password.
+    pub async fn connect(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
+        let scrub =
+            |e: redis::RedisError| anyhow::anyhow!("{}", crate::text::redact_url(&e.to_string()));
+        let client = redis::Client::open(self.url.expose_secret()).map_err(scrub)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(self.connect_timeout)
+            .set_response_timeout(self.response_timeout)
+            // One retry after at most 500 ms: the default backoff grows to a
+            // minute and more between attempts, long after Redis is back.
+            .set_number_of_retries(1)
+            .set_factor(2)
+            .set_max_delay(500);
+        redis::aio::ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(scrub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_never_prints_or_serializes() {
+        let s = Secret::new("postgres://u:hunter2@h/db");
+        assert_eq!(format!("{s:?}"), MASK);
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"***\"");
+        assert_eq!(s.expose_secret(), "postgres://u:hunter2@h/db");
+    }
+
+    #[test]
+    fn durations_keep_their_unit_in_the_key() {
+        let http: HttpSettings =
+            serde_json::from_str(r#"{"listen":"127.0.0.1:1","shutdown_grace_ms":1500}"#).unwrap();
+        assert_eq!(http.shutdown_grace, Duration::from_millis(1500));
+        let back = serde_json::to_value(&http).unwrap();
+        assert_eq!(back["shutdown_grace_ms"], 1500);
+    }
+
+    #[test]
+    fn postgres_validation_names_the_setting() {
+        let mut pg = PostgresSettings::with_url("postgres://postgres@127.0.0.1/x");
+        pg.validate(2).unwrap();
+        pg.max_connections = 1;
+        let err = pg.validate(2).unwrap_err().to_string();
+        assert!(err.contains("postgres.max_connections"), "{err}");
+        pg.max_connections = 2;
+        pg.schema = Some("Bad-Name".into());
+        let err = pg.validate(2).unwrap_err().to_string();
+        assert!(err.contains("postgres.schema"), "{err}");
+        pg.schema = None;
+        pg.url = Secret::new("host=h password=pw");
+        let err = pg.validate(2).unwrap_err().to_string();
+        assert!(err.contains("postgres.url") && !err.contains("pw"), "{err}");
+    }
+}
