@@ -146,6 +146,7 @@ impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let cfg: Config = config::load(DEFAULTS, file)?;
+        cfg.register_secrets();
         cfg.validate()?;
         Ok(cfg)
     }
@@ -156,6 +157,21 @@ impl Config {
         self.http
             .body_limit_bytes
             .unwrap_or_else(|| self.kafka.record_limit())
+    }
+
+    /// Makes every secret of this configuration (passwords, path tokens,
+    /// `kafka.settings` secrets) invisible in what the process prints from
+    /// now on (`dlrflow_runtime::redact`).
+    pub fn register_secrets(&self) {
+        self.kafka.client.register_secrets();
+        for s in &self.sources {
+            for c in &s.credentials {
+                dlrflow_runtime::redact::register(c.password.expose_secret());
+            }
+            for t in &s.path_tokens {
+                dlrflow_runtime::redact::register(t.expose_secret());
+            }
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -77,6 +77,7 @@ impl App {
     /// Creates the producer and binds the listener. The broker need not be
     /// reachable yet: `/readyz` says whether it is.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        cfg.register_secrets();
         cfg.validate()?;
         let mut service = Service::bind("dlrflow-ingest", &cfg.http.server).await?;
         let producer = RawProducer::new(&cfg.kafka).context("creating the Kafka producer")?;

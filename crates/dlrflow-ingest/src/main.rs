@@ -1,17 +1,16 @@
-use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dlrflow_runtime::cli::ConfigArgs;
 
 /// dlrflow-ingest: receives gateway webhooks and makes them durable in Kafka.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Configuration file (TOML); `DLRFLOW_CONFIG` works too. Environment
-    /// variables `DLRFLOW_…` override it.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -20,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP receiver (the default).
     Serve,
+    /// Print the effective configuration as JSON (secrets as `***`) and exit.
+    Config,
     /// Print the records of a topic as JSON lines (key, headers, payload).
     Tail {
         #[arg(long, default_value = "127.0.0.1:9092")]
@@ -36,12 +37,20 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     dlrflow_runtime::telemetry::init_logs();
+    dlrflow_runtime::cli::exit("dlrflow-ingest", run(cli).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => {
+            let cfg = dlrflow_ingest::Config::load(cli.config.config.as_deref())?;
+            dlrflow_runtime::cli::print_config(&cfg)
+        }
         Command::Serve => {
-            let cfg = dlrflow_ingest::Config::load(cli.config.as_deref())?;
+            let cfg = dlrflow_ingest::Config::load(cli.config.config.as_deref())?;
             let shutdown = dlrflow_runtime::shutdown::signal_token();
             let app = dlrflow_ingest::App::build(cfg).await?;
             app.run(shutdown).await

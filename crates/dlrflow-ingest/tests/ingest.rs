@@ -389,6 +389,9 @@ async fn health_and_readiness() {
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     let body: serde_json::Value = ready.json().await.unwrap();
+    // The one readiness shape of every service (dlrflow_runtime::service).
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["problems"], serde_json::json!([]), "{body}");
     assert_eq!(body["partitions"], 6);
 
     let missing = spawn_with(config(
@@ -403,6 +406,15 @@ async fn health_and_readiness() {
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["status"], "not ready", "{body}");
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("kafka: "),
+        "{body}"
+    );
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), StatusCode::OK);
 }

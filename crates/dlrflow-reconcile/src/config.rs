@@ -321,8 +321,8 @@ impl Config {
     /// prints from now on (see [`crate::redact`]).
     pub fn register_secrets(&self) {
         crate::redact::register(self.status_api.api_key.expose_secret());
-        crate::redact::register_url(self.redis.url.expose_secret());
-        crate::redact::register_url(self.postgres.url.expose_secret());
+        self.redis.register_secrets();
+        self.postgres.register_secrets();
         crate::redact::register_url(&self.status_api.base_url);
     }
 

@@ -13,7 +13,7 @@ pub mod client;
 pub mod config;
 pub mod jobs;
 pub mod limiter;
-pub mod redact;
+pub use dlrflow_runtime::redact;
 pub mod store;
 mod telemetry;
 mod worker;

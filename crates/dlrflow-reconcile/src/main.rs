@@ -1,37 +1,39 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use dlrflow_runtime::cli::ConfigArgs;
 
 /// dlrflow-reconcile: fixes unsettled recipients from the gateway's status API
 /// within the shared read budget.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Configuration file (TOML); `DLRFLOW_CONFIG` works too. Environment
-    /// variables `DLRFLOW_…` override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sweep and read (the default).
+    Serve,
+    /// Print the effective configuration as JSON (secrets as `***`) and exit.
+    Config,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     dlrflow_runtime::telemetry::init_logs();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line, secrets masked: in the logs and for a human at the terminal.
-            let e = dlrflow_reconcile::redact::scrub(&format!("{e:#}"));
-            tracing::error!(error = %e, "dlrflow-reconcile stopped");
-            eprintln!("dlrflow-reconcile: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    dlrflow_runtime::cli::exit("dlrflow-reconcile", run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = dlrflow_reconcile::Config::load(cli.config.as_deref())?;
+    let cfg = dlrflow_reconcile::Config::load(cli.config.config.as_deref())?;
+    if let Some(Command::Config) = cli.command {
+        return dlrflow_runtime::cli::print_config(&cfg);
+    }
     let shutdown = dlrflow_runtime::shutdown::signal_token();
     // A signal while connecting stops the start too.
     let app = tokio::select! {

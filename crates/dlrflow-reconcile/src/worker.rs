@@ -233,10 +233,8 @@ async fn process(
                 Written::Done => None,
                 Written::Transient(e) => Some(format!("write failed: {e}")),
                 Written::Permanent { reason, error } => {
-                    let error = redact::truncate(
-                        &format!("permanent write error ({reason}): {error}"),
-                        redact::ERROR_BOUND,
-                    );
+                    let error =
+                        redact::error_text(&format!("permanent write error ({reason}): {error}"));
                     telemetry::job_failed(&job.message_id, &reason, &error);
                     if let Err(e) = jobs::fail(&inner.pool, &job, owner, &error).await {
                         // The lease ends and the job comes back: no worse than a retry.

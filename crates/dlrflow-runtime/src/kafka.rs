@@ -70,6 +70,11 @@ impl std::fmt::Debug for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Hides every secret `settings` value from everything printed from now on.
+    pub fn register_secrets(&self) {
+        self.secret_settings().for_each(crate::redact::register);
+    }
+
     /// Every `settings` value that is a secret, for redaction.
     pub fn secret_settings(&self) -> impl Iterator<Item = &str> {
         self.settings

@@ -11,8 +11,10 @@
 //! decides a status, and only opens connections to PostgreSQL and Redis for
 //! the services (it never queries them on its own).
 
+pub mod cli;
 pub mod config;
 pub mod kafka;
+pub mod redact;
 pub mod service;
 pub mod settings;
 pub mod shutdown;

@@ -167,6 +167,11 @@ impl PostgresSettings {
         Ok(())
     }
 
+    /// Hides the URL's password from everything printed from now on.
+    pub fn register_secrets(&self) {
+        crate::redact::register_url(self.url.expose_secret());
+    }
+
     /// Opens a pool. With `schema`, the schema is created if missing and
     /// every connection's `search_path` is set to it.
     pub async fn connect(&self) -> Result<PgPool, sqlx::Error> {
@@ -258,11 +263,16 @@ impl RedisSettings {
         Ok(())
     }
 
+    /// Hides the URL's password from everything printed from now on.
+    pub fn register_secrets(&self) {
+        crate::redact::register_url(self.url.expose_secret());
+    }
+
     /// A connection that reconnects by itself. Its error never holds the
     /// URL's password.
     pub async fn connect(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
         let scrub =
-            |e: redis::RedisError| anyhow::anyhow!("{}", crate::text::redact_url(&e.to_string()));
+            |e: redis::RedisError| anyhow::anyhow!("{}", crate::redact::scrub(&e.to_string()));
         let client = redis::Client::open(self.url.expose_secret()).map_err(scrub)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(self.connect_timeout)

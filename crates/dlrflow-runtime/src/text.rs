@@ -32,34 +32,6 @@ pub fn head(bytes: &[u8], max: usize) -> String {
     text.into_owned()
 }
 
-/// `url` with any password in its userinfo replaced by `***`
-/// (`redis://:pw@host` → `redis://:***@host`), for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let redacted = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        // A lone userinfo may be a token (`redis://token@host`).
-        None if userinfo.is_empty() => String::new(),
-        None => "***".to_owned(),
-    };
-    format!(
-        "{}://{}@{}{}",
-        &url[..scheme_end],
-        redacted,
-        &authority[at + 1..],
-        &rest[authority_end..]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,25 +44,6 @@ mod tests {
         assert!(t.len() <= 100, "{}", t.len());
         assert!(t.ends_with("…[+2000 bytes]"));
         assert!(truncate(&long, 3).len() <= 3 + "…[+2000 bytes]".len());
-    }
-
-    #[test]
-    fn redact_url_hides_passwords_only() {
-        assert_eq!(
-            redact_url("redis://:pw@host:6379/0"),
-            "redis://:***@host:6379/0"
-        );
-        assert_eq!(
-            redact_url("postgres://user:secret@db:5432/x?sslmode=require"),
-            "postgres://user:***@db:5432/x?sslmode=require"
-        );
-        assert_eq!(redact_url("rediss://tok@h"), "rediss://***@h");
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
-        assert_eq!(redact_url("not a url"), "not a url");
-        assert_eq!(redact_url("postgres://u:p@w@h/db"), "postgres://u:***@h/db");
     }
 
     #[test]

@@ -129,6 +129,7 @@ impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let cfg: Config = config::load(DEFAULTS, file)?;
+        cfg.register_secrets();
         cfg.validate()?;
         Ok(cfg)
     }
@@ -136,6 +137,14 @@ impl Config {
     /// Loads the defaults only (plus the environment), for tests and tools.
     pub fn defaults() -> Self {
         toml_defaults()
+    }
+
+    /// Makes every secret of this configuration invisible in what the
+    /// process prints from now on (`dlrflow_runtime::redact`).
+    pub fn register_secrets(&self) {
+        self.kafka.client.register_secrets();
+        self.redis.conn.register_secrets();
+        self.postgres.register_secrets();
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

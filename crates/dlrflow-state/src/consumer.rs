@@ -451,7 +451,7 @@ fn note_redis(health: &ConsumerHealth, error: Option<DedupeError>) {
         // A skipped round trip says nothing new.
         Some(DedupeError::Backoff) => {}
         Some(DedupeError::Redis(e)) => {
-            let text = dlrflow_runtime::text::redact_url(&e.to_string());
+            let text = dlrflow_runtime::redact::scrub(&e.to_string());
             if !was_degraded {
                 tracing::warn!(error = %text, "redis unreachable: degraded, deduping through PostgreSQL alone");
             }

@@ -51,13 +51,14 @@ impl App {
     /// Connects, migrates (`postgres.migrate`) and binds. PostgreSQL and
     /// Redis must be reachable; the broker need not be yet (`/readyz` says).
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        cfg.register_secrets();
         cfg.validate()?;
         let mut service = Service::bind("dlrflow-state", &cfg.http).await?;
         let pool = cfg
             .postgres
             .connect()
             .await
-            .map_err(|e| anyhow::anyhow!("{}", dlrflow_runtime::text::redact_url(&e.to_string())))
+            .map_err(|e| anyhow::anyhow!("{}", dlrflow_runtime::redact::scrub(&e.to_string())))
             .context("connecting to PostgreSQL (postgres.url)")?;
         if cfg.postgres.migrate {
             store::migrate(&pool).await.context("running migrations")?;

@@ -1,17 +1,16 @@
-use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dlrflow_runtime::cli::ConfigArgs;
 
 /// dlrflow-state: raw webhook topic → deduped per-recipient delivery state in
 /// PostgreSQL, analytics stream, DLQ, and the read API.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Configuration file (TOML); `DLRFLOW_CONFIG` works too. Environment
-    /// variables `DLRFLOW_…` override it.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -22,6 +21,8 @@ enum Command {
     Serve,
     /// Run the PostgreSQL migrations and exit.
     Migrate,
+    /// Print the effective configuration as JSON (secrets as `***`) and exit.
+    Config,
     /// Move DLQ records back to the raw topic.
     Replay {
         /// Stop after this many records.
@@ -34,11 +35,16 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     dlrflow_runtime::telemetry::init_logs();
-    let cfg = dlrflow_state::Config::load(cli.config.as_deref())?;
+    dlrflow_runtime::cli::exit("dlrflow-state", run(cli).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = dlrflow_state::Config::load(cli.config.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => dlrflow_runtime::cli::print_config(&cfg),
         Command::Serve => {
             let shutdown = dlrflow_runtime::shutdown::signal_token();
             let app = dlrflow_state::App::build(cfg).await?;

@@ -1,26 +1,27 @@
-//! What the reconciler prints never holds a secret.
+//! What a service prints never holds a secret.
 //!
 //! Every text that may carry something from outside — an error of Redis,
-//! PostgreSQL, HTTP or the configuration, a readiness reason, a job's
-//! `last_error` — passes through [`scrub`] before it is logged, stored or
-//! served. [`scrub`] replaces
+//! PostgreSQL, Kafka, HTTP or the configuration, a readiness reason, a job's
+//! `last_error`, the process's exit error — passes through [`scrub`] before it
+//! is logged, stored or served. [`scrub`] replaces
 //!
-//! * every secret [`register`]ed (the status-API key and the passwords of
-//!   `redis.url`, `postgres.url` and `status_api.base_url`, as written and
+//! * every secret [`register`]ed (each service registers its own at load:
+//!   API keys, credentials, path tokens, `kafka.settings` secrets, and the
+//!   passwords of `redis.url`, `postgres.url` and other URLs, as written and
 //!   percent-decoded) wherever it appears, and
 //! * the password of any `scheme://user:password@host` in the text, even one
 //!   never registered (`redis://:pw@host` → `redis://:***@host`),
 //!
-//! and [`truncate`] bounds what is copied.
+//! and [`error_text`] also bounds what is copied.
 
 use std::sync::Mutex;
 
 /// What a secret is replaced with.
-pub const MASK: &str = "***";
+pub const MASK: &str = crate::settings::MASK;
 
 /// The bound of an error text copied into a log line, a readiness reason or
 /// `reconcile_jobs.last_error` (bytes).
-pub const ERROR_BOUND: usize = dlrflow_runtime::text::ERROR_BOUND;
+pub const ERROR_BOUND: usize = crate::text::ERROR_BOUND;
 
 /// Secrets shorter than this are only hidden inside URLs: replacing every
 /// occurrence of two letters would garble every line.
@@ -46,7 +47,7 @@ pub fn register(secret: &str) {
 /// of a malformed URL (`postgres:/user:pw@host`), which a server may echo
 /// back in an error (e.g. as a database name).
 pub fn register_url(url: &str) {
-    let parsed = reqwest::Url::parse(url).ok();
+    let parsed = url::Url::parse(url).ok();
     let passwords = [
         parsed.as_ref().and_then(|u| u.password()),
         raw_password(url),
@@ -73,14 +74,9 @@ pub fn scrub(text: &str) -> String {
     redact_urls(&out)
 }
 
-/// [`scrub`], then [`truncate`] to [`ERROR_BOUND`]: for error texts.
+/// [`scrub`], then truncated to [`ERROR_BOUND`]: for error texts.
 pub fn error_text(text: &str) -> String {
-    truncate(&scrub(text), ERROR_BOUND)
-}
-
-/// [`dlrflow_runtime::text::truncate`], owned.
-pub fn truncate(s: &str, max: usize) -> String {
-    dlrflow_runtime::text::truncate(s, max).into_owned()
+    crate::text::truncate(&scrub(text), ERROR_BOUND).into_owned()
 }
 
 /// Masks the password of every `scheme://userinfo@` in `text`.
@@ -205,11 +201,27 @@ mod tests {
     }
 
     #[test]
-    fn truncate_bounds_the_text() {
-        assert_eq!(truncate("short", 10), "short");
-        let long = "é".repeat(1000);
-        let t = truncate(&long, 100);
-        assert!(t.len() <= 100, "{}", t.len());
-        assert!(t.ends_with("…[+2000 bytes]"), "{t}");
+    fn a_lone_url_keeps_everything_but_its_password() {
+        assert_eq!(
+            redact_urls("postgres://user:secret@db:5432/x?sslmode=require"),
+            "postgres://user:***@db:5432/x?sslmode=require"
+        );
+        assert_eq!(redact_urls("rediss://tok@h"), "rediss://***@h");
+        assert_eq!(
+            redact_urls("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_urls("postgres://u:p@w@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+
+    #[test]
+    fn error_text_is_scrubbed_and_bounded() {
+        let long = format!("redis://:pw@h {}", "é".repeat(1000));
+        let t = error_text(&long);
+        assert!(t.len() <= ERROR_BOUND + 20, "{}", t.len());
+        assert!(t.starts_with("redis://:***@h"), "{t}");
     }
 }
