@@ -244,7 +244,7 @@ raw_topic = "{topic}"
         async move {
             lines.lock().unwrap().iter().find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["message"] == "ingest listening")
+                (v["message"] == "listening")
                     .then(|| v["addr"].as_str().map(str::to_owned))?
             })
         }
