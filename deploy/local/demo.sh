@@ -81,7 +81,12 @@ DLRFLOW_HTTP__LISTEN=127.0.0.1:$INGEST_PORT "$BIN/dlrflow-ingest" serve >"$RUN_D
 pids+=($!)
 wait_ready ingest "$INGEST_PORT" "$RUN_DIR/ingest.log"
 
+# The read API needs a key; the configuration holds only its SHA-256
+# (`dlrflow-state api-key --id demo --source '*'` makes one).
+READ_KEY=dlrk_demo-$RUN
+READ_KEY_SHA256=$(printf %s "$READ_KEY" | sha256sum | cut -d' ' -f1)
 DLRFLOW_HTTP__LISTEN=127.0.0.1:$STATE_PORT \
+DLRFLOW_API__KEYS="[{id=\"demo\",sha256=\"$READ_KEY_SHA256\",sources=[\"*\"]}]" \
 DLRFLOW_KAFKA__DLQ_TOPIC=$DLQ DLRFLOW_KAFKA__DELIVERY_TOPIC=$DELIVERY DLRFLOW_KAFKA__GROUP_ID=$RUN \
 DLRFLOW_REDIS__PREFIX="dlrflow:$RUN:" \
   "$BIN/dlrflow-state" serve >"$RUN_DIR/state.log" 2>&1 &
@@ -133,7 +138,7 @@ grep -q "status server lingering" "$RUN_DIR/sim.log" || die "the send did not fi
 step "8. verify: every recipient's status, terminal time and error code against the truth"
 echo "(webhooks whose terminal event was withheld wait for the reconciler: stuck for 5 s, then one GET /status per message)"
 set +e
-"$BIN/dlrflow-sim" verify --truth "$RUN_DIR/truth.json" --api "http://127.0.0.1:$STATE_PORT" --wait-secs 150
+"$BIN/dlrflow-sim" verify --truth "$RUN_DIR/truth.json" --api "http://127.0.0.1:$STATE_PORT" --api-key "$READ_KEY" --wait-secs 150
 VERIFY=$?
 set -e
 
@@ -145,11 +150,11 @@ grep -i "reconcil" "$RUN_DIR/reconcile.log" | grep -iv "librdkafka" | tail -n 3 
 step "10. one message through the read API"
 ONE=$(grep -o '"message_id": *"[0-9a-f]*"' "$RUN_DIR/truth.json" | head -n 1 | grep -o '[0-9a-f]\{24\}' || true)
 if [ -n "$ONE" ]; then
-  echo "curl http://127.0.0.1:$STATE_PORT/v1/messages/$ONE"
+  echo "curl -H 'Authorization: Bearer $READ_KEY' http://127.0.0.1:$STATE_PORT/v1/messages/$ONE"
   if command -v jq >/dev/null; then
-    curl -sS "http://127.0.0.1:$STATE_PORT/v1/messages/$ONE" | jq .
+    curl -sS -H "Authorization: Bearer $READ_KEY" "http://127.0.0.1:$STATE_PORT/v1/messages/$ONE" | jq .
   else
-    curl -sS "http://127.0.0.1:$STATE_PORT/v1/messages/$ONE"; echo
+    curl -sS -H "Authorization: Bearer $READ_KEY" "http://127.0.0.1:$STATE_PORT/v1/messages/$ONE"; echo
   fi
 fi
 

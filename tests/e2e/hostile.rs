@@ -529,6 +529,7 @@ async fn hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline() {
         for id in ids {
             let Ok(resp) = http
                 .get(format!("{}/v1/messages/{id}", p.api_url(0)))
+                .bearer_auth(dlrflow_e2e::READ_KEY)
                 .send()
                 .await
             else {

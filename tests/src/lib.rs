@@ -709,6 +709,10 @@ impl Pipeline {
                 ("DLRFLOW_POSTGRES__URL", self.postgres_url.clone()),
                 ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
                 ("DLRFLOW_HTTP__SHUTDOWN_GRACE_MS", "3000".into()),
+                ("DLRFLOW_API__KEYS", read_keys_toml()),
+                // Verification reads every message many times a second.
+                ("DLRFLOW_API__REQUESTS_PER_SEC", "100000".into()),
+                ("DLRFLOW_API__BURST", "100000".into()),
             ];
             let mut env = env;
             // librdkafka's own debug contexts, e.g. `cgrp` for group membership.
@@ -1036,6 +1040,16 @@ pub fn delivery(target: &str, source: &str) -> DeliveryConfig {
     }
 }
 
+/// The read API key every state replica of a test accepts, for every source.
+pub const READ_KEY: &str = "dlrk_e2e-read-key";
+
+/// `api.keys` accepting [`READ_KEY`], as an environment value.
+fn read_keys_toml() -> String {
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(READ_KEY.as_bytes()));
+    format!("[{{id=\"e2e\",sha256=\"{hash}\",sources=[\"*\"]}}]")
+}
+
 /// Verifies `truth` against the read API, polling for up to `wait`, and
 /// asserts 100 % matching. Returns the report.
 pub async fn verify_all(truth: &Truth, api: &str, wait: Duration) -> VerifyReport {
@@ -1047,6 +1061,7 @@ pub async fn verify_all(truth: &Truth, api: &str, wait: Duration) -> VerifyRepor
             wait,
             poll_interval: Duration::from_millis(500),
             concurrency: 16,
+            api_key: Some(READ_KEY.to_owned()),
             ..VerifyOptions::default()
         },
     )

@@ -244,8 +244,7 @@ raw_topic = "{topic}"
         async move {
             lines.lock().unwrap().iter().find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["message"] == "listening")
-                    .then(|| v["addr"].as_str().map(str::to_owned))?
+                (v["message"] == "listening").then(|| v["addr"].as_str().map(str::to_owned))?
             })
         }
     })

@@ -175,6 +175,9 @@ struct VerifyArgs {
     /// dlrflow read API base URL (GET {api}/v1/messages/{message_id}).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     api: String,
+    /// The read API's key (`Authorization: Bearer`).
+    #[arg(long, env = "DLRFLOW_SIM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Keep re-checking the unmatched ones until this many seconds have passed.
     #[arg(long, default_value_t = 0.0)]
     wait_secs: f64,
@@ -364,6 +367,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         poll_interval: Duration::from_millis(args.poll_ms),
         concurrency: args.concurrency,
         progress: true,
+        api_key: args.api_key.clone(),
         ..VerifyOptions::default()
     };
     let report = verify_with(&truth, &args.api, &opts)

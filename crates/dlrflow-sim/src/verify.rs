@@ -25,6 +25,8 @@ pub struct VerifyOptions {
     pub request_timeout: Duration,
     /// Print a progress line to stderr after each pass.
     pub progress: bool,
+    /// Sent as `Authorization: Bearer …` (the read API's key).
+    pub api_key: Option<String>,
 }
 
 impl Default for VerifyOptions {
@@ -35,6 +37,7 @@ impl Default for VerifyOptions {
             concurrency: 16,
             request_timeout: Duration::from_secs(10),
             progress: false,
+            api_key: None,
         }
     }
 }
@@ -193,8 +196,8 @@ pub async fn verify_with(
         let fetched: Vec<(&str, Result<Option<Value>, String>)> =
             stream::iter(pending.iter().copied())
                 .map(|id| {
-                    let client = &client;
-                    async move { (id, fetch(client, base, id).await) }
+                    let (client, key) = (&client, opts.api_key.as_deref());
+                    async move { (id, fetch(client, base, key, id).await) }
                 })
                 .buffer_unordered(opts.concurrency.max(1))
                 .collect()
@@ -243,22 +246,61 @@ pub async fn verify_with(
     Ok(VerifyReport { checks, passes })
 }
 
-async fn fetch(client: &reqwest::Client, base: &str, id: &str) -> Result<Option<Value>, String> {
+/// The message with all its recipients, following the read API's pages
+/// (`next_after`).
+async fn fetch(
+    client: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    id: &str,
+) -> Result<Option<Value>, String> {
     let url = format!("{base}/v1/messages/{id}");
-    let resp = client
-        .get(&url)
-        .header(reqwest::header::ACCEPT, "application/json")
-        .send()
-        .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    match resp.status().as_u16() {
-        404 => Ok(None),
-        200 => resp
-            .json::<Value>()
-            .await
-            .map(Some)
-            .map_err(|e| format!("GET {url}: bad JSON: {e}")),
-        code => Err(format!("GET {url}: HTTP {code}")),
+    let mut message: Option<Value> = None;
+    let mut after: Option<String> = None;
+    loop {
+        let mut req = client
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(a) = &after {
+            req = req.query(&[("after", a)]);
+        }
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| format!("GET {url}: {e}"))?;
+        let page: Value = match resp.status().as_u16() {
+            404 => return Ok(None),
+            // Over the key's rate: wait as told (at most 5 s) and ask again.
+            429 => {
+                let wait = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .min(5);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            200 => resp
+                .json()
+                .await
+                .map_err(|e| format!("GET {url}: bad JSON: {e}"))?,
+            code => return Err(format!("GET {url}: HTTP {code}")),
+        };
+        after = page["next_after"].as_str().map(str::to_owned);
+        match &mut message {
+            None => message = Some(page),
+            Some(m) => {
+                let more = page["recipients"].as_array().cloned().unwrap_or_default();
+                if let Some(all) = m["recipients"].as_array_mut() {
+                    all.extend(more);
+                }
+            }
+        }
+        if after.is_none() {
+            return Ok(message);
+        }
     }
 }
 

@@ -1,6 +1,13 @@
 //! The read API for the merchant backend, and the service's readiness.
 //!
-//! Status codes: 200 found; 404 no such message / recipient; 400 an id that
+//! Every request needs `Authorization: Bearer <key>` (see [`crate::access`])
+//! unless `api.open`; each read writes one audit line (target
+//! `dlrflow::audit`: key id, message id, status; never a phone number).
+//!
+//! Status codes: 200 found; 401 no or an unknown key (`WWW-Authenticate:
+//! Bearer`); 429 over the key's rate (`Retry-After`); 404 no such message /
+//! recipient, or one of a source the key may not read (the two are not told
+//! apart); 400 an id that
 //! cannot name anything dlrflow stores (it holds U+0000, is longer than
 //! [`MAX_ID_LEN`] bytes, is not UTF-8 once percent-decoded, or PostgreSQL
 //! refuses it as a value) — such ids are never sent to PostgreSQL as
@@ -9,9 +16,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -20,6 +27,8 @@ use dlrflow_runtime::service::{probe, ready_check, Readiness, ReadyCheck, PROBE_
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 use sqlx::{FromRow, PgPool};
+
+use crate::access::Caller;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -31,6 +40,10 @@ pub struct ApiState {
     pub raw_topic: String,
     /// The consumer's own account of its progress.
     pub health: Arc<crate::health::ConsumerHealth>,
+    /// Keys, scopes and rates.
+    pub access: Arc<crate::access::Access>,
+    /// Recipients per answer at most (`api.page_size`).
+    pub page_size: u32,
 }
 
 /// The longest id (message id, recipient) dlrflow stores, in bytes: the
@@ -41,6 +54,10 @@ pub const MAX_ID_LEN: usize = 512;
 /// The one place that decides status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    #[error("a valid API key is required (Authorization: Bearer <key>)")]
+    Unauthorized,
+    #[error("too many requests for this key")]
+    RateLimited(std::time::Duration),
     #[error("not found")]
     NotFound,
     /// The request cannot name anything stored (400).
@@ -90,6 +107,8 @@ pub fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Database(e) => {
@@ -97,8 +116,72 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        (status, Json(serde_json::json!({"error": self.to_string()}))).into_response()
+        let mut resp =
+            (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
+        let headers = resp.headers_mut();
+        match &self {
+            ApiError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"dlrflow\""),
+                );
+            }
+            ApiError::RateLimited(wait) => {
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            _ => {}
+        }
+        resp
     }
+}
+
+impl From<crate::access::Refusal> for ApiError {
+    fn from(r: crate::access::Refusal) -> Self {
+        match r {
+            crate::access::Refusal::Unauthenticated => ApiError::Unauthorized,
+            crate::access::Refusal::RateLimited(wait) => ApiError::RateLimited(wait),
+        }
+    }
+}
+
+/// Authenticates the request and takes one from the key's rate.
+fn admit(s: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let result = s
+        .access
+        .admit(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()));
+    if let Err(refusal) = &result {
+        let outcome = match refusal {
+            crate::access::Refusal::Unauthenticated => "unauthorized",
+            crate::access::Refusal::RateLimited(_) => "rate_limited",
+        };
+        metrics::counter!("dlrflow_state_api_refused_total", "reason" => outcome).increment(1);
+    }
+    Ok(result?)
+}
+
+/// One line per read: who, which message, what came of it. Never the
+/// recipient: a phone number is personal data.
+fn audit(
+    caller: &Caller,
+    route: &'static str,
+    message_id: &str,
+    result: &Result<impl Sized, ApiError>,
+) {
+    let status = match result {
+        Ok(_) => 200,
+        Err(ApiError::NotFound) => 404,
+        Err(ApiError::BadRequest(_)) => 400,
+        Err(_) => 503,
+    };
+    tracing::info!(
+        target: "dlrflow::audit",
+        key_id = caller.id(),
+        route,
+        message_id = %dlrflow_runtime::text::truncate(message_id, 128),
+        status,
+        "read"
+    );
 }
 
 /// The read API (the skeleton adds `/healthz`, `/readyz` and `/metrics`).
@@ -125,6 +208,9 @@ pub struct MessageView {
     pub queued_at: Option<DateTime<Utc>>,
     #[sqlx(skip)]
     pub recipients: Vec<RecipientView>,
+    /// Set when more recipients follow: ask again with `?after=` this value.
+    #[sqlx(skip)]
+    pub next_after: Option<String>,
 }
 
 #[derive(Debug, Serialize, FromRow)]
@@ -150,10 +236,21 @@ pub struct RecipientView {
 const RECIPIENT_COLUMNS: &str = "recipient, status, queued_at, processing_at, sent_at, delivered_at, failed_at, \
     carrier, error_code, error_message, retryable, segments, last_event_at, needs_reconcile, reconcile_reason, updated_at";
 
-/// A message with all its recipients, or `None`.
+/// The page of recipients a message answer holds: those after `after` in
+/// recipient order, at most `limit`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Page {
+    pub after: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// A message with one page of its recipients (see [`MessageView::next_after`]),
+/// or `None`.
 pub async fn load_message(
     pool: &PgPool,
     message_id: &str,
+    after: Option<&str>,
+    limit: u32,
 ) -> Result<Option<MessageView>, sqlx::Error> {
     let msg: Option<MessageView> = sqlx::query_as(
         "SELECT message_id, source, provider, total_recipients, total_messages, total_cost, currency, \
@@ -163,42 +260,78 @@ pub async fn load_message(
     .fetch_optional(pool)
     .await?;
     let Some(mut msg) = msg else { return Ok(None) };
-    msg.recipients = sqlx::query_as(&format!(
-        "SELECT {RECIPIENT_COLUMNS} FROM recipient_state WHERE message_id = $1 ORDER BY recipient"
+    // One more than the page: whether there is a next page.
+    let mut rows: Vec<RecipientView> = sqlx::query_as(&format!(
+        "SELECT {RECIPIENT_COLUMNS} FROM recipient_state \
+         WHERE message_id = $1 AND ($2::text IS NULL OR recipient > $2) \
+         ORDER BY recipient LIMIT $3"
     ))
     .bind(message_id)
+    .bind(after)
+    .bind(i64::from(limit) + 1)
     .fetch_all(pool)
     .await?;
+    if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        msg.next_after = rows.last().map(|r| r.recipient.clone());
+    }
+    msg.recipients = rows;
     Ok(Some(msg))
 }
 
 async fn get_message(
     State(s): State<ApiState>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
+    page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<MessageView>, ApiError> {
+    let caller = admit(&s, &headers)?;
     let Path(message_id) = path?;
-    check_id("message_id", &message_id)?;
-    load_message(&s.pool, &message_id)
-        .await?
-        .map(Json)
-        .ok_or(ApiError::NotFound)
+    let result = async {
+        let Query(page) =
+            page.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+        check_id("message_id", &message_id)?;
+        if let Some(after) = &page.after {
+            check_id("after", after)?;
+        }
+        let limit = page.limit.unwrap_or(s.page_size).clamp(1, s.page_size);
+        load_message(&s.pool, &message_id, page.after.as_deref(), limit)
+            .await?
+            .filter(|m| caller.may_read(&m.source))
+            .ok_or(ApiError::NotFound)
+    }
+    .await;
+    audit(&caller, "message", &message_id, &result);
+    result.map(Json)
 }
 
 async fn get_recipient(
     State(s): State<ApiState>,
+    headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<RecipientView>, ApiError> {
+    let caller = admit(&s, &headers)?;
     let Path((message_id, phone)) = path?;
-    check_id("message_id", &message_id)?;
-    check_id("recipient", &phone)?;
-    let row: Option<RecipientView> = sqlx::query_as(&format!(
-        "SELECT {RECIPIENT_COLUMNS} FROM recipient_state WHERE message_id = $1 AND recipient = $2"
-    ))
-    .bind(&message_id)
-    .bind(&phone)
-    .fetch_optional(&s.pool)
-    .await?;
-    row.map(Json).ok_or(ApiError::NotFound)
+    let result = async {
+        check_id("message_id", &message_id)?;
+        check_id("recipient", &phone)?;
+        // The key's scope is checked in the same query: a recipient of a
+        // source it may not read is not found.
+        let row: Option<RecipientView> = sqlx::query_as(&format!(
+            "SELECT {RECIPIENT_COLUMNS} FROM recipient_state \
+             WHERE message_id = $1 AND recipient = $2 AND ($3::text[] IS NULL OR \
+               (SELECT source FROM messages WHERE message_id = $1) = ANY($3))"
+        ))
+        .bind(&message_id)
+        .bind(&phone)
+        .bind(caller.sources())
+        .fetch_optional(&s.pool)
+        .await?;
+        row.ok_or(ApiError::NotFound)
+    }
+    .await;
+    audit(&caller, "recipient", &message_id, &result);
+    result.map(Json)
 }
 
 /// `/readyz`: PostgreSQL and the broker answer, the consumer makes progress

@@ -10,6 +10,8 @@ use dlrflow_runtime::kafka::KafkaConfig;
 use dlrflow_runtime::settings::{ms, secs, HttpSettings, PostgresSettings, RedisSettings};
 use serde::{Deserialize, Serialize};
 
+pub use crate::access::{ApiConfig, ApiKeyConfig};
+
 pub const DEFAULTS: &str = r#"
 [http]
 listen = "127.0.0.1:8081"
@@ -45,6 +47,12 @@ migrate = true
 [health]
 stall_after_ms = 30000
 
+[api]
+open = false
+requests_per_sec = 200
+burst = 400
+page_size = 1000
+
 [outbox]
 batch_size = 1000
 idle_poll_ms = 50
@@ -60,6 +68,8 @@ pub struct Config {
     pub postgres: PostgresSettings,
     pub outbox: OutboxConfig,
     pub health: HealthConfig,
+    /// The read API's keys, rate and page size.
+    pub api: ApiConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -152,6 +162,7 @@ impl Config {
         // The consumer and the outbox relay each hold a connection.
         self.postgres.validate(2)?;
         self.redis.conn.validate()?;
+        self.api.validate()?;
         for (name, value) in [
             ("kafka.raw_topic", &self.kafka.raw_topic),
             ("kafka.dlq_topic", &self.kafka.dlq_topic),

@@ -12,6 +12,7 @@
 //! never decide a status itself (that is `dlrflow_events::merge`), and never
 //! talk to the gateway's status API (that is dlrflow-reconcile).
 
+pub mod access;
 pub mod analytics;
 pub mod api;
 pub mod config;
@@ -84,7 +85,14 @@ impl App {
             kafka: Arc::new(meta),
             raw_topic: cfg.kafka.raw_topic.clone(),
             health: health.clone(),
+            access: Arc::new(access::Access::new(&cfg.api)),
+            page_size: cfg.api.page_size,
         };
+        if api.access.is_closed() {
+            tracing::warn!(
+                "the read API has no keys: every read answers 401 (set api.keys, or api.open = true behind an authenticating proxy)"
+            );
+        }
         let pipeline = consumer::Pipeline {
             consumer: Arc::new(consumer),
             producer,

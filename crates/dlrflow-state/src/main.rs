@@ -23,6 +23,16 @@ enum Command {
     Migrate,
     /// Print the effective configuration as JSON (secrets as `***`) and exit.
     Config,
+    /// Make a new read API key: prints the key (give it to the reader; it is
+    /// not stored anywhere) and the `[[api.keys]]` entry holding its hash.
+    ApiKey {
+        /// The key's name in the audit log.
+        #[arg(long)]
+        id: String,
+        /// A source the key may read (repeat it; `*` for all).
+        #[arg(long = "source", required = true)]
+        sources: Vec<String>,
+    },
     /// Move DLQ records back to the raw topic.
     Replay {
         /// Stop after this many records.
@@ -42,16 +52,27 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = dlrflow_state::Config::load(cli.config.config.as_deref())?;
+    let load = || dlrflow_state::Config::load(cli.config.config.as_deref());
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Config => dlrflow_runtime::cli::print_config(&cfg),
+        Command::Config => dlrflow_runtime::cli::print_config(&load()?),
+        Command::ApiKey { id, sources } => {
+            let key = dlrflow_state::access::new_key();
+            let sha256 = dlrflow_state::access::key_hash(&key);
+            let sources: Vec<String> = sources.iter().map(|s| format!("{s:?}")).collect();
+            println!("# key (shown once; the configuration holds only its hash): {key}");
+            println!(
+                "[[api.keys]]\nid = {id:?}\nsha256 = {sha256:?}\nsources = [{}]",
+                sources.join(", ")
+            );
+            Ok(())
+        }
         Command::Serve => {
             let shutdown = dlrflow_runtime::shutdown::signal_token();
-            let app = dlrflow_state::App::build(cfg).await?;
+            let app = dlrflow_state::App::build(load()?).await?;
             app.run(shutdown).await
         }
         Command::Migrate => {
-            let pool = cfg
+            let pool = load()?
                 .postgres
                 .connect()
                 .await
@@ -68,7 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 idle: std::time::Duration::from_secs(idle_secs),
                 ..Default::default()
             };
-            let moved = dlrflow_state::replay::replay(&cfg, &opts).await?;
+            let moved = dlrflow_state::replay::replay(&load()?, &opts).await?;
             println!("{}", serde_json::json!({"replayed": moved}));
             Ok(())
         }

@@ -162,7 +162,11 @@ fn relay(
 }
 
 async fn get(base: &str, path: &str) -> (u16, Value) {
-    let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+    let r = common::api_client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     let body = r.text().await.unwrap();
     let json = serde_json::from_str(&body).unwrap_or(Value::String(body));

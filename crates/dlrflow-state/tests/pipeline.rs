@@ -49,7 +49,7 @@ async fn out_of_order_and_duplicated_events_converge() {
     assert_eq!(got, want);
 
     // Read API.
-    let http = reqwest::Client::new();
+    let http = common::api_client();
     let base = format!("http://{}", app.addr);
     let (mid, phone) = scenario.expected.keys().next().unwrap().clone();
     let body: serde_json::Value = http

@@ -12,6 +12,29 @@ use tokio_util::sync::CancellationToken;
 
 pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// The read API key every test service accepts (for every source).
+pub const READ_KEY: &str = "dlrk_test-read-key-for-every-source";
+
+/// `[[api.keys]]` accepting [`READ_KEY`] for every source.
+pub fn read_keys() -> Vec<dlrflow_state::access::ApiKeyConfig> {
+    vec![dlrflow_state::access::ApiKeyConfig {
+        id: "test".into(),
+        sha256: dlrflow_state::access::key_hash(READ_KEY),
+        sources: vec!["*".into()],
+    }]
+}
+
+/// A client that presents [`READ_KEY`].
+pub fn api_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = format!("Bearer {READ_KEY}").parse().unwrap();
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 pub struct Env {
     pub brokers: String,
     pub raw: String,
@@ -61,6 +84,7 @@ impl Env {
         cfg.postgres.max_connections = 4;
         cfg.batch.retry_max = Duration::from_secs(1);
         cfg.outbox.idle_poll = Duration::from_millis(20);
+        cfg.api.keys = read_keys();
         cfg
     }
 
@@ -78,6 +102,13 @@ impl Env {
             ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
             ("DLRFLOW_POSTGRES__MAX_CONNECTIONS", "3".to_owned()),
             ("DLRFLOW_BATCH__RETRY_MAX_MS", "1000".to_owned()),
+            (
+                "DLRFLOW_API__KEYS",
+                format!(
+                    "[{{id=\"test\",sha256=\"{}\",sources=[\"*\"]}}]",
+                    dlrflow_state::access::key_hash(READ_KEY)
+                ),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
