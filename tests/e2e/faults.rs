@@ -145,7 +145,7 @@ async fn broker_outage(name: &str, outage: Duration) {
     p.broker().kill9();
     eprintln!("e2e: broker killed at {at} applied events");
     tokio::time::sleep(outage).await; // the outage itself
-    p.broker().start().unwrap();
+    p.broker().restart().unwrap();
 
     let report = sender.await.unwrap();
     check_report(&report);

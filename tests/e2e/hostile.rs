@@ -559,7 +559,7 @@ async fn hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline() {
     let in_state: std::collections::HashSet<String> =
         raws.iter().map(|r| sha(r.as_bytes())).collect();
     let want_dlq = accepted.iter().filter(|c| c.end == End::Dlq).count();
-    let dlq = dlrflow_runtime::testing::read_topic(
+    let dlq = dlrflow_testkit::read_topic(
         &p.brokers,
         &p.dlq_topic,
         want_dlq,

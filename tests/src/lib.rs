@@ -12,9 +12,9 @@
 //! (no `FLUSHALL`, never the broker on 9092).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+
 use std::io::Write;
-use std::net::TcpListener;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -22,8 +22,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
-use dlrflow_runtime::testing::{create_topic, read_topic, test_brokers, unique_name};
 use dlrflow_sim::{DeliveryConfig, ReadRecord, Truth, VerifyOptions, VerifyReport};
+use dlrflow_testkit::{create_topic, read_topic, test_brokers, unique_name};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
@@ -154,40 +154,8 @@ fn newest_source(krate: &Path) -> Option<SystemTime> {
     newest
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
-}
-
-fn open_log(path: &Path, what: &str) -> anyhow::Result<File> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "=== e2e: {what} at {}", chrono::Utc::now().to_rfc3339())?;
-    Ok(f)
-}
-
-/// Kills `pid` (SIGKILL) once this test process is gone, so that a test
-/// killed by the runner (timeout) leaves no service behind. A plain shell
-/// loop: safe Rust cannot ask the kernel for a parent-death signal.
-fn watchdog(pid: u32) {
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-         kill -0 {me} 2>/dev/null || kill -9 {pid} 2>/dev/null",
-        me = std::process::id()
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-}
+use dlrflow_testkit::kill_with_this_process as watchdog;
+pub use dlrflow_testkit::{free_port, open_log};
 
 fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -329,211 +297,9 @@ impl Service {
 // Private infrastructure a test may stop
 // ---------------------------------------------------------------------------
 
-/// A Tansu broker on its own port and SQLite file, for tests that stop the
-/// broker (never the shared one on 9092).
-pub struct PrivateBroker {
-    dir: PathBuf,
-    port: u16,
-    log: PathBuf,
-    child: Option<Child>,
-}
+pub use dlrflow_testkit::PrivateBroker;
 
-use dlrflow_runtime::testing::tansu_binary;
-
-impl PrivateBroker {
-    fn new(dir: PathBuf, log: PathBuf) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        let mut b = PrivateBroker {
-            dir,
-            port: free_port(),
-            log,
-            child: None,
-        };
-        b.start()?;
-        Ok(b)
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn start(&mut self) -> anyhow::Result<()> {
-        ensure!(self.child.is_none(), "the private broker already runs");
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = open_log(&self.log, "tansu start")?;
-        let err = log.try_clone()?;
-        let child = Command::new(tansu_binary()?)
-            .current_dir(&self.dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .context("starting tansu")?;
-        watchdog(child.id());
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "tansu did not listen on {} within 30 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        dlrflow_runtime::testing::index_tansu_headers(&self.dir.join("tansu.db"));
-        Ok(())
-    }
-
-    /// `kill -9`: the broker disappears without a goodbye.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            let _ = open_log(&self.log, "tansu SIGKILL");
-        }
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A PostgreSQL server of its own (initdb into a temporary directory, trust
-/// auth, 127.0.0.1 only), for tests that restart PostgreSQL.
-pub struct PrivatePostgres {
-    bin: PathBuf,
-    root: PathBuf,
-    port: u16,
-    log: PathBuf,
-    running: bool,
-}
-
-fn as_postgres(program: &Path) -> Command {
-    // Running as root: PostgreSQL refuses to run as root, so run as `postgres`.
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-fn pg_bin() -> anyhow::Result<PathBuf> {
-    let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("/usr/lib/postgresql (install postgresql)")?
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|p| p.join("pg_ctl").is_file())
-        .collect();
-    bins.sort_by_key(|p| {
-        p.parent()
-            .and_then(|v| v.file_name())
-            .and_then(|v| v.to_str())
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    bins.pop()
-        .context("no PostgreSQL under /usr/lib/postgresql/*/bin")
-}
-
-impl PrivatePostgres {
-    fn new(id: &str, log: PathBuf) -> anyhow::Result<Self> {
-        let bin = pg_bin()?;
-        let root = std::env::temp_dir().join(format!("dlrflow-e2e-pg-{id}"));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root)?;
-        File::create(&log)?;
-        let chown = |p: &Path| {
-            Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(p)
-                .status()
-        };
-        // Harmless when not root and already the owner.
-        let _ = chown(&root);
-        let _ = chown(&log);
-        let data = root.join("data");
-        let out = as_postgres(&bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .context("initdb")?;
-        ensure!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut pg = PrivatePostgres {
-            bin,
-            root,
-            port: free_port(),
-            log,
-            running: false,
-        };
-        pg.ctl(&["start"])?;
-        pg.running = true;
-        Ok(pg)
-    }
-
-    fn ctl(&self, action: &[&str]) -> anyhow::Result<()> {
-        let opts = format!(
-            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port
-        );
-        let out = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.root.join("data"))
-            .arg("-l")
-            .arg(&self.log)
-            .args(["-w", "-t", "60", "-o", &opts])
-            .args(action)
-            .output()
-            .context("pg_ctl")?;
-        ensure!(
-            out.status.success(),
-            "pg_ctl {action:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    }
-
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// `pg_ctl restart -m fast`: every connection is cut.
-    pub fn restart(&self) -> anyhow::Result<()> {
-        self.ctl(&["restart", "-m", "fast"])
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        if self.running {
-            let _ = self.ctl(&["stop", "-m", "immediate"]);
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
+pub use dlrflow_testkit::PrivatePostgres;
 
 // ---------------------------------------------------------------------------
 // The pipeline
@@ -596,10 +362,9 @@ impl Pipeline {
             .ok()
             .filter(|b| !b.trim().is_empty());
         let broker = if opts.private_broker || external.is_none() {
-            Some(PrivateBroker::new(
-                std::env::temp_dir().join(format!("dlrflow-e2e-tansu-{short}")),
+            Some(PrivateBroker::start_logging_to(Some(
                 logs.join("tansu.log"),
-            )?)
+            ))?)
         } else {
             None
         };
@@ -613,13 +378,9 @@ impl Pipeline {
             (None, Some(e)) => e,
             (None, None) => test_brokers(),
         };
-        let postgres_url = postgres.as_ref().map_or_else(
-            || {
-                std::env::var("DLRFLOW_TEST_POSTGRES_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/dlrflow".into())
-            },
-            |p| p.url(),
-        );
+        let postgres_url = postgres
+            .as_ref()
+            .map_or_else(dlrflow_testkit::test_postgres_url, |p| p.url());
         let redis_url = std::env::var("DLRFLOW_TEST_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let p = Pipeline {

@@ -27,7 +27,7 @@ pub use merge::{
 };
 pub use status::{Provider, Status, UnknownName};
 pub use status_api::{parse_status_response, StatusSnapshot};
-pub use update::{DeliveryUpdate, Event, MessageUpdate};
+pub use update::{update_id, DeliveryUpdate, Event, MessageUpdate, UPDATE_ID_NAMESPACE};
 
 /// Parses one raw record of the raw topic: a Lisoloo body, or one Arpoone array
 /// element, exactly as the ingest wrote it (a leading UTF-8 byte-order mark

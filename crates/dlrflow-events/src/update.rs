@@ -76,3 +76,17 @@ impl Event {
         }
     }
 }
+
+/// The namespace of [`update_id`] (UUIDv5 over `dedupe_key \n recipient`).
+pub const UPDATE_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6a0c_5d1e_8f3b_4c2a_9e71_d3f0_b5a4_c817);
+
+/// The stable analytics id of an update: the same update (dedupe key and
+/// recipient) always gets the same id, whichever replica or replay wrote it.
+pub fn update_id(dedupe_key: &str, recipient: &str) -> uuid::Uuid {
+    let mut name = Vec::with_capacity(dedupe_key.len() + recipient.len() + 1);
+    name.extend_from_slice(dedupe_key.as_bytes());
+    name.push(b'\n');
+    name.extend_from_slice(recipient.as_bytes());
+    uuid::Uuid::new_v5(&UPDATE_ID_NAMESPACE, &name)
+}

@@ -61,7 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             timeout_secs,
         } => {
-            let records = dlrflow_runtime::testing::read_topic(
+            let records = dlrflow_runtime::kafka::read_topic(
                 &brokers,
                 &topic,
                 count,

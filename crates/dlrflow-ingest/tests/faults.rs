@@ -32,7 +32,7 @@ async fn post(app: &TestApp) -> (StatusCode, Duration, Option<String>) {
 /// Waits until the freshly started producer has its connection and
 /// producer id, so the fault below is the only cause of a 503.
 async fn healthy(app: &TestApp) {
-    let ok = dlrflow_runtime::testing::wait_for(Duration::from_secs(20), || async {
+    let ok = dlrflow_testkit::wait_for(Duration::from_secs(20), || async {
         (post(app).await.0 == StatusCode::NO_CONTENT).then_some(())
     })
     .await;
@@ -66,7 +66,7 @@ async fn broker_down_gives_503_in_time_and_recovers_without_restart() {
     }
 
     cluster.broker_up(-1).unwrap();
-    let ok = dlrflow_runtime::testing::wait_for(Duration::from_secs(20), || async {
+    let ok = dlrflow_testkit::wait_for(Duration::from_secs(20), || async {
         (post(&app).await.0 == StatusCode::NO_CONTENT).then_some(())
     })
     .await;
@@ -93,7 +93,7 @@ async fn a_broker_that_does_not_acknowledge_gives_503_never_2xx() {
     );
 
     cluster.broker_round_trip_time(-1, Duration::ZERO).unwrap();
-    let ok = dlrflow_runtime::testing::wait_for(Duration::from_secs(30), || async {
+    let ok = dlrflow_testkit::wait_for(Duration::from_secs(30), || async {
         (post(&app).await.0 == StatusCode::NO_CONTENT).then_some(())
     })
     .await;
@@ -163,8 +163,8 @@ async fn shutdown_lets_in_flight_requests_finish_and_then_stops() {
 /// deadline comes back healthy.
 #[tokio::test]
 async fn a_stalled_real_broker_gives_503_and_is_healthy_afterwards() {
-    let broker = dlrflow_runtime::testing::PrivateBroker::start().unwrap();
-    dlrflow_runtime::testing::create_topic(&broker.brokers(), "raw", 3)
+    let broker = dlrflow_testkit::PrivateBroker::start().unwrap();
+    dlrflow_testkit::create_topic(&broker.brokers(), "raw", 3)
         .await
         .unwrap();
     let mut cfg = config(&broker.brokers(), "raw");

@@ -284,9 +284,9 @@ async fn json_we_do_not_understand_is_accepted_and_kept() {
 
 #[tokio::test]
 async fn a_removed_password_stops_working_and_the_others_keep_working() {
-    let brokers = dlrflow_runtime::testing::test_brokers();
-    let topic = dlrflow_runtime::testing::unique_name("ingest-rotate");
-    dlrflow_runtime::testing::create_topic(&brokers, &topic, 6)
+    let brokers = dlrflow_testkit::test_brokers();
+    let topic = dlrflow_testkit::unique_name("ingest-rotate");
+    dlrflow_testkit::create_topic(&brokers, &topic, 6)
         .await
         .unwrap();
     // Rotation: both passwords are active, then the old one is removed.
@@ -396,7 +396,7 @@ async fn health_and_readiness() {
 
     let missing = spawn_with(config(
         &app.brokers,
-        &dlrflow_runtime::testing::unique_name("never-created"),
+        &dlrflow_testkit::unique_name("never-created"),
     ))
     .await;
     let ready = missing
@@ -610,9 +610,9 @@ fn arpoone_report_of(message_id: &str, size: usize) -> String {
 /// never be written gets 413 at once; the largest one that can is written.
 #[tokio::test]
 async fn records_over_the_record_limit_get_413_at_once_and_the_largest_allowed_is_written() {
-    let brokers = dlrflow_runtime::testing::test_brokers();
-    let topic = dlrflow_runtime::testing::unique_name("ingest-sizes");
-    dlrflow_runtime::testing::create_topic(&brokers, &topic, 3)
+    let brokers = dlrflow_testkit::test_brokers();
+    let topic = dlrflow_testkit::unique_name("ingest-sizes");
+    dlrflow_testkit::create_topic(&brokers, &topic, 3)
         .await
         .unwrap();
 
@@ -724,8 +724,8 @@ async fn records_over_the_record_limit_get_413_at_once_and_the_largest_allowed_i
     app.stop().await.unwrap();
 
     // A message.max.bytes in kafka.settings moves the record limit with it.
-    let topic = dlrflow_runtime::testing::unique_name("ingest-sizes-set");
-    dlrflow_runtime::testing::create_topic(&brokers, &topic, 1)
+    let topic = dlrflow_testkit::unique_name("ingest-sizes-set");
+    dlrflow_testkit::create_topic(&brokers, &topic, 1)
         .await
         .unwrap();
     let mut cfg = config(&brokers, &topic);

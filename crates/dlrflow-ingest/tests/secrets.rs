@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name};
+use dlrflow_testkit::{create_topic, test_brokers, unique_name};
 use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -239,7 +239,7 @@ raw_topic = "{topic}"
     let mut child = ingest(&path, &[]).spawn().unwrap();
     let output = collect(&mut child);
     let lines = output.lines.clone();
-    let addr = dlrflow_runtime::testing::wait_for(Duration::from_secs(30), || {
+    let addr = dlrflow_testkit::wait_for(Duration::from_secs(30), || {
         let lines = lines.clone();
         async move {
             lines.lock().unwrap().iter().find_map(|l| {

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use dlrflow_reconcile::limiter::{Acquire, Limiter, LimiterSettings};
-use dlrflow_runtime::testing::unique_name;
+use dlrflow_testkit::unique_name;
 
 /// A limiter on a new budget (`prefix` is fresh): initialized as a first use.
 async fn limiter(prefix: &str, limit: u32, window: Duration) -> Limiter {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use common::*;
 use dlrflow_events::Status;
-use dlrflow_runtime::testing::{unique_name, wait_for, PrivateRedis};
+use dlrflow_testkit::{unique_name, wait_for, PrivateRedis};
 
 fn ago(secs: i64) -> chrono::DateTime<Utc> {
     Utc::now() - chrono::Duration::seconds(secs)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use common::*;
 use dlrflow_events::Status;
-use dlrflow_runtime::testing::{unique_name, wait_for};
+use dlrflow_testkit::{unique_name, wait_for};
 
 fn ago(secs: i64) -> chrono::DateTime<Utc> {
     Utc::now() - chrono::Duration::seconds(secs)

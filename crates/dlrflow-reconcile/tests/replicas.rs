@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use common::*;
 use dlrflow_events::Status;
-use dlrflow_runtime::testing::{unique_name, wait_for};
+use dlrflow_testkit::{unique_name, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_drain_a_backlog_of_1000_within_the_shared_budget() {

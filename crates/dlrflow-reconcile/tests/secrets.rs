@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dlrflow_events::Status;
-use dlrflow_runtime::testing::{unique_name, wait_for, PrivateRedis};
+use dlrflow_testkit::{unique_name, wait_for, PrivateRedis};
 
 const API_KEY: &str = "apikey-S3CRET-c0ffee";
 const REDIS_PW: &str = "redispw-S3CRET-a11ce";

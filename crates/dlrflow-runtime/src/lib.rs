@@ -20,7 +20,6 @@ pub mod settings;
 pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;
-pub mod testing;
 pub mod text;
 pub mod trace;
 

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name, PrivateBroker};
+use dlrflow_testkit::{create_topic, test_brokers, unique_name, PrivateBroker};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};

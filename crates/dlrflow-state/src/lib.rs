@@ -21,7 +21,6 @@ pub mod dedupe;
 pub mod health;
 pub mod replay;
 pub mod store;
-pub mod testkit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

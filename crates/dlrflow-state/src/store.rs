@@ -21,8 +21,7 @@ use uuid::Uuid;
 /// other's versions.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// The namespace of `update_id` (UUIDv5 over `dedupe_key \n recipient`).
-pub const UPDATE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0c_5d1e_8f3b_4c2a_9e71_d3f0_b5a4_c817);
+pub use dlrflow_events::{update_id, UPDATE_ID_NAMESPACE};
 
 /// A PostgreSQL failure; [`StoreError::is_record_error`] tells whether the
 /// records written are to blame (the consumer isolates and dead-letters them)
@@ -143,15 +142,6 @@ pub struct Applied {
 pub struct BatchResult {
     pub outcomes: Vec<Outcome>,
     pub applied: Vec<Applied>,
-}
-
-/// The stable analytics id of an update.
-pub fn update_id(dedupe_key: &str, recipient: &str) -> Uuid {
-    let mut name = Vec::with_capacity(dedupe_key.len() + recipient.len() + 1);
-    name.extend_from_slice(dedupe_key.as_bytes());
-    name.push(b'\n');
-    name.extend_from_slice(recipient.as_bytes());
-    Uuid::new_v5(&UPDATE_ID_NAMESPACE, &name)
 }
 
 /// Applies authoritative or webhook updates exactly as the consumer does:

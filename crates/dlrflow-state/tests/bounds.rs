@@ -12,8 +12,8 @@ use dlrflow_events::{DeliveryUpdate, Provider, RecipientState, Status};
 use dlrflow_state::analytics::{
     self, payload, Relay, RelayHealth, RelayLimits, Round, MAX_CUSTOM_PAYLOAD_BYTES, MAX_TEXT_BYTES,
 };
-use dlrflow_state::testkit::{produce_raw, producer, RawRecord};
 use dlrflow_state::{Applied, Outcome};
+use dlrflow_testkit::scenario::{produce_raw, producer, RawRecord};
 use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -114,7 +114,7 @@ async fn insert_outbox(pool: &PgPool, a: &Applied, payload: &str) -> i64 {
 
 /// The delivery topic's records as JSON (waits for `expected`, then settles).
 async fn delivery_records(env: &Env, expected: usize) -> Vec<Value> {
-    dlrflow_runtime::testing::read_topic(
+    dlrflow_testkit::read_topic(
         &env.brokers,
         &env.delivery,
         expected,

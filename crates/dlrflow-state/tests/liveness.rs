@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_expected, count, spawn_app, wait_count, Env};
-use dlrflow_runtime::testing::{read_topic, wait_for, PrivateRedis};
-use dlrflow_state::testkit::{lisoloo_scenario, produce_raw, producer, RawRecord};
+use dlrflow_testkit::scenario::{lisoloo_scenario, produce_raw, producer, RawRecord};
+use dlrflow_testkit::{read_topic, wait_for, PrivateRedis};
 use serde_json::json;
 use sha2::Digest;
 

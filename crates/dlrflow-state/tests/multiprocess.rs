@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{analytics_ids, assert_expected, count, wait_count, Env};
-use dlrflow_runtime::testing::wait_for;
-use dlrflow_state::testkit::{lisoloo_scenario, produce_raw, producer, shuffled_with_duplicates};
+use dlrflow_testkit::scenario::{
+    lisoloo_scenario, produce_raw, producer, shuffled_with_duplicates,
+};
+use dlrflow_testkit::wait_for;
 
 const T: Duration = Duration::from_secs(90);
 

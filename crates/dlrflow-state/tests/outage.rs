@@ -9,8 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_expected, count, spawn_app, wait_count, Env, PG_BASE};
-use dlrflow_state::testkit::{lisoloo_scenario, produce_raw, producer, shuffled_with_duplicates};
+use common::{assert_expected, count, pg_base, spawn_app, wait_count, Env};
+use dlrflow_testkit::scenario::{
+    lisoloo_scenario, produce_raw, producer, shuffled_with_duplicates,
+};
 use sqlx::PgPool;
 
 const T: Duration = Duration::from_secs(120);
@@ -31,7 +33,7 @@ async fn lock_out(admin: &PgPool, role: &str) {
 async fn postgres_unavailable_for_a_while_loses_nothing_and_catches_up() {
     let env = Env::new(2).await;
     let role = env.schema.clone();
-    let admin = PgPool::connect(PG_BASE).await.unwrap();
+    let admin = PgPool::connect(&pg_base()).await.unwrap();
     sqlx::query(&format!("CREATE ROLE \"{role}\" LOGIN"))
         .execute(&admin)
         .await
@@ -45,7 +47,10 @@ async fn postgres_unavailable_for_a_while_loses_nothing_and_catches_up() {
     .unwrap();
 
     let mut cfg = env.config();
-    cfg.postgres.url = format!("postgres://{role}@127.0.0.1:5432/test").into();
+    let mut url = reqwest::Url::parse(&pg_base()).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_password(None).unwrap();
+    cfg.postgres.url = url.to_string().into();
     cfg.postgres.acquire_timeout = Duration::from_secs(1);
     let app = spawn_app(cfg).await;
     let pool = env.pool().await; // as postgres: unaffected by the lock-out
@@ -68,7 +73,7 @@ async fn postgres_unavailable_for_a_while_loses_nothing_and_catches_up() {
     // /metrics rather than sleeping.
     let http = reqwest::Client::new();
     let metrics_url = format!("http://{}/metrics", app.addr);
-    let failing = dlrflow_runtime::testing::wait_for(T, || {
+    let failing = dlrflow_testkit::wait_for(T, || {
         let http = http.clone();
         let url = metrics_url.clone();
         async move {

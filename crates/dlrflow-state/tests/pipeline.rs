@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{analytics_ids, assert_expected, count, spawn_app, wait_count, Env};
-use dlrflow_state::testkit::{
+use dlrflow_testkit::scenario::{
     lisoloo_scenario, produce_raw, producer, shuffled_with_duplicates, RawRecord,
 };
 
@@ -119,7 +119,7 @@ async fn redis_flushed_mid_stream_causes_no_double_application() {
     .await;
     // Redis marks are set on the round trip after the commit: wait for them.
     let prefix = env.prefix.clone();
-    let marked = dlrflow_runtime::testing::wait_for(T, || {
+    let marked = dlrflow_testkit::wait_for(T, || {
         let prefix = prefix.clone();
         let n = first.len();
         async move {
@@ -207,15 +207,9 @@ async fn poison_records_go_to_the_dlq_while_the_partition_moves_on_and_replay_re
     )
     .await;
     assert_expected(&pool, &scenario).await;
-    let dlq = dlrflow_runtime::testing::read_topic(
-        &env.brokers,
-        &env.dlq,
-        2,
-        T,
-        Duration::from_millis(500),
-    )
-    .await
-    .unwrap();
+    let dlq = dlrflow_testkit::read_topic(&env.brokers, &env.dlq, 2, T, Duration::from_millis(500))
+        .await
+        .unwrap();
     assert_eq!(dlq.len(), 2);
     assert_eq!(dlq[0].payload, records[0].payload.as_bytes());
     assert_eq!(dlq[0].header("error-kind"), Some("unknown_event_type"));
@@ -237,7 +231,7 @@ async fn poison_records_go_to_the_dlq_while_the_partition_moves_on_and_replay_re
     };
     let moved = dlrflow_state::replay::replay(&cfg, &opts).await.unwrap();
     assert_eq!(moved, 2);
-    let raw = dlrflow_runtime::testing::read_topic(
+    let raw = dlrflow_testkit::read_topic(
         &env.brokers,
         &env.raw,
         records.len() + 2,
@@ -255,15 +249,9 @@ async fn poison_records_go_to_the_dlq_while_the_partition_moves_on_and_replay_re
     assert!(replayed
         .iter()
         .all(|r| r.header("error").is_none() && r.header("provider") == Some("lisoloo")));
-    let dlq = dlrflow_runtime::testing::read_topic(
-        &env.brokers,
-        &env.dlq,
-        4,
-        T,
-        Duration::from_millis(500),
-    )
-    .await
-    .unwrap();
+    let dlq = dlrflow_testkit::read_topic(&env.brokers, &env.dlq, 4, T, Duration::from_millis(500))
+        .await
+        .unwrap();
     assert_eq!(dlq.len(), 4);
 
     app.stop().await;

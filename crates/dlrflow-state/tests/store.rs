@@ -4,7 +4,7 @@
 mod common;
 
 use chrono::{TimeZone, Utc};
-use common::{count, PG_BASE};
+use common::{count, pg_base};
 use dlrflow_events::{DeliveryUpdate, Provider, Status};
 use dlrflow_runtime::settings::PostgresSettings;
 use dlrflow_state::{apply_updates, migrate, Outcome};
@@ -43,10 +43,10 @@ fn update(status: Status, second: u32, key: &str, authoritative: bool) -> Delive
 #[tokio::test]
 async fn apply_updates_merges_flags_conflicts_resolves_authoritatively_and_dedupes() {
     dlrflow_runtime::telemetry::init_test_logs();
-    let schema = dlrflow_runtime::testing::unique_name("store").replace('-', "_");
+    let schema = dlrflow_testkit::unique_name("store").replace('-', "_");
     let cfg = PostgresSettings {
         schema: Some(schema.clone()),
-        ..PostgresSettings::with_url(PG_BASE)
+        ..PostgresSettings::with_url(pg_base())
     };
     let pool = cfg.connect().await.unwrap();
     migrate(&pool).await.unwrap();
@@ -145,7 +145,7 @@ async fn apply_updates_merges_flags_conflicts_resolves_authoritatively_and_dedup
     assert_eq!(v["state"]["needs_reconcile"], false);
 
     pool.close().await;
-    let admin = sqlx::PgPool::connect(PG_BASE).await.unwrap();
+    let admin = sqlx::PgPool::connect(&pg_base()).await.unwrap();
     sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .execute(&admin)
         .await

@@ -9,8 +9,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use dlrflow_ingest::config::{AuthMode, Credential, Provider, SourceConfig};
 use dlrflow_ingest::{App, Config};
-use dlrflow_runtime::testing::{create_topic, read_topic, test_brokers, unique_name, Record};
 use dlrflow_runtime::Secret;
+use dlrflow_testkit::{create_topic, read_topic, test_brokers, unique_name, Record};
 use tokio_util::sync::CancellationToken;
 
 pub const USER: &str = "lisoloo_webhook_user";

@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 use dlrflow_events::{DeliveryUpdate, Provider, Status};
 use dlrflow_reconcile::{App, AppState, Config};
 use dlrflow_runtime::settings::PostgresSettings;
-use dlrflow_runtime::testing::unique_name;
 use dlrflow_runtime::Secret;
+use dlrflow_testkit::unique_name;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -230,14 +230,7 @@ pub struct TestDb {
     pub pool: PgPool,
 }
 
-pub fn database_url() -> String {
-    std::env::var("DLRFLOW_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/dlrflow".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("DLRFLOW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+pub use dlrflow_testkit::{test_postgres_url as database_url, test_redis_url as redis_url};
 
 impl TestDb {
     /// The test's own schema.

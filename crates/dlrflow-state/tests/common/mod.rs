@@ -4,13 +4,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name, wait_for};
 use dlrflow_state::Config;
+use dlrflow_testkit::{create_topic, test_brokers, unique_name, wait_for};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The test PostgreSQL (`DLRFLOW_TEST_POSTGRES_URL`); each test uses a schema of its own.
+pub fn pg_base() -> String {
+    dlrflow_testkit::test_postgres_url()
+}
 
 /// The read API key every test service accepts (for every source).
 pub const READ_KEY: &str = "dlrk_test-read-key-for-every-source";
@@ -79,7 +82,7 @@ impl Env {
         cfg.kafka.delivery_topic = self.delivery.clone();
         cfg.kafka.group_id = self.group.clone();
         cfg.redis.conn.prefix = self.prefix.clone();
-        cfg.postgres.url = PG_BASE.into();
+        cfg.postgres.url = pg_base().into();
         cfg.postgres.schema = Some(self.schema.clone());
         cfg.postgres.max_connections = 4;
         cfg.batch.retry_max = Duration::from_secs(1);
@@ -98,7 +101,7 @@ impl Env {
             ("DLRFLOW_KAFKA__DELIVERY_TOPIC", self.delivery.clone()),
             ("DLRFLOW_KAFKA__GROUP_ID", self.group.clone()),
             ("DLRFLOW_REDIS__PREFIX", self.prefix.clone()),
-            ("DLRFLOW_POSTGRES__URL", PG_BASE.to_owned()),
+            ("DLRFLOW_POSTGRES__URL", pg_base()),
             ("DLRFLOW_POSTGRES__SCHEMA", self.schema.clone()),
             ("DLRFLOW_POSTGRES__MAX_CONNECTIONS", "3".to_owned()),
             ("DLRFLOW_BATCH__RETRY_MAX_MS", "1000".to_owned()),
@@ -124,7 +127,7 @@ impl Env {
     }
 
     pub async fn drop_schema(&self) {
-        let pool = PgPool::connect(PG_BASE).await.unwrap();
+        let pool = PgPool::connect(&pg_base()).await.unwrap();
         let _ = sqlx::query(&format!(
             "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
             self.schema
@@ -204,7 +207,7 @@ pub async fn wait_count(pool: &PgPool, sql: &str, want: i64, timeout: Duration) 
 }
 
 /// Checks every expected recipient row.
-pub async fn assert_expected(pool: &PgPool, scenario: &dlrflow_state::testkit::Scenario) {
+pub async fn assert_expected(pool: &PgPool, scenario: &dlrflow_testkit::scenario::Scenario) {
     type Row = (
         String,
         String,
@@ -231,7 +234,7 @@ pub async fn assert_expected(pool: &PgPool, scenario: &dlrflow_state::testkit::S
 
 /// The `update_id`s on the analytics topic (with duplicates).
 pub async fn analytics_ids(env: &Env, expected: usize) -> Vec<uuid::Uuid> {
-    let records = dlrflow_runtime::testing::read_topic(
+    let records = dlrflow_testkit::read_topic(
         &env.brokers,
         &env.delivery,
         expected,

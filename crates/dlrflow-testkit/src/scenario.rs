@@ -133,7 +133,7 @@ pub fn lisoloo_scenario(tag: &str, messages: usize, recipients: usize) -> Scenar
                 records.push(envelope(ids[2], "sms.delivered", t3, serde_json::json!({"recipient_phone": phone, "carrier": "vodacom_drc", "delivered_at": ts(t3), "segments": 1})));
             }
             for id in ids {
-                update_ids.push(crate::store::update_id(&id.to_string(), &phone));
+                update_ids.push(dlrflow_events::update_id(&id.to_string(), &phone));
             }
             expected.insert(
                 (message_id.clone(), phone),

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use dlrflow_runtime::testing::{create_topic, test_brokers, unique_name};
-use dlrflow_state::testkit::{lisoloo_scenario, produce_raw, producer, RawRecord};
 use dlrflow_state::Config;
+use dlrflow_testkit::scenario::{lisoloo_scenario, produce_raw, producer, RawRecord};
+use dlrflow_testkit::{create_topic, test_brokers, unique_name};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -32,7 +32,7 @@ struct Args {
     /// Defaults to DLRFLOW_TEST_KAFKA_BROKERS or 127.0.0.1:9092.
     #[arg(long)]
     brokers: Option<String>,
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/dlrflow")]
     postgres_url: String,
     /// Extra librdkafka consumer settings, `key=value` (repeatable).
     #[arg(long)]

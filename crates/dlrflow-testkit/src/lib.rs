@@ -1,0 +1,71 @@
+//! What the tests of every crate, the end-to-end suite and the benchmarks
+//! share, and nothing a service runs: the test broker's topics, private
+//! brokers and Redis instances that a test may kill, the test PostgreSQL,
+//! bounded waiting, and deterministic Lisoloo scenarios with their expected
+//! state. Used only as a dev-dependency (the architecture test checks it).
+
+mod broker;
+mod kafka;
+mod postgres;
+mod redis;
+pub mod scenario;
+mod wait;
+
+pub use broker::{index_tansu_headers, tansu_binary, tansu_command, PrivateBroker};
+pub use dlrflow_runtime::kafka::{read_topic, Record};
+pub use kafka::{create_topic, test_brokers, unique_name};
+pub use postgres::PrivatePostgres;
+pub use redis::{test_redis_url, PrivateRedis};
+pub use wait::wait_for;
+
+/// The PostgreSQL the tests use: `DLRFLOW_TEST_POSTGRES_URL`, default the
+/// local stack's database `dlrflow` (`deploy/local/stack.sh up` creates it).
+pub fn test_postgres_url() -> String {
+    std::env::var("DLRFLOW_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/dlrflow".into())
+}
+
+/// Kills `pid` (SIGKILL) once this test process is gone, so that a test
+/// killed by the runner (a timeout) leaves no broker, Redis or service
+/// behind. A plain shell loop: safe Rust cannot ask the kernel for a
+/// parent-death signal.
+pub fn kill_with_this_process(pid: u32) {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         kill -0 {me} 2>/dev/null || kill -9 {pid} 2>/dev/null",
+        me = std::process::id()
+    );
+    let _ = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+/// Opens `path` for appending a child process's output, after a line saying
+/// what happens now (`=== testkit: start at …`), so one log shows every
+/// start and kill of a process.
+pub fn open_log(path: &std::path::Path, what: &str) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(
+        f,
+        "=== testkit: {what} at {}",
+        chrono::Utc::now().to_rfc3339()
+    )?;
+    Ok(f)
+}
