@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use dlrflow_sim::{DeliveryConfig, ReadRecord, Truth, VerifyOptions, VerifyReport};
@@ -68,24 +68,21 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-static BUILD_LOCK: Mutex<()> = Mutex::new(());
+/// The binaries already built by this test process: cargo is asked once per
+/// binary and decides itself whether anything changed.
+static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// The path of binary `name` of package `pkg` in this profile, built with
-/// `cargo build -p pkg --bin name` when missing or older than its sources
-/// (the crates it is made of, their migrations, `Cargo.lock`).
-/// `DLRFLOW_E2E_NO_BUILD=1` uses whatever binary exists.
+/// The path of binary `name` of package `pkg` in this profile, after
+/// `cargo build -p pkg --bin name` (once per test process; cargo rebuilds
+/// only what changed). `DLRFLOW_E2E_NO_BUILD=1` uses whatever binary exists.
 pub fn binary(pkg: &str, name: &str) -> anyhow::Result<PathBuf> {
-    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let path = profile_dir().join(name);
     let no_build = std::env::var_os("DLRFLOW_E2E_NO_BUILD").is_some();
-    if path.is_file() && (no_build || !stale(&path, pkg)) {
+    if no_build || built.iter().any(|b| b == name) {
+        ensure!(path.is_file(), "{} is missing", path.display());
         return Ok(path);
     }
-    ensure!(
-        !no_build,
-        "{} is missing and DLRFLOW_E2E_NO_BUILD is set",
-        path.display()
-    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
@@ -94,7 +91,6 @@ pub fn binary(pkg: &str, name: &str) -> anyhow::Result<PathBuf> {
     if profile_dir().file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
-    eprintln!("e2e: building {pkg} --bin {name} …");
     let status = cmd.status().context("running cargo build")?;
     ensure!(status.success(), "cargo build -p {pkg} --bin {name} failed");
     ensure!(
@@ -102,56 +98,8 @@ pub fn binary(pkg: &str, name: &str) -> anyhow::Result<PathBuf> {
         "{} not found after the build",
         path.display()
     );
+    built.push(name.to_owned());
     Ok(path)
-}
-
-/// True when any source file the binary is built from is newer than it.
-fn stale(bin: &Path, pkg: &str) -> bool {
-    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
-        return true;
-    };
-    let root = workspace_root();
-    let mut dirs = vec![
-        root.join("crates/dlrflow-events"),
-        root.join("crates/dlrflow-runtime"),
-        root.join(format!("crates/{pkg}")),
-    ];
-    if pkg == "dlrflow-reconcile" {
-        dirs.push(root.join("crates/dlrflow-state"));
-    }
-    let newest = dirs
-        .iter()
-        .map(|d| newest_source(d))
-        .chain([mtime(&root.join("Cargo.lock"))])
-        .max()
-        .flatten();
-    newest.is_some_and(|n| n > built)
-}
-
-fn mtime(p: &Path) -> Option<SystemTime> {
-    p.metadata().and_then(|m| m.modified()).ok()
-}
-
-/// The newest modification time of the files that go into a crate's binary:
-/// `Cargo.toml`, `src/**`, `migrations/**` (tests, benches and fuzz excluded).
-fn newest_source(krate: &Path) -> Option<SystemTime> {
-    fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, newest);
-            } else if let Some(t) = mtime(&p) {
-                *newest = (*newest).max(Some(t));
-            }
-        }
-    }
-    let mut newest = mtime(&krate.join("Cargo.toml"));
-    walk(&krate.join("src"), &mut newest);
-    walk(&krate.join("migrations"), &mut newest);
-    newest
 }
 
 use dlrflow_testkit::kill_with_this_process as watchdog;
