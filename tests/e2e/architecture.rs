@@ -80,6 +80,24 @@ fn the_simulator_shares_no_code_with_the_system_under_test() {
 }
 
 #[test]
+fn no_service_links_the_test_kit() {
+    let (_, deps) = workspace();
+    let linking: Vec<_> = deps
+        .iter()
+        .filter(|(name, d)| *name != "dlrflow-e2e" && d.iter().any(|x| x == "dlrflow-testkit"))
+        .map(|(name, _)| name.clone())
+        .collect();
+    assert!(
+        linking.is_empty(),
+        "dlrflow-testkit must stay a dev-dependency, but is a normal one of {linking:?}"
+    );
+    assert!(
+        deps.contains_key("dlrflow-testkit"),
+        "the test kit is a workspace member"
+    );
+}
+
+#[test]
 fn layers_point_one_way() {
     let (_, deps) = workspace();
     let dlrflow = |c: &str| -> Vec<String> {
