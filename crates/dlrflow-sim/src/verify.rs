@@ -257,6 +257,8 @@ async fn fetch(
     let url = format!("{base}/v1/messages/{id}");
     let mut message: Option<Value> = None;
     let mut after: Option<String> = None;
+    // A key over its rate is told to wait; ten waits in a row is a failure.
+    let mut limited = 0;
     loop {
         let mut req = client
             .get(&url)
@@ -271,7 +273,8 @@ async fn fetch(
         let page: Value = match resp.status().as_u16() {
             404 => return Ok(None),
             // Over the key's rate: wait as told (at most 5 s) and ask again.
-            429 => {
+            429 if limited < 10 => {
+                limited += 1;
                 let wait = resp
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
@@ -288,6 +291,7 @@ async fn fetch(
                 .map_err(|e| format!("GET {url}: bad JSON: {e}"))?,
             code => return Err(format!("GET {url}: HTTP {code}")),
         };
+        limited = 0;
         after = page["next_after"].as_str().map(str::to_owned);
         match &mut message {
             None => message = Some(page),
