@@ -14,6 +14,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 DURATION=${1:-10}
 PORT=${DLRFLOW_BENCH_PORT:-18080}
+ADMIN_PORT=${DLRFLOW_BENCH_ADMIN_PORT:-18081}
 OUT=reports/ingest-bench.md
 mkdir -p reports .stack
 
@@ -51,11 +52,11 @@ LUA
 
 rows=()
 for linger in 0 5; do
-  DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_KAFKA__BROKERS=127.0.0.1:$KPORT DLRFLOW_KAFKA__RAW_TOPIC=$TOPIC DLRFLOW_KAFKA__LINGER_MS=$linger \
+  DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$ADMIN_PORT DLRFLOW_KAFKA__BROKERS=127.0.0.1:$KPORT DLRFLOW_KAFKA__RAW_TOPIC=$TOPIC DLRFLOW_KAFKA__LINGER_MS=$linger \
   DLRFLOW_SOURCES='[{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{username="bench",password="bench-password"}]}]' \
   RUST_LOG=warn "$BIN" serve >.stack/bench-ingest.log 2>&1 &
   pid=$!
-  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null && break; sleep 0.1; done
   for c in 1 10 50 200; do
     threads=2; [ "$c" -lt 2 ] && threads=1
     line=$(wrk -t"$threads" -c"$c" -d"${DURATION}s" --latency -s "$LUA" "http://127.0.0.1:$PORT/lisoloo/webhook" | grep '^RESULT')

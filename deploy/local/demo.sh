@@ -7,7 +7,9 @@
 # services it started (the stack stays up: `deploy/local/stack.sh down`).
 #
 # Knobs (environment): DLRFLOW_DEMO_MESSAGES (200), DLRFLOW_DEMO_RECIPIENTS (5),
-# DLRFLOW_DEMO_{INGEST,STATE,RECONCILE,STATUS}_PORT (8080, 8081, 8082, 8090),
+# DLRFLOW_DEMO_{INGEST,STATE,STATUS}_PORT (8080, 8081, 8090), the admin
+# listeners (/healthz, /readyz, /metrics) DLRFLOW_DEMO_{INGEST,STATE,RECONCILE}_ADMIN_PORT
+# (9080, 9081, 9082),
 # DLRFLOW_KAFKA_PORT (9092), DLRFLOW_STACK_DIR (<repo>/.stack).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -17,7 +19,9 @@ KAFKA_PORT=${DLRFLOW_KAFKA_PORT:-9092}
 BROKERS=127.0.0.1:$KAFKA_PORT
 INGEST_PORT=${DLRFLOW_DEMO_INGEST_PORT:-8080}
 STATE_PORT=${DLRFLOW_DEMO_STATE_PORT:-8081}
-RECONCILE_PORT=${DLRFLOW_DEMO_RECONCILE_PORT:-8082}
+INGEST_ADMIN_PORT=${DLRFLOW_DEMO_INGEST_ADMIN_PORT:-9080}
+STATE_ADMIN_PORT=${DLRFLOW_DEMO_STATE_ADMIN_PORT:-9081}
+RECONCILE_ADMIN_PORT=${DLRFLOW_DEMO_RECONCILE_ADMIN_PORT:-9082}
 STATUS_PORT=${DLRFLOW_DEMO_STATUS_PORT:-8090}
 MESSAGES=${DLRFLOW_DEMO_MESSAGES:-200}
 RECIPIENTS=${DLRFLOW_DEMO_RECIPIENTS:-5}
@@ -58,10 +62,10 @@ for t in "$RAW" "$DLQ" "$DELIVERY"; do
 done
 echo "created; logs of this run in $RUN_DIR"
 
-wait_ready() { # name port log
+wait_ready() { # name admin-port log
   local i
   for i in $(seq 300); do
-    curl -fs "http://127.0.0.1:$2/readyz" >/dev/null 2>&1 && { echo "$1 ready on 127.0.0.1:$2 (log $3)"; return 0; }
+    curl -fs "http://127.0.0.1:$2/readyz" >/dev/null 2>&1 && { echo "$1 ready (admin 127.0.0.1:$2, log $3)"; return 0; }
     kill -0 "${pids[-1]}" 2>/dev/null || break
     sleep 0.2
   done
@@ -77,25 +81,26 @@ export DLRFLOW_POSTGRES__SCHEMA=$RUN
 export DLRFLOW_KAFKA__RAW_TOPIC=$RAW
 export DLRFLOW_SOURCES='[{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{username="demo",password="demo-password"}]},{name="arpoone",provider="arpoone",auth="basic",credentials=[{username="demo",password="demo-password"}]}]'
 
-DLRFLOW_HTTP__LISTEN=127.0.0.1:$INGEST_PORT "$BIN/dlrflow-ingest" serve >"$RUN_DIR/ingest.log" 2>&1 &
+DLRFLOW_HTTP__LISTEN=127.0.0.1:$INGEST_PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$INGEST_ADMIN_PORT \
+  "$BIN/dlrflow-ingest" serve >"$RUN_DIR/ingest.log" 2>&1 &
 pids+=($!)
-wait_ready ingest "$INGEST_PORT" "$RUN_DIR/ingest.log"
+wait_ready ingest "$INGEST_ADMIN_PORT" "$RUN_DIR/ingest.log"
 
 # The read API needs a key; the configuration holds only its SHA-256
 # (`dlrflow-state api-key --id demo --source '*'` makes one).
 READ_KEY=dlrk_demo-$RUN
 READ_KEY_SHA256=$(printf %s "$READ_KEY" | sha256sum | cut -d' ' -f1)
-DLRFLOW_HTTP__LISTEN=127.0.0.1:$STATE_PORT \
+DLRFLOW_HTTP__LISTEN=127.0.0.1:$STATE_PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$STATE_ADMIN_PORT \
 DLRFLOW_API__KEYS="[{id=\"demo\",sha256=\"$READ_KEY_SHA256\",sources=[\"*\"]}]" \
 DLRFLOW_KAFKA__DLQ_TOPIC=$DLQ DLRFLOW_KAFKA__DELIVERY_TOPIC=$DELIVERY DLRFLOW_KAFKA__GROUP_ID=$RUN \
 DLRFLOW_REDIS__PREFIX="dlrflow:$RUN:" \
   "$BIN/dlrflow-state" serve >"$RUN_DIR/state.log" 2>&1 &
 pids+=($!)
-wait_ready state "$STATE_PORT" "$RUN_DIR/state.log"
+wait_ready state "$STATE_ADMIN_PORT" "$RUN_DIR/state.log"
 
 # Short deadlines so the demo shows the reconciler at work within a minute;
 # the read budget is the gateway's real one (120 reads per minute).
-DLRFLOW_HTTP__LISTEN=127.0.0.1:$RECONCILE_PORT \
+DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$RECONCILE_ADMIN_PORT \
 DLRFLOW_STATUS_API__BASE_URL=http://127.0.0.1:$STATUS_PORT DLRFLOW_STATUS_API__API_KEY=$STATUS_KEY \
 DLRFLOW_REDIS__PREFIX="dlrflow:$RUN:reconcile" DLRFLOW_RECONCILE__SOURCES='["lisoloo"]' \
 DLRFLOW_RECONCILE__DEADLINE_QUEUED_SECS=5 DLRFLOW_RECONCILE__DEADLINE_PROCESSING_SECS=5 \
@@ -103,7 +108,7 @@ DLRFLOW_RECONCILE__DEADLINE_SENT_SECS=5 DLRFLOW_RECONCILE__INCOMPLETE_AFTER_SECS
 DLRFLOW_RECONCILE__SWEEP_INTERVAL_MS=1000 \
   "$BIN/dlrflow-reconcile" >"$RUN_DIR/reconcile.log" 2>&1 &
 pids+=($!)
-wait_ready reconcile "$RECONCILE_PORT" "$RUN_DIR/reconcile.log"
+wait_ready reconcile "$RECONCILE_ADMIN_PORT" "$RUN_DIR/reconcile.log"
 
 step "5. a Lisoloo sms.delivered event, posted with curl"
 MID=$(printf '%024x' "$(date +%s%N)" | tail -c 24)

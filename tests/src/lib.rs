@@ -132,6 +132,12 @@ impl Kind {
         }
     }
 
+    /// Whether the service has public routes (`http.listen`); every one
+    /// has the admin listener.
+    fn public(self) -> bool {
+        !matches!(self, Kind::Reconcile)
+    }
+
     fn args(self) -> &'static [&'static str] {
         match self {
             Kind::Ingest | Kind::State => &["serve"],
@@ -140,10 +146,13 @@ impl Kind {
     }
 }
 
-/// One service process: its command line, its port, its log file.
+/// One service process: its command line, its ports, its log file.
 struct Service {
     kind: Kind,
+    /// `http.listen` (0 for a service without public routes).
     port: u16,
+    /// `http.admin_listen`: `/healthz`, `/readyz`, `/metrics`.
+    admin_port: u16,
     env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
@@ -204,11 +213,15 @@ impl Service {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
     async fn wait_ready(&mut self, name: &str) -> anyhow::Result<()> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()?;
-        let url = format!("{}/readyz", self.url());
+        let url = format!("{}/readyz", self.admin_url());
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last;
         loop {
@@ -358,15 +371,23 @@ impl Pipeline {
     }
 
     fn add(&mut self, name: &str, kind: Kind, env: Vec<(&str, String)>) -> u16 {
-        let port = free_port();
+        let port = if kind.public() { free_port() } else { 0 };
+        let admin_port = free_port();
         let mut env: Vec<(String, String)> =
             env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-        env.push(("DLRFLOW_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
+        if kind.public() {
+            env.push(("DLRFLOW_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
+        }
+        env.push((
+            "DLRFLOW_HTTP__ADMIN_LISTEN".into(),
+            format!("127.0.0.1:{admin_port}"),
+        ));
         self.services.insert(
             name.to_owned(),
             Service {
                 kind,
                 port,
+                admin_port,
                 env,
                 log: self.logs.join(format!("{name}.log")),
                 child: None,
@@ -491,6 +512,12 @@ impl Pipeline {
     /// The read API of replica `state-i`.
     pub fn api_url(&self, i: usize) -> String {
         self.services[&format!("state-{i}")].url()
+    }
+
+    /// The admin listener of service `name` (`ingest`, `state-0`,
+    /// `reconcile`): `/healthz`, `/readyz`, `/metrics`.
+    pub fn admin_url(&self, name: &str) -> String {
+        self.services[name].admin_url()
     }
 
     /// SIGKILL `name` (it stays down until [`Pipeline::restart`]).

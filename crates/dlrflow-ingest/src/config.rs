@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULTS: &str = r#"
 [http]
 listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9080"
 body_read_timeout_ms = 4000
 retry_after_secs = 5
 shutdown_grace_ms = 10000
@@ -52,7 +53,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpConfig {
-    /// `listen` and `shutdown_grace_ms` (in-flight requests and the producer
+    /// `listen` (webhooks only), `admin_listen` and `shutdown_grace_ms` (in-flight requests and the producer
     /// flush).
     #[serde(flatten)]
     pub server: HttpSettings,
@@ -175,6 +176,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.server.validate("dlrflow-ingest", true)?;
         self.kafka.client.validate()?;
         // librdkafka prints broker addresses in its logs and errors: a
         // password in one would end up there. Credentials belong in

@@ -119,8 +119,16 @@ impl App {
         Ok(App { service, state })
     }
 
+    /// The public listener (`http.listen`).
     pub fn local_addr(&self) -> SocketAddr {
-        self.service.local_addr()
+        self.service
+            .public_addr()
+            .expect("validated: http.listen is set")
+    }
+
+    /// The admin listener (`http.admin_listen`): `/healthz`, `/readyz`, `/metrics`.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.service.admin_addr()
     }
 
     pub fn state(&self) -> AppState {

@@ -176,7 +176,11 @@ impl Producer {
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || {
             use rdkafka::producer::Producer as _;
-            dlrflow_runtime::kafka::topic_ready(kafka.client(), &topic, Duration::from_secs(1))
+            dlrflow_runtime::kafka::topic_ready(
+                kafka.client(),
+                &topic,
+                dlrflow_runtime::service::PROBE_TIMEOUT,
+            )
         })
         .await
         .map_err(|e| e.to_string())?

@@ -384,9 +384,19 @@ async fn routes_path_tokens_and_explicit_no_auth() {
 #[tokio::test]
 async fn health_and_readiness() {
     let app = spawn_app().await;
-    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let health = app
+        .client
+        .get(app.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    let ready = app
+        .client
+        .get(app.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     let body: serde_json::Value = ready.json().await.unwrap();
     // The one readiness shape of every service (dlrflow_runtime::service).
@@ -401,7 +411,7 @@ async fn health_and_readiness() {
     .await;
     let ready = missing
         .client
-        .get(missing.url("/readyz"))
+        .get(missing.admin_url("/readyz"))
         .send()
         .await
         .unwrap();
@@ -415,8 +425,32 @@ async fn health_and_readiness() {
             .starts_with("kafka: "),
         "{body}"
     );
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let metrics = app
+        .client
+        .get(app.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(metrics.status(), StatusCode::OK);
+
+    // The public port serves webhooks only: the operational routes are on
+    // the admin listener and nowhere else.
+    assert_ne!(app.addr, app.admin);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let got = app.client.get(app.url(path)).send().await.unwrap().status();
+        assert_eq!(got, StatusCode::NOT_FOUND, "{path} on the public port");
+    }
+    let webhook = app
+        .client
+        .post(app.admin_url("/lisoloo/webhook"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        webhook.status(),
+        StatusCode::NOT_FOUND,
+        "webhooks on the admin port"
+    );
 }
 
 #[tokio::test]
@@ -799,7 +833,7 @@ async fn metric_labels_take_only_configured_source_names() {
 
     let metrics = app
         .client
-        .get(app.url("/metrics"))
+        .get(app.admin_url("/metrics"))
         .send()
         .await
         .unwrap()

@@ -86,7 +86,7 @@ struct Refused {
 async fn startup_errors_never_show_secrets() {
     let base = |kafka: &str| {
         format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\n[kafka]\n{kafka}\n{}",
+            "[http]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[kafka]\n{kafka}\n{}",
             sources_toml()
         )
     };
@@ -132,7 +132,7 @@ async fn startup_errors_never_show_secrets() {
         },
         Refused {
             name: "a DLRFLOW_SOURCES list TOML cannot parse",
-            toml: "[http]\nlisten = \"127.0.0.1:0\"\n".into(),
+            toml: "[http]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n".into(),
             env: vec![(
                 "DLRFLOW_SOURCES",
                 "[{name=\"l\",provider=\"lisoloo\",auth=\"basic\",credentials=[{username=\"u\",password=\"env-s3cret\"}]".into(),
@@ -224,6 +224,7 @@ async fn logs_and_metrics_never_show_secrets() {
         r#"
 [http]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 
 [kafka]
 brokers = "{brokers}"
@@ -239,12 +240,13 @@ raw_topic = "{topic}"
     let mut child = ingest(&path, &[]).spawn().unwrap();
     let output = collect(&mut child);
     let lines = output.lines.clone();
-    let addr = dlrflow_testkit::wait_for(Duration::from_secs(30), || {
+    let (addr, admin) = dlrflow_testkit::wait_for(Duration::from_secs(30), || {
         let lines = lines.clone();
         async move {
             lines.lock().unwrap().iter().find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["message"] == "listening").then(|| v["addr"].as_str().map(str::to_owned))?
+                let addr = |k: &str| v[k].as_str().map(str::to_owned);
+                (v["message"] == "listening").then(|| Some((addr("addr")?, addr("admin")?)))?
             })
         }
     })
@@ -331,7 +333,7 @@ raw_topic = "{topic}"
         assert_eq!(got, want, "{u}");
     }
     let metrics = client
-        .get(url("/metrics"))
+        .get(format!("http://{admin}/metrics"))
         .send()
         .await
         .unwrap()

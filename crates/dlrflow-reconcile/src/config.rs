@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 pub const DEFAULTS: &str = r#"
 [http]
-listen = "127.0.0.1:8082"
+admin_listen = "127.0.0.1:9082"
 shutdown_grace_ms = 10000
 
 [status_api]
@@ -68,8 +68,8 @@ job_retention_secs = 604800
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
-    /// `/healthz`, `/readyz`, `/metrics`; the grace covers reads and writes
-    /// in flight.
+    /// `admin_listen` (`/healthz`, `/readyz`, `/metrics`; no public
+    /// listener); the grace covers reads and writes in flight.
     pub http: HttpSettings,
     pub status_api: StatusApiConfig,
     pub budget: BudgetConfig,
@@ -172,6 +172,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.validate("dlrflow-reconcile", false)?;
         let api = &self.status_api;
         if !(api.base_url.starts_with("http://") || api.base_url.starts_with("https://")) {
             return Err(ConfigError::invalid(
@@ -427,7 +428,8 @@ mod tests {
     #[test]
     fn defaults_with_a_key_and_a_source_are_valid() {
         valid().validate().unwrap();
-        assert_eq!(valid().http.listen.to_string(), "127.0.0.1:8082");
+        assert_eq!(valid().http.admin_listen.to_string(), "127.0.0.1:9082");
+        assert_eq!(valid().http.listen, None);
         assert_eq!(valid().budget.reads, 120);
         assert_eq!(valid().auth_value(), "Bearer k-123");
         // Production gateways answer over TLS.

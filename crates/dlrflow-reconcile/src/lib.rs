@@ -169,8 +169,10 @@ impl App {
         Ok(App { service, state })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.service.local_addr()
+    /// The admin listener (`http.admin_listen`): `/healthz`, `/readyz`,
+    /// `/metrics`; the reconciler has no public routes.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.service.admin_addr()
     }
 
     pub fn state(&self) -> AppState {

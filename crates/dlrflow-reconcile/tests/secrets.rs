@@ -52,7 +52,7 @@ fn reconciler(env: &[(&str, String)]) -> Command {
         .env("DLRFLOW_STATUS_API__API_KEY", API_KEY)
         .env("DLRFLOW_RECONCILE__SOURCES", format!("[\"{SOURCE}\"]"))
         .env(
-            "DLRFLOW_HTTP__LISTEN",
+            "DLRFLOW_HTTP__ADMIN_LISTEN",
             format!("127.0.0.1:{}", closed_port()),
         )
         .stdin(Stdio::null())
@@ -214,7 +214,10 @@ async fn secrets_never_appear_in_logs_errors_metrics_or_job_errors() {
     let http_port = closed_port();
     let mut env = common_env(redis.url(), pg());
     env.extend([
-        ("DLRFLOW_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
+        (
+            "DLRFLOW_HTTP__ADMIN_LISTEN",
+            format!("127.0.0.1:{http_port}"),
+        ),
         (
             "DLRFLOW_STATUS_API__BASE_URL",
             format!("http://gw:{BASE_PW}@127.0.0.1:{}", closed_port()),

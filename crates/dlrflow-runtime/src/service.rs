@@ -4,7 +4,9 @@
 //! tasks and the shutdown sequence; a service's `lib.rs` only builds its own
 //! parts and hands them over:
 //!
-//! * routes: the service's own, plus `/healthz`, `/readyz` and `/metrics`;
+//! * listeners: the public one (`http.listen`) serves the service's own
+//!   routes; the admin one (`http.admin_listen`, by default on `127.0.0.1`)
+//!   serves `/healthz`, `/readyz` and `/metrics`, never the public port;
 //! * readiness: one JSON shape everywhere (see [`Readiness`]), answered within
 //!   [`READY_TIMEOUT`] whatever the checks do, and `not ready` from the moment
 //!   shutdown begins;
@@ -137,7 +139,8 @@ impl Lifecycle {
 /// A bound service waiting for its routes, readiness and tasks.
 pub struct Service {
     name: &'static str,
-    listener: TcpListener,
+    public: Option<(SocketAddr, TcpListener)>,
+    admin: (SocketAddr, TcpListener),
     grace: Duration,
     lifecycle: Lifecycle,
     work: CancellationToken,
@@ -147,16 +150,23 @@ pub struct Service {
 
 impl Service {
     /// Installs the metrics recorder (so counts made before the first scrape
-    /// are kept) and binds `http.listen`.
+    /// are kept) and binds `http.listen` (if set) and `http.admin_listen`.
     pub async fn bind(name: &'static str, http: &HttpSettings) -> anyhow::Result<Service> {
         let _ = crate::telemetry::metrics_handle();
-        let listener = TcpListener::bind(http.listen)
-            .await
-            .with_context(|| format!("binding http.listen = {}", http.listen))?;
+        let public = match http.listen {
+            Some(addr) => Some(
+                bound(TcpListener::bind(addr).await)
+                    .with_context(|| format!("binding http.listen = {addr}"))?,
+            ),
+            None => None,
+        };
+        let admin = bound(TcpListener::bind(http.admin_listen).await)
+            .with_context(|| format!("binding http.admin_listen = {}", http.admin_listen))?;
         let work = CancellationToken::new();
         Ok(Service {
             name,
-            listener,
+            public,
+            admin,
             grace: http.shutdown_grace,
             lifecycle: Lifecycle::default(),
             tasks: Tasks::new(work.clone()),
@@ -165,10 +175,14 @@ impl Service {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+    /// The public listener's address, if the service has one.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The admin listener's address (`/healthz`, `/readyz`, `/metrics`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.0
     }
 
     pub fn lifecycle(&self) -> Lifecycle {
@@ -203,16 +217,17 @@ impl Service {
         self.producers.push(producer);
     }
 
-    /// Serves `routes` plus the operational routes, and runs the tasks, until
-    /// `shutdown` or the first task failure; then drains within the grace and
-    /// flushes the producers. Returns the first task failure.
+    /// Serves `routes` on the public listener and the operational routes on
+    /// the admin listener, and runs the tasks, until `shutdown` or the first
+    /// task failure; then drains within the grace and flushes the producers.
+    /// Returns the first task failure. A service without a public listener
+    /// serves `routes` (if any) on the admin listener.
     pub async fn run(
         mut self,
         routes: Router,
         ready: ReadyCheck,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let addr = self.local_addr();
         let link = {
             let work = self.work.clone();
             tokio::spawn(async move {
@@ -222,18 +237,46 @@ impl Service {
                 }
             })
         };
-        let router = routes.merge(ops_routes(ready, self.lifecycle.clone()));
-        {
-            let work = self.work.clone();
-            let lifecycle = self.lifecycle.clone();
-            let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
-                work.cancelled().await;
-                lifecycle.stop();
-            });
-            self.tasks
-                .spawn("http", async move { server.await.context("http server") });
+        let ops = ops_routes(ready, self.lifecycle.clone());
+        let public_addr = self.public_addr();
+        let (admin_addr, admin) = self.admin;
+        match self.public {
+            Some((_, listener)) => {
+                serve(
+                    &mut self.tasks,
+                    &self.work,
+                    &self.lifecycle,
+                    "http",
+                    listener,
+                    routes,
+                );
+                serve(
+                    &mut self.tasks,
+                    &self.work,
+                    &self.lifecycle,
+                    "admin",
+                    admin,
+                    ops,
+                );
+            }
+            None => {
+                let all = routes.merge(ops);
+                serve(
+                    &mut self.tasks,
+                    &self.work,
+                    &self.lifecycle,
+                    "admin",
+                    admin,
+                    all,
+                );
+            }
         }
-        tracing::info!(service = self.name, %addr, "listening");
+        match public_addr {
+            Some(addr) => {
+                tracing::info!(service = self.name, %addr, admin = %admin_addr, "listening")
+            }
+            None => tracing::info!(service = self.name, admin = %admin_addr, "listening"),
+        }
         let result = self.tasks.run(self.grace).await;
         self.lifecycle.stop();
         link.abort();
@@ -256,6 +299,32 @@ impl Service {
         }
         result
     }
+}
+
+/// A bound listener with its address.
+fn bound(l: std::io::Result<TcpListener>) -> std::io::Result<(SocketAddr, TcpListener)> {
+    let l = l?;
+    Ok((l.local_addr()?, l))
+}
+
+/// Serves `routes` on `listener` as the supervised task `task` until `work`
+/// is cancelled; the first moment of stopping makes `/readyz` say so.
+fn serve(
+    tasks: &mut Tasks,
+    work: &CancellationToken,
+    lifecycle: &Lifecycle,
+    task: &'static str,
+    listener: TcpListener,
+    routes: Router,
+) {
+    let (work, lifecycle) = (work.clone(), lifecycle.clone());
+    let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
+        work.cancelled().await;
+        lifecycle.stop();
+    });
+    tasks.spawn(task, async move {
+        server.await.with_context(|| format!("{task} server"))
+    });
 }
 
 /// `/healthz` (the process answers), `/readyz` (it can do its work) and
@@ -312,7 +381,8 @@ mod tests {
 
     fn http() -> HttpSettings {
         HttpSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
             shutdown_grace: Duration::from_secs(2),
         }
     }
@@ -321,7 +391,7 @@ mod tests {
     async fn readiness_has_one_shape_and_a_hanging_check_is_not_ready_in_time() {
         let shutdown = CancellationToken::new();
         let svc = Service::bind("t", &http()).await.unwrap();
-        let addr = svc.local_addr();
+        let addr = svc.admin_addr();
         let hang = Arc::new(AtomicBool::new(false));
         let check = {
             let hang = hang.clone();
@@ -382,5 +452,79 @@ mod tests {
             !shutdown.is_cancelled(),
             "the service stops itself, not its caller's token"
         );
+    }
+
+    #[tokio::test]
+    async fn operational_routes_are_only_on_the_admin_listener() {
+        let shutdown = CancellationToken::new();
+        let svc = Service::bind("t", &http()).await.unwrap();
+        let (public, admin) = (svc.public_addr().unwrap(), svc.admin_addr());
+        assert_ne!(public, admin);
+        let routes = Router::new().route(
+            "/own",
+            get(|| async { Json(serde_json::json!({"own": true})) }),
+        );
+        let ready = ready_check(|| async { Readiness::default() });
+        let run = tokio::spawn(svc.run(routes, ready, shutdown.clone()));
+        assert_eq!(get_json(public, "/own").await.0, 200);
+        assert_eq!(get_json(admin, "/readyz").await.0, 200);
+        assert_eq!(get_json(admin, "/healthz").await.0, 200);
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(status(public, path).await, 404, "{path} on the public port");
+        }
+        assert_eq!(
+            status(admin, "/own").await,
+            404,
+            "own routes on the admin port"
+        );
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+
+        // Without a public listener the service's routes go to the admin one.
+        let mut settings = http();
+        settings.listen = None;
+        let svc = Service::bind("t", &settings).await.unwrap();
+        assert_eq!(svc.public_addr(), None);
+        let admin = svc.admin_addr();
+        let routes = Router::new().route(
+            "/own",
+            get(|| async { Json(serde_json::json!({"own": true})) }),
+        );
+        let ready = ready_check(|| async { Readiness::default() });
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(svc.run(routes, ready, shutdown.clone()));
+        assert_eq!(get_json(admin, "/own").await.0, 200);
+        assert_eq!(get_json(admin, "/readyz").await.0, 200);
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn listeners_are_validated_per_service() {
+        let mut h = http();
+        h.validate("ingest", true).unwrap();
+        let e = h.validate("reconcile", false).unwrap_err().to_string();
+        assert!(
+            e.contains("http.listen") && e.contains("no public routes"),
+            "{e}"
+        );
+        h.listen = None;
+        h.validate("reconcile", false).unwrap();
+        let e = h.validate("ingest", true).unwrap_err().to_string();
+        assert!(e.contains("http.listen"), "{e}");
+        h.listen = Some("127.0.0.1:9000".parse().unwrap());
+        h.admin_listen = "127.0.0.1:9000".parse().unwrap();
+        let e = h.validate("ingest", true).unwrap_err().to_string();
+        assert!(e.contains("http.admin_listen"), "{e}");
+    }
+
+    async fn status(addr: SocketAddr, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out[9..12].parse().unwrap()
     }
 }

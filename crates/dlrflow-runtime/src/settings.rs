@@ -92,14 +92,49 @@ pub mod secs {
     }
 }
 
-/// `[http]`: the service's listener.
+/// `[http]`: the service's listeners.
+///
+/// Every service has an admin listener (`/healthz`, `/readyz`, `/metrics`)
+/// of its own, by default on `127.0.0.1`, so that the operational routes are
+/// never on the public port. The public listener serves the service's own
+/// routes (the ingest's webhooks, the state's read API); a service without
+/// public routes (the reconciler) has none.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HttpSettings {
-    /// Address of the service's routes, `/healthz`, `/readyz` and `/metrics`.
-    pub listen: SocketAddr,
+    /// Address of the service's public routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub admin_listen: SocketAddr,
     /// How long shutdown waits for in-flight requests and background work.
     #[serde(rename = "shutdown_grace_ms", with = "ms")]
     pub shutdown_grace: Duration,
+}
+
+impl HttpSettings {
+    /// `public`: whether the service has public routes (then `listen` must
+    /// be set) or not (then it must not be: nothing would answer there).
+    pub fn validate(&self, service: &str, public: bool) -> Result<(), ConfigError> {
+        match (public, self.listen) {
+            (true, None) => Err(ConfigError::invalid(
+                "http.listen",
+                format!("{service} needs the address of its public routes"),
+            )),
+            (false, Some(_)) => Err(ConfigError::invalid(
+                "http.listen",
+                format!(
+                    "{service} has no public routes; its /healthz, /readyz and /metrics are on http.admin_listen"
+                ),
+            )),
+            (true, Some(listen)) if listen == self.admin_listen && listen.port() != 0 => {
+                Err(ConfigError::invalid(
+                    "http.admin_listen",
+                    "must differ from http.listen: the operational routes have a listener of their own",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `[postgres]`.
@@ -302,8 +337,10 @@ mod tests {
 
     #[test]
     fn durations_keep_their_unit_in_the_key() {
-        let http: HttpSettings =
-            serde_json::from_str(r#"{"listen":"127.0.0.1:1","shutdown_grace_ms":1500}"#).unwrap();
+        let http: HttpSettings = serde_json::from_str(
+            r#"{"listen":"127.0.0.1:1","admin_listen":"127.0.0.1:2","shutdown_grace_ms":1500}"#,
+        )
+        .unwrap();
         assert_eq!(http.shutdown_grace, Duration::from_millis(1500));
         let back = serde_json::to_value(&http).unwrap();
         assert_eq!(back["shutdown_grace_ms"], 1500);

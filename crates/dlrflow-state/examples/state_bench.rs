@@ -74,7 +74,8 @@ async fn run(
     let produce_secs = started.elapsed().as_secs_f64();
 
     let mut cfg = Config::defaults();
-    cfg.http.listen = "127.0.0.1:0".parse()?;
+    cfg.http.listen = Some("127.0.0.1:0".parse()?);
+    cfg.http.admin_listen = "127.0.0.1:0".parse()?;
     cfg.kafka.client.brokers = brokers.to_owned();
     cfg.kafka.raw_topic = raw;
     cfg.kafka.dlq_topic = format!("{id}.dlq");

@@ -15,6 +15,7 @@ pub use crate::access::{ApiConfig, ApiKeyConfig};
 pub const DEFAULTS: &str = r#"
 [http]
 listen = "127.0.0.1:8081"
+admin_listen = "127.0.0.1:9081"
 shutdown_grace_ms = 10000
 
 [kafka]
@@ -158,6 +159,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http.validate("dlrflow-state", true)?;
         self.kafka.client.validate()?;
         // The consumer and the outbox relay each hold a connection.
         self.postgres.validate(2)?;

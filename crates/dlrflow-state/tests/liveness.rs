@@ -186,7 +186,7 @@ async fn odd_records_end_in_state_or_dlq_and_never_hold_back_the_rest() {
         .await
         .unwrap();
     assert_expected(&pool, &scenario).await;
-    let (code, body) = readyz(app.addr).await;
+    let (code, body) = readyz(app.admin).await;
     assert_eq!(code, 200, "{body}");
 
     // `replay` resolves the reference to the raw record's exact bytes.
@@ -255,12 +255,12 @@ async fn redis_down_degrades_dedupe_but_state_keeps_moving() {
     )
     .await;
     let degraded = wait_for(Duration::from_secs(20), || async {
-        let (code, body) = readyz(app.addr).await;
+        let (code, body) = readyz(app.admin).await;
         (code == 200 && body["degraded"].as_array().is_some_and(|d| !d.is_empty())).then_some(body)
     })
     .await;
     assert!(degraded.is_some(), "ready, and saying it is degraded");
-    let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
+    let metrics = reqwest::get(format!("http://{}/metrics", app.admin))
         .await
         .unwrap()
         .text()
@@ -281,7 +281,7 @@ async fn redis_down_degrades_dedupe_but_state_keeps_moving() {
     )
     .await;
     let restored = wait_for(Duration::from_secs(30), || async {
-        let (code, body) = readyz(app.addr).await;
+        let (code, body) = readyz(app.admin).await;
         (code == 200 && body["degraded"].as_array().is_some_and(|d| d.is_empty())).then_some(())
     })
     .await;

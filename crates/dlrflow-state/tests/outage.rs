@@ -72,7 +72,7 @@ async fn postgres_unavailable_for_a_while_loses_nothing_and_catches_up() {
     // The consumer is failing and backing off: observe the failures on
     // /metrics rather than sleeping.
     let http = reqwest::Client::new();
-    let metrics_url = format!("http://{}/metrics", app.addr);
+    let metrics_url = format!("http://{}/metrics", app.admin);
     let failing = dlrflow_testkit::wait_for(T, || {
         let http = http.clone();
         let url = metrics_url.clone();
@@ -90,7 +90,7 @@ async fn postgres_unavailable_for_a_while_loses_nothing_and_catches_up() {
         first.len() as i64
     );
     let ready = http
-        .get(format!("http://{}/readyz", app.addr))
+        .get(format!("http://{}/readyz", app.admin))
         .send()
         .await
         .unwrap();

@@ -84,10 +84,27 @@ async fn out_of_order_and_duplicated_events_converge() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
-    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    let admin = format!("http://{}", app.admin);
+    let ready = http.get(format!("{admin}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    // The read API's port has no operational routes; the admin port no API.
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        let code = http
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(code, 404, "{path} on the read API's port");
+    }
+    let api_on_admin = http
+        .get(format!("{admin}/v1/messages/{mid}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api_on_admin.status(), 404, "the read API on the admin port");
     let metrics = http
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await
         .unwrap()

@@ -19,7 +19,10 @@ pub const PASS_NEW: &str = "rotated-secret";
 pub const ARPOONE_TOKEN: &str = "tok_0123456789abcdef";
 
 pub struct TestApp {
+    /// The public listener: webhooks only.
     pub addr: SocketAddr,
+    /// The admin listener: `/healthz`, `/readyz`, `/metrics`.
+    pub admin: SocketAddr,
     pub topic: String,
     pub brokers: String,
     pub client: reqwest::Client,
@@ -30,6 +33,11 @@ pub struct TestApp {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
     }
 
     pub async fn records(&self, expected: usize) -> Vec<Record> {
@@ -107,7 +115,8 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
 pub fn config(brokers: &str, topic: &str) -> Config {
     let mut cfg: Config =
         dlrflow_runtime::config::load(dlrflow_ingest::config::DEFAULTS, None).unwrap();
-    cfg.http.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.http.server.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.http.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     cfg.http.server.shutdown_grace = Duration::from_secs(5);
     cfg.kafka.client.brokers = brokers.into();
     cfg.kafka.raw_topic = topic.into();
@@ -131,10 +140,12 @@ pub async fn spawn_with(cfg: Config) -> TestApp {
     let topic = cfg.kafka.raw_topic.clone();
     let app = App::build(cfg).await.expect("building the app");
     let addr = app.local_addr();
+    let admin = app.admin_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));
     TestApp {
         addr,
+        admin,
         topic,
         brokers,
         client: reqwest::Client::new(),

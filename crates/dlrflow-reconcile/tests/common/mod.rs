@@ -325,7 +325,7 @@ pub fn webhook(
 /// A configuration for tests: fast sweeps, everything local and unique.
 pub fn test_config(server: &StatusServer, db: &TestDb) -> Config {
     let mut c = Config::defaults();
-    c.http.listen = "127.0.0.1:0".parse().unwrap();
+    c.http.admin_listen = "127.0.0.1:0".parse().unwrap();
     c.http.shutdown_grace = Duration::from_secs(5);
     c.status_api.base_url = server.url();
     c.status_api.api_key = Secret::new(API_KEY);
@@ -369,7 +369,7 @@ impl Running {
 pub async fn spawn(cfg: Config) -> Running {
     dlrflow_runtime::telemetry::init_test_logs();
     let app = App::build(cfg).await.unwrap();
-    let addr = app.local_addr();
+    let addr = app.admin_addr();
     let state = app.state();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));

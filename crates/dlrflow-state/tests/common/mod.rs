@@ -74,7 +74,8 @@ impl Env {
 
     pub fn config(&self) -> Config {
         let mut cfg = Config::defaults();
-        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.http.listen = Some("127.0.0.1:0".parse().unwrap());
+        cfg.http.admin_listen = "127.0.0.1:0".parse().unwrap();
         cfg.http.shutdown_grace = Duration::from_secs(5);
         cfg.kafka.client.brokers = self.brokers.clone();
         cfg.kafka.raw_topic = self.raw.clone();
@@ -95,6 +96,7 @@ impl Env {
     pub fn env_vars(&self) -> Vec<(String, String)> {
         [
             ("DLRFLOW_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+            ("DLRFLOW_HTTP__ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
             ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
             ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw.clone()),
             ("DLRFLOW_KAFKA__DLQ_TOPIC", self.dlq.clone()),
@@ -157,7 +159,10 @@ impl Env {
 }
 
 pub struct Running {
+    /// The read API (public listener).
     pub addr: SocketAddr,
+    /// `/healthz`, `/readyz`, `/metrics` (admin listener).
+    pub admin: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
 }
@@ -176,10 +181,12 @@ impl Running {
 pub async fn spawn_app(cfg: Config) -> Running {
     let app = dlrflow_state::App::build(cfg).await.unwrap();
     let addr = app.local_addr();
+    let admin = app.admin_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));
     Running {
         addr,
+        admin,
         shutdown,
         task,
     }
