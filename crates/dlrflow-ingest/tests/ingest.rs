@@ -869,3 +869,63 @@ async fn metric_labels_take_only_configured_source_names() {
         );
     }
 }
+
+#[tokio::test]
+async fn webhooks_over_tls_are_accepted_on_http1_and_http2() {
+    use dlrflow_testkit::tls::TestCa;
+    let brokers = dlrflow_testkit::test_brokers();
+    let topic = dlrflow_testkit::unique_name("ingest-tls");
+    dlrflow_testkit::create_topic(&brokers, &topic, 3)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("ingest");
+    let files = ca.issue().write(dir.path());
+    let mut cfg = config(&brokers, &topic);
+    cfg.http.server.tls = Some(
+        serde_json::from_value(serde_json::json!({
+            "cert_file": files.cert,
+            "key_file": files.key,
+        }))
+        .unwrap(),
+    );
+    let app = spawn_with(cfg).await;
+    let url = format!("https://localhost:{}/lisoloo/webhook", app.addr.port());
+    for http1_only in [false, true] {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap(),
+            );
+        if http1_only {
+            b = b.http1_only();
+        }
+        let client = b.build().unwrap();
+        let r = client
+            .post(&url)
+            .header("Authorization", basic(USER, PASS))
+            .body(lisoloo_event(&message_id()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        let want = if http1_only {
+            reqwest::Version::HTTP_11
+        } else {
+            reqwest::Version::HTTP_2
+        };
+        assert_eq!(r.version(), want);
+    }
+    // Plain HTTP on the TLS port gets no answer, and writes nothing.
+    let plain = app
+        .client
+        .post(app.url("/lisoloo/webhook"))
+        .header("Authorization", basic(USER, PASS))
+        .body(lisoloo_event(&message_id()))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != StatusCode::NO_CONTENT);
+    assert_eq!(app.records(2).await.len(), 2);
+    app.stop().await.unwrap();
+}

@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod config;
 pub mod kafka;
+pub mod listener;
 pub mod redact;
 pub mod service;
 pub mod settings;

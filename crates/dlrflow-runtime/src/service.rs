@@ -33,6 +33,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::listener::{Serving, TlsReloader};
 use crate::settings::HttpSettings;
 use crate::supervise::Tasks;
 
@@ -141,6 +142,8 @@ pub struct Service {
     name: &'static str,
     public: Option<(SocketAddr, TcpListener)>,
     admin: (SocketAddr, TcpListener),
+    public_serving: Serving,
+    admin_serving: Serving,
     grace: Duration,
     lifecycle: Lifecycle,
     work: CancellationToken,
@@ -162,11 +165,25 @@ impl Service {
         };
         let admin = bound(TcpListener::bind(http.admin_listen).await)
             .with_context(|| format!("binding http.admin_listen = {}", http.admin_listen))?;
+        let tls = match &http.tls {
+            Some(tls) => Some(TlsReloader::load(tls.clone(), "http.tls")?),
+            None => None,
+        };
+        let serving = |name, tls| Serving {
+            name,
+            max_connections: http.max_connections,
+            header_read_timeout: http.header_read_timeout,
+            max_header_bytes: http.max_header_bytes,
+            idle_timeout: http.idle_timeout,
+            tls,
+        };
         let work = CancellationToken::new();
         Ok(Service {
             name,
             public,
             admin,
+            public_serving: serving("public", tls),
+            admin_serving: serving("admin", None),
             grace: http.shutdown_grace,
             lifecycle: Lifecycle::default(),
             tasks: Tasks::new(work.clone()),
@@ -230,13 +247,20 @@ impl Service {
     ) -> anyhow::Result<()> {
         let link = {
             let work = self.work.clone();
+            let lifecycle = self.lifecycle.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     () = shutdown.cancelled() => work.cancel(),
                     () = work.cancelled() => {}
                 }
+                // From the first moment of stopping, `/readyz` says so.
+                lifecycle.stop();
             })
         };
+        if let Some(tls) = self.public_serving.tls.clone() {
+            let work = self.work.clone();
+            self.tasks.spawn("tls reload", tls.watch(work));
+        }
         let ops = ops_routes(ready, self.lifecycle.clone());
         let public_addr = self.public_addr();
         let (admin_addr, admin) = self.admin;
@@ -245,30 +269,15 @@ impl Service {
                 serve(
                     &mut self.tasks,
                     &self.work,
-                    &self.lifecycle,
-                    "http",
                     listener,
                     routes,
+                    self.public_serving,
                 );
-                serve(
-                    &mut self.tasks,
-                    &self.work,
-                    &self.lifecycle,
-                    "admin",
-                    admin,
-                    ops,
-                );
+                serve(&mut self.tasks, &self.work, admin, ops, self.admin_serving);
             }
             None => {
                 let all = routes.merge(ops);
-                serve(
-                    &mut self.tasks,
-                    &self.work,
-                    &self.lifecycle,
-                    "admin",
-                    admin,
-                    all,
-                );
+                serve(&mut self.tasks, &self.work, admin, all, self.admin_serving);
             }
         }
         match public_addr {
@@ -307,23 +316,21 @@ fn bound(l: std::io::Result<TcpListener>) -> std::io::Result<(SocketAddr, TcpLis
     Ok((l.local_addr()?, l))
 }
 
-/// Serves `routes` on `listener` as the supervised task `task` until `work`
-/// is cancelled; the first moment of stopping makes `/readyz` say so.
+/// Serves `routes` on `listener` as a supervised task until `work` is
+/// cancelled.
 fn serve(
     tasks: &mut Tasks,
     work: &CancellationToken,
-    lifecycle: &Lifecycle,
-    task: &'static str,
     listener: TcpListener,
     routes: Router,
+    serving: Serving,
 ) {
-    let (work, lifecycle) = (work.clone(), lifecycle.clone());
-    let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
-        work.cancelled().await;
-        lifecycle.stop();
-    });
+    let task = serving.name;
+    let work = work.clone();
     tasks.spawn(task, async move {
-        server.await.with_context(|| format!("{task} server"))
+        crate::listener::serve(listener, routes, serving, work)
+            .await
+            .with_context(|| format!("{task} listener"))
     });
 }
 
@@ -380,11 +387,12 @@ mod tests {
     }
 
     fn http() -> HttpSettings {
-        HttpSettings {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            shutdown_grace: Duration::from_secs(2),
-        }
+        serde_json::from_value(serde_json::json!({
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "shutdown_grace_ms": 2000,
+        }))
+        .unwrap()
     }
 
     #[tokio::test]

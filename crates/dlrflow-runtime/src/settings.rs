@@ -109,6 +109,53 @@ pub struct HttpSettings {
     /// How long shutdown waits for in-flight requests and background work.
     #[serde(rename = "shutdown_grace_ms", with = "ms")]
     pub shutdown_grace: Duration,
+    /// Open connections per listener; one more is answered 503 (see
+    /// [`crate::listener`]).
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// A request head (and a TLS handshake) must arrive within this; it also
+    /// ends an idle HTTP/1.1 keep-alive connection.
+    #[serde(
+        rename = "header_read_timeout_ms",
+        with = "ms",
+        default = "defaults::header_read_timeout"
+    )]
+    pub header_read_timeout: Duration,
+    /// A larger request head gets 431.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// A connection without a request in flight for this long is closed.
+    #[serde(
+        rename = "idle_timeout_ms",
+        with = "ms",
+        default = "defaults::idle_timeout"
+    )]
+    pub idle_timeout: Duration,
+    /// HTTPS on the public listener; unset, plain HTTP (behind a proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::listener::TlsSettings>,
+}
+
+/// The defaults of the settings every listener shares, the same in every
+/// service (so they are not repeated in each service's `DEFAULTS`).
+mod defaults {
+    use std::time::Duration;
+
+    pub fn max_connections() -> usize {
+        4096
+    }
+
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    pub fn max_header_bytes() -> usize {
+        16 * 1024
+    }
+
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
 }
 
 impl HttpSettings {
@@ -125,6 +172,26 @@ impl HttpSettings {
                 format!(
                     "{service} has no public routes; its /healthz, /readyz and /metrics are on http.admin_listen"
                 ),
+            )),
+            (false, None) if self.tls.is_some() => Err(ConfigError::invalid(
+                "http.tls",
+                format!("{service} has no public listener to serve TLS on"),
+            )),
+            _ if self.max_connections == 0 => Err(ConfigError::invalid(
+                "http.max_connections",
+                "must be at least 1",
+            )),
+            _ if self.header_read_timeout.is_zero() => Err(ConfigError::invalid(
+                "http.header_read_timeout_ms",
+                "must be above 0",
+            )),
+            _ if self.idle_timeout.is_zero() => Err(ConfigError::invalid(
+                "http.idle_timeout_ms",
+                "must be above 0",
+            )),
+            _ if self.max_header_bytes < 8192 => Err(ConfigError::invalid(
+                "http.max_header_bytes",
+                "must be at least 8192 (HTTP/1.1's smallest head buffer)",
             )),
             (true, Some(listen)) if listen == self.admin_listen && listen.port() != 0 => {
                 Err(ConfigError::invalid(

@@ -9,6 +9,7 @@ mod kafka;
 mod postgres;
 mod redis;
 pub mod scenario;
+pub mod tls;
 mod wait;
 
 pub use broker::{index_tansu_headers, tansu_binary, tansu_command, PrivateBroker};
