@@ -2,7 +2,7 @@
 //! `DLRFLOW_…` environment variables override them (see `dlrflow_runtime::config`).
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dlrflow_runtime::config::{self, ConfigError};
@@ -10,6 +10,7 @@ pub use dlrflow_runtime::kafka::is_secret_setting;
 use dlrflow_runtime::kafka::KafkaConfig;
 use dlrflow_runtime::settings::{ms, HttpSettings};
 use dlrflow_runtime::{ExposeSecret, Secret};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULTS: &str = r#"
@@ -45,10 +46,26 @@ pub const MAX_SOURCE_NAME_LEN: usize = 64;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
+    /// A TOML file of `[[sources]]`, read at start and again on SIGHUP or
+    /// when it changes (see [`crate::sources`]); set either this or
+    /// `sources`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources_file: Option<PathBuf>,
+    /// How often `sources_file` is checked for a change.
+    #[serde(
+        rename = "sources_check_ms",
+        with = "ms",
+        default = "default_sources_check"
+    )]
+    pub sources_check: Duration,
     pub http: HttpConfig,
     pub kafka: IngestKafkaConfig,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+}
+
+fn default_sources_check() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -68,6 +85,10 @@ pub struct HttpConfig {
     pub body_read_timeout: Duration,
     /// The `Retry-After` value on every 503.
     pub retry_after_secs: u64,
+    /// Proxies (CIDR) whose `X-Forwarded-For` is believed when a source has
+    /// an `allow_from` list; empty (the default), the peer address counts.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -141,6 +162,23 @@ pub struct SourceConfig {
     /// Active path tokens (`auth = "path_token"`).
     #[serde(default)]
     pub path_tokens: Vec<Secret>,
+    /// Addresses (CIDR) the source's requests may come from; empty (the
+    /// default), any. Others get 403.
+    #[serde(default)]
+    pub allow_from: Vec<IpNet>,
+}
+
+impl SourceConfig {
+    /// Makes the source's passwords and tokens invisible in what the
+    /// process prints from now on.
+    pub fn register_secrets(&self) {
+        for c in &self.credentials {
+            dlrflow_runtime::redact::register(c.password.expose_secret());
+        }
+        for t in &self.path_tokens {
+            dlrflow_runtime::redact::register(t.expose_secret());
+        }
+    }
 }
 
 impl Config {
@@ -166,12 +204,7 @@ impl Config {
     pub fn register_secrets(&self) {
         self.kafka.client.register_secrets();
         for s in &self.sources {
-            for c in &s.credentials {
-                dlrflow_runtime::redact::register(c.password.expose_secret());
-            }
-            for t in &s.path_tokens {
-                dlrflow_runtime::redact::register(t.expose_secret());
-            }
+            s.register_secrets();
         }
     }
 
@@ -219,76 +252,91 @@ impl Config {
                 "must be at least 1024",
             ));
         }
-        if self.sources.is_empty() {
+        match (&self.sources_file, self.sources.is_empty()) {
+            (Some(_), false) => Err(ConfigError::invalid(
+                "sources_file",
+                "set either [[sources]] or sources_file, not both",
+            )),
+            (Some(_), true) if self.sources_check.is_zero() => {
+                Err(ConfigError::invalid("sources_check_ms", "must be above 0"))
+            }
+            // Read and validated when the service starts (crate::sources).
+            (Some(_), true) => Ok(()),
+            (None, _) => validate_sources(&self.sources),
+        }
+    }
+}
+
+/// The checks every set of sources passes, from the configuration or from
+/// `sources_file`; errors name `sources[i].field`.
+pub fn validate_sources(sources: &[SourceConfig]) -> Result<(), ConfigError> {
+    if sources.is_empty() {
+        return Err(ConfigError::invalid(
+            "sources",
+            "no source configured; add at least one [[sources]] entry",
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, s) in sources.iter().enumerate() {
+        let at = |field: &str| format!("sources[{i}].{field}");
+        let valid_name = !s.name.is_empty()
+            && s.name.len() <= MAX_SOURCE_NAME_LEN
+            && s.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid_name {
             return Err(ConfigError::invalid(
-                "sources",
-                "no source configured; add at least one [[sources]] entry",
+                at("name"),
+                format!("use 1 to {MAX_SOURCE_NAME_LEN} lower-case letters, digits, '-' and '_'"),
             ));
         }
-        let mut names = HashSet::new();
-        for (i, s) in self.sources.iter().enumerate() {
-            let at = |field: &str| format!("sources[{i}].{field}");
-            let valid_name = !s.name.is_empty()
-                && s.name.len() <= MAX_SOURCE_NAME_LEN
-                && s.name.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-                });
-            if !valid_name {
-                return Err(ConfigError::invalid(
-                    at("name"),
-                    format!(
-                        "use 1 to {MAX_SOURCE_NAME_LEN} lower-case letters, digits, '-' and '_'"
-                    ),
-                ));
-            }
-            if !names.insert(s.name.as_str()) {
-                return Err(ConfigError::invalid(
-                    at("name"),
-                    format!("duplicate source `{}`", s.name),
-                ));
-            }
-            match s.auth {
-                None => {
-                    return Err(ConfigError::invalid(
-                        at("auth"),
-                        "required: \"basic\", \"path_token\" or \"none\" (no authentication is never a default)",
-                    ))
-                }
-                Some(AuthMode::Basic) => {
-                    if s.credentials.is_empty() {
-                        return Err(ConfigError::invalid(at("credentials"), "auth = \"basic\" needs at least one credential"));
-                    }
-                    for (j, c) in s.credentials.iter().enumerate() {
-                        if c.username.contains(':') {
-                            return Err(ConfigError::invalid(
-                                format!("sources[{i}].credentials[{j}].username"),
-                                "must not contain ':' (RFC 7617)",
-                            ));
-                        }
-                        if c.password.expose_secret().is_empty() {
-                            return Err(ConfigError::invalid(
-                                format!("sources[{i}].credentials[{j}].password"),
-                                "must not be empty",
-                            ));
-                        }
-                    }
-                }
-                Some(AuthMode::PathToken) => {
-                    if s.provider != Provider::Arpoone {
-                        return Err(ConfigError::invalid(at("auth"), "path_token is for Arpoone sources only"));
-                    }
-                    if s.path_tokens.is_empty() {
-                        return Err(ConfigError::invalid(at("path_tokens"), "auth = \"path_token\" needs at least one token"));
-                    }
-                    if s.path_tokens.iter().any(|t| t.expose_secret().len() < 16) {
-                        return Err(ConfigError::invalid(at("path_tokens"), "each token needs at least 16 characters"));
-                    }
-                }
-                Some(AuthMode::None) => {}
-            }
+        if !names.insert(s.name.as_str()) {
+            return Err(ConfigError::invalid(
+                at("name"),
+                format!("duplicate source `{}`", s.name),
+            ));
         }
-        Ok(())
+        match s.auth {
+            None => {
+                return Err(ConfigError::invalid(
+                    at("auth"),
+                    "required: \"basic\", \"path_token\" or \"none\" (no authentication is never a default)",
+                ))
+            }
+            Some(AuthMode::Basic) => {
+                if s.credentials.is_empty() {
+                    return Err(ConfigError::invalid(at("credentials"), "auth = \"basic\" needs at least one credential"));
+                }
+                for (j, c) in s.credentials.iter().enumerate() {
+                    if c.username.contains(':') {
+                        return Err(ConfigError::invalid(
+                            format!("sources[{i}].credentials[{j}].username"),
+                            "must not contain ':' (RFC 7617)",
+                        ));
+                    }
+                    if c.password.expose_secret().is_empty() {
+                        return Err(ConfigError::invalid(
+                            format!("sources[{i}].credentials[{j}].password"),
+                            "must not be empty",
+                        ));
+                    }
+                }
+            }
+            Some(AuthMode::PathToken) => {
+                if s.provider != Provider::Arpoone {
+                    return Err(ConfigError::invalid(at("auth"), "path_token is for Arpoone sources only"));
+                }
+                if s.path_tokens.is_empty() {
+                    return Err(ConfigError::invalid(at("path_tokens"), "auth = \"path_token\" needs at least one token"));
+                }
+                if s.path_tokens.iter().any(|t| t.expose_secret().len() < 16) {
+                    return Err(ConfigError::invalid(at("path_tokens"), "each token needs at least 16 characters"));
+                }
+            }
+            Some(AuthMode::None) => {}
+        }
     }
+    Ok(())
 }
 
 impl IngestKafkaConfig {

@@ -11,6 +11,9 @@ pub enum ApiError {
     UnknownRoute,
     #[error("missing or wrong credentials")]
     Unauthorized { realm: String },
+    /// The request's address is not in the source's `allow_from`.
+    #[error("not allowed from this address")]
+    Forbidden,
     /// Not JSON, or not the provider's outer shape (400: never resend).
     #[error("{0}")]
     BadBody(String),
@@ -29,6 +32,7 @@ impl ApiError {
         match self {
             ApiError::UnknownRoute => "unknown_route",
             ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::Forbidden => "forbidden",
             ApiError::BadBody(_) => "bad_body",
             ApiError::TooLarge { .. } => "too_large",
             ApiError::Unavailable(_) => "unavailable",
@@ -39,6 +43,7 @@ impl ApiError {
         match self {
             ApiError::UnknownRoute => StatusCode::NOT_FOUND,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -13,18 +13,18 @@ pub mod auth;
 pub mod config;
 mod error;
 mod produce;
+pub mod sources;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use dlrflow_runtime::service::{ready_check, Lifecycle, Readiness, Service};
 use http_body_util::BodyExt;
 use rdkafka::producer::FutureProducer;
@@ -34,6 +34,7 @@ use crate::config::{AuthMode, Provider, SourceConfig};
 pub use crate::config::{Config, RECORD_HEADROOM};
 pub use crate::error::ApiError;
 use crate::produce::{OutRecord, Producer as RawProducer};
+use crate::sources::{SourceMap, Sources};
 
 /// The longest `message_id` used as the record key. A longer one (which the
 /// consumer dead-letters anyway) would only take room from the record's own
@@ -57,7 +58,7 @@ pub struct AppState {
 }
 
 struct Inner {
-    sources: HashMap<String, SourceConfig>,
+    sources: Sources,
     producer: RawProducer,
     http: config::HttpConfig,
     /// The largest body read (`http.body_limit_bytes`, default the record limit).
@@ -76,9 +77,13 @@ pub struct App {
 impl App {
     /// Creates the producer and binds the listener. The broker need not be
     /// reachable yet: `/readyz` says whether it is.
-    pub async fn build(cfg: Config) -> anyhow::Result<App> {
+    pub async fn build(mut cfg: Config) -> anyhow::Result<App> {
         cfg.register_secrets();
         cfg.validate()?;
+        if let Some(path) = &cfg.sources_file {
+            cfg.sources = sources::load_file(path)?;
+            cfg.register_secrets();
+        }
         let mut service = Service::bind("dlrflow-ingest", &cfg.http.server).await?;
         let producer = RawProducer::new(&cfg.kafka).context("creating the Kafka producer")?;
         let (body_limit, record_limit) = (cfg.body_limit(), cfg.kafka.record_limit());
@@ -101,11 +106,11 @@ impl App {
         // Records still unacknowledged at the end were answered with 503 (the
         // gateway resends them), so a failed flush loses nothing.
         service.flush_on_stop(producer.kafka().clone());
-        let sources = cfg
-            .sources
-            .iter()
-            .map(|s| (s.name.clone(), s.clone()))
-            .collect();
+        let sources = Sources::new(&cfg.sources);
+        if let Some(path) = cfg.sources_file.clone() {
+            let watch = sources::watch(path, cfg.sources_check, sources.clone(), service.work());
+            service.spawn("sources reload", watch);
+        }
         let state = AppState {
             inner: Arc::new(Inner {
                 sources,
@@ -179,20 +184,30 @@ struct Target {
 async fn webhook(
     State(state): State<AppState>,
     Path(target): Path<Target>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, target, headers, body).await
+    let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    handle(state, target, peer, headers, body).await
 }
 
-async fn handle(state: AppState, target: Target, headers: HeaderMap, body: Body) -> Response {
+async fn handle(
+    state: AppState,
+    target: Target,
+    peer: Option<std::net::IpAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // One set of sources for the whole request, even if it is replaced meanwhile.
+    let sources = state.inner.sources.current();
     // Only configured names become label values: a path is whatever the
     // client sent, and every new label value is a new series.
-    let source_label = match state.inner.sources.get_key_value(&target.source) {
+    let source_label = match sources.get_key_value(&target.source) {
         Some((name, _)) => name.clone(),
         None => UNKNOWN_SOURCE.to_owned(),
     };
-    let result = accept(&state, target, &headers, body).await;
+    let result = accept(&state, &sources, target, peer, &headers, body).await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(e) => e.kind(),
@@ -207,20 +222,28 @@ async fn handle(state: AppState, target: Target, headers: HeaderMap, body: Body)
 #[tracing::instrument(skip_all, fields(source, records, trace_id))]
 async fn accept(
     state: &AppState,
+    sources: &SourceMap,
     target: Target,
+    peer: Option<std::net::IpAddr>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let inner = &state.inner;
-    let source = inner
-        .sources
-        .get(&target.source)
-        .ok_or(ApiError::UnknownRoute)?;
+    let source = sources.get(&target.source).ok_or(ApiError::UnknownRoute)?;
     tracing::Span::current().record("source", source.name.as_str());
     if let Some(kind) = &target.kind {
         let known = matches!(kind.as_str(), "delivered" | "pending" | "not_delivered");
         if source.provider != Provider::Arpoone || !known {
             return Err(ApiError::UnknownRoute);
+        }
+    }
+    if !source.allow_from.is_empty() {
+        // Without the peer's address (a router run without a listener) the
+        // list cannot be satisfied.
+        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let client = peer.map(|p| sources::client_ip(p, forwarded, &inner.http.trusted_proxies));
+        if !client.is_some_and(|ip| source.allow_from.iter().any(|n| n.contains(&ip))) {
+            return Err(ApiError::Forbidden);
         }
     }
     authenticate(source, target.token.as_deref(), headers)?;

@@ -79,6 +79,30 @@ pub fn load<T: DeserializeOwned + Serialize>(
         figment = figment.merge(Toml::file(path));
     }
     let figment = figment.merge(Env::prefixed("DLRFLOW_").ignore(&["CONFIG"]).split("__"));
+    // Top-level names without `__` from the environment (`DLRFLOW_TEST_…`,
+    // `DLRFLOW_LOG_FORMAT`) belong to other tools; in the file they are typos.
+    extract(&figment, |path| {
+        path.contains('.') || file_keys.iter().any(|k| k.eq_ignore_ascii_case(path))
+    })
+}
+
+/// Loads `T` from the TOML file at `path` alone (no defaults, no
+/// environment), with the same checks as [`load`]: e.g. a file of sources
+/// that the service reads again while it runs.
+pub fn load_file<T: DeserializeOwned + Serialize>(path: &Path) -> Result<T, ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError::MissingFile {
+            path: path.display().to_string(),
+        });
+    }
+    extract(&Figment::from(Toml::file(path)), |_| true)
+}
+
+/// Extracts `T` and refuses any key it does not read (those `counts`).
+fn extract<T: DeserializeOwned + Serialize>(
+    figment: &Figment,
+    counts: impl Fn(&str) -> bool,
+) -> Result<T, ConfigError> {
     let cfg: T = figment
         .extract()
         .map_err(|e| without_values(ConfigError::Load(Box::new(e))))?;
@@ -89,11 +113,7 @@ pub fn load<T: DeserializeOwned + Serialize>(
         .map_err(|e| ConfigError::invalid("configuration", format!("cannot be listed: {e}")))?;
     let mut unknown = Vec::new();
     unread_keys(&input, &read, "", &mut unknown);
-    // Top-level names without `__` from the environment (`DLRFLOW_TEST_…`,
-    // `DLRFLOW_LOG_FORMAT`) belong to other tools; in the file they are typos.
-    unknown.retain(|path| {
-        path.contains('.') || file_keys.iter().any(|k| k.eq_ignore_ascii_case(path))
-    });
+    unknown.retain(|path| counts(path));
     if let Some(first) = unknown.first() {
         if let Some((_, new)) = RENAMED.iter().find(|(old, _)| old == first) {
             return Err(ConfigError::invalid(
@@ -266,6 +286,30 @@ mod tests {
     #[derive(Debug, Deserialize, Serialize)]
     struct Source {
         name: String,
+    }
+
+    #[derive(Debug, Deserialize, Serialize)]
+    struct SourcesOnly {
+        #[serde(default)]
+        sources: Vec<Source>,
+    }
+
+    #[test]
+    fn a_file_alone_is_checked_like_a_configuration() {
+        figment::Jail::expect_with(|jail| {
+            // The environment does not reach a file loaded alone.
+            jail.set_env("DLRFLOW_SOURCES", "[{name=\"env\"}]");
+            jail.create_file("s.toml", "[[sources]]\nname = \"a\"\n")?;
+            let ok = load_file::<SourcesOnly>(Path::new("s.toml")).unwrap();
+            assert_eq!(ok.sources.len(), 1);
+            assert_eq!(ok.sources[0].name, "a");
+            jail.create_file("bad.toml", "[[sources]]\nname = \"a\"\npasword = \"x\"\n")?;
+            let err = load_file::<SourcesOnly>(Path::new("bad.toml")).unwrap_err();
+            assert!(err.to_string().contains("sources[0].pasword"), "{err}");
+            let err = load_file::<SourcesOnly>(Path::new("missing.toml")).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
             auth: Some(AuthMode::Basic),
             credentials: creds.clone(),
             path_tokens: vec![],
+            allow_from: vec![],
         },
         SourceConfig {
             name: "arpoone".into(),
@@ -94,6 +95,7 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
             auth: Some(AuthMode::Basic),
             credentials: creds,
             path_tokens: vec![],
+            allow_from: vec![],
         },
         SourceConfig {
             name: "arpoone-tok".into(),
@@ -101,6 +103,7 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
             auth: Some(AuthMode::PathToken),
             credentials: vec![],
             path_tokens: vec![Secret::new(ARPOONE_TOKEN)],
+            allow_from: vec![],
         },
         SourceConfig {
             name: "open".into(),
@@ -108,6 +111,7 @@ pub fn sources(passwords: &[&str]) -> Vec<SourceConfig> {
             auth: Some(AuthMode::None),
             credentials: vec![],
             path_tokens: vec![],
+            allow_from: vec![],
         },
     ]
 }
