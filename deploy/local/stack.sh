@@ -4,6 +4,7 @@
 #
 #   deploy/local/stack.sh up       start what is missing, create topics, wait
 #   deploy/local/stack.sh down     stop only what `up` started
+#   deploy/local/stack.sh deps     install the build prerequisites (curl, OpenSSL headers, pkg-config)
 #   deploy/local/stack.sh status   what answers, and where the logs are
 #   deploy/local/stack.sh restart-broker   kill -9 and restart the broker (fault drills)
 #
@@ -223,10 +224,18 @@ stop_pidfile() { # name pidfile
   rm -f "$2"
 }
 
-cmd_up() {
-  mkdir -p "$STACK"
+# What building dlrflow and running its scripts needs besides Rust.
+cmd_deps() {
   # The demo and the benchmarks talk HTTP with curl.
   command -v curl >/dev/null || apt_install curl
+  # dlrflow's Kafka client (librdkafka with TLS/SASL) links the system's
+  # OpenSSL: building it needs the headers and pkg-config.
+  { [ -f /usr/include/openssl/ssl.h ] && command -v pkg-config >/dev/null; } || apt_install libssl-dev pkg-config
+}
+
+cmd_up() {
+  mkdir -p "$STACK"
+  cmd_deps
   redis_up
   postgres_up
   broker_up
@@ -270,8 +279,9 @@ cmd_restart_broker() {
 
 case "${1:-}" in
   up) cmd_up ;;
+  deps) cmd_deps ;;
   down) cmd_down ;;
   status) cmd_status ;;
   restart-broker) cmd_restart_broker ;;
-  *) echo "usage: $0 up|down|status|restart-broker" >&2; exit 2 ;;
+  *) echo "usage: $0 up|deps|down|status|restart-broker" >&2; exit 2 ;;
 esac

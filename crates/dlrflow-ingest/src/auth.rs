@@ -1,10 +1,13 @@
 //! Webhook authentication: HTTP Basic as RFC 7617 defines it, or a secret
-//! path token, always compared in constant time against every active secret.
+//! path token, always compared in constant time against every active secret
+//! (lengths too: both sides are compared as SHA-256 digests, so a guess of
+//! the wrong length takes as long as one of the right length).
 
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use dlrflow_runtime::ExposeSecret;
+use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::config::{Credential, SourceConfig};
@@ -40,10 +43,8 @@ pub fn basic_matches(value: Option<&[u8]>, credentials: &[Credential]) -> bool {
     };
     let mut ok = Choice::from(0);
     for c in credentials {
-        let user_ok = user.as_bytes().ct_eq(c.username.as_bytes());
-        let pass_ok = password
-            .as_bytes()
-            .ct_eq(c.password.expose_secret().as_bytes());
+        let user_ok = same(user.as_bytes(), c.username.as_bytes());
+        let pass_ok = same(password.as_bytes(), c.password.expose_secret().as_bytes());
         ok |= user_ok & pass_ok;
     }
     ok.into()
@@ -53,9 +54,17 @@ pub fn basic_matches(value: Option<&[u8]>, credentials: &[Credential]) -> bool {
 pub fn path_token_matches(token: &str, source: &SourceConfig) -> bool {
     let mut ok = Choice::from(0);
     for t in &source.path_tokens {
-        ok |= token.as_bytes().ct_eq(t.expose_secret().as_bytes());
+        ok |= same(token.as_bytes(), t.expose_secret().as_bytes());
     }
     ok.into()
+}
+
+/// Equality in time independent of where the two differ and of their
+/// lengths: `subtle` compares slices of different lengths in no time at all.
+fn same(given: &[u8], secret: &[u8]) -> Choice {
+    Sha256::digest(given)
+        .as_slice()
+        .ct_eq(Sha256::digest(secret).as_slice())
 }
 
 #[cfg(test)]

@@ -249,17 +249,32 @@ pub async fn read_topic(
     timeout: Duration,
     settle: Duration,
 ) -> anyhow::Result<Vec<Record>> {
-    let brokers = brokers.to_owned();
+    read_topic_with(brokers, &[], topic, expected, timeout, settle).await
+}
+
+/// [`read_topic`] with librdkafka `settings` (e.g. TLS to the broker).
+pub async fn read_topic_with(
+    brokers: &str,
+    settings: &[(&str, &str)],
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> anyhow::Result<Vec<Record>> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("dlrflow-reader-{}", uuid::Uuid::now_v7().simple()),
+        )
+        .set("enable.auto.commit", "false");
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set(
-                "group.id",
-                format!("dlrflow-reader-{}", uuid::Uuid::now_v7().simple()),
-            )
-            .set("enable.auto.commit", "false")
-            .create()?;
+        let consumer: BaseConsumer = config.create()?;
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
         let partitions = md
             .topics()

@@ -9,12 +9,13 @@
 //! its effective configuration; secrets serialize as `***`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Executor, PgPool};
 
 use crate::config::ConfigError;
@@ -204,6 +205,13 @@ impl HttpSettings {
     }
 }
 
+/// Makes rustls use ring (the one TLS stack of every dlrflow connection: the
+/// listeners, PostgreSQL, Redis, the status API) wherever a library asks for
+/// the process's default. Harmless when called again.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// `[postgres]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PostgresSettings {
@@ -220,6 +228,16 @@ pub struct PostgresSettings {
     pub acquire_timeout: Duration,
     /// Run the migrations at start.
     pub migrate: bool,
+    /// TLS to the server: `disable`, `prefer`, `require`, `verify-ca` or
+    /// `verify-full` (libpq's names). Unset, the URL's `sslmode` applies
+    /// (default `prefer`). Use `verify-full` across any network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// The CA certificate(s), PEM, that sign the server's certificate (for
+    /// `verify-ca` / `verify-full`). Unset, the URL's `sslrootcert`, else the
+    /// bundled public roots (webpki).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PostgresSettings {
@@ -231,6 +249,8 @@ impl PostgresSettings {
             max_connections: 8,
             acquire_timeout: Duration::from_secs(5),
             migrate: true,
+            sslmode: None,
+            ca_file: None,
         }
     }
 
@@ -258,6 +278,22 @@ impl PostgresSettings {
                 "must be positive",
             ));
         }
+        if let Some(mode) = &self.sslmode {
+            if PgSslMode::from_str(mode).is_err() {
+                return Err(ConfigError::invalid(
+                    "postgres.sslmode",
+                    "use disable, prefer, require, verify-ca or verify-full",
+                ));
+            }
+        }
+        if let Some(ca) = &self.ca_file {
+            if !ca.is_file() {
+                return Err(ConfigError::invalid(
+                    "postgres.ca_file",
+                    format!("{}: no such file", ca.display()),
+                ));
+            }
+        }
         if let Some(schema) = &self.schema {
             if !valid_identifier(schema) {
                 return Err(ConfigError::invalid(
@@ -277,7 +313,14 @@ impl PostgresSettings {
     /// Opens a pool. With `schema`, the schema is created if missing and
     /// every connection's `search_path` is set to it.
     pub async fn connect(&self) -> Result<PgPool, sqlx::Error> {
+        install_crypto();
         let mut opts = PgConnectOptions::from_str(self.url.expose_secret())?;
+        if let Some(mode) = &self.sslmode {
+            opts = opts.ssl_mode(PgSslMode::from_str(mode)?);
+        }
+        if let Some(ca) = &self.ca_file {
+            opts = opts.ssl_root_cert(ca);
+        }
         if let Some(schema) = &self.schema {
             self.ensure_schema(&opts, schema).await?;
             opts = opts.options([("search_path", schema.as_str())]);
@@ -344,6 +387,10 @@ pub struct RedisSettings {
     /// applies.
     #[serde(rename = "response_timeout_ms", with = "ms")]
     pub response_timeout: Duration,
+    /// With a `rediss://` URL: the CA certificate(s), PEM, that sign the
+    /// server's certificate. Unset, the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RedisSettings {
@@ -351,8 +398,22 @@ impl RedisSettings {
         if redis::Client::open(self.url.expose_secret()).is_err() {
             return Err(ConfigError::invalid(
                 "redis.url",
-                "is not a redis:// URL (value not shown)",
+                "is not a redis:// or rediss:// URL (value not shown)",
             ));
+        }
+        if let Some(ca) = &self.ca_file {
+            if !self.url.expose_secret().starts_with("rediss://") {
+                return Err(ConfigError::invalid(
+                    "redis.ca_file",
+                    "is for TLS: use a rediss:// URL",
+                ));
+            }
+            if !ca.is_file() {
+                return Err(ConfigError::invalid(
+                    "redis.ca_file",
+                    format!("{}: no such file", ca.display()),
+                ));
+            }
         }
         for (key, d) in [
             ("redis.connect_timeout_ms", self.connect_timeout),
@@ -370,12 +431,32 @@ impl RedisSettings {
         crate::redact::register_url(self.url.expose_secret());
     }
 
+    /// A client for the URL, with `ca_file`'s roots for `rediss://`. Its
+    /// error never holds the URL's password.
+    pub fn client(&self) -> anyhow::Result<redis::Client> {
+        install_crypto();
+        let scrub =
+            |e: redis::RedisError| anyhow::anyhow!("{}", crate::redact::scrub(&e.to_string()));
+        match &self.ca_file {
+            None => redis::Client::open(self.url.expose_secret()).map_err(scrub),
+            Some(ca) => {
+                let root = std::fs::read(ca)
+                    .map_err(|e| anyhow::anyhow!("redis.ca_file {}: {e}", ca.display()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                };
+                redis::Client::build_with_tls(self.url.expose_secret(), certs).map_err(scrub)
+            }
+        }
+    }
+
     /// A connection that reconnects by itself. Its error never holds the
     /// URL's password.
     pub async fn connect(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
         let scrub =
             |e: redis::RedisError| anyhow::anyhow!("{}", crate::redact::scrub(&e.to_string()));
-        let client = redis::Client::open(self.url.expose_secret()).map_err(scrub)?;
+        let client = self.client()?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(self.connect_timeout)
             .set_response_timeout(self.response_timeout)

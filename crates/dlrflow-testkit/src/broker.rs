@@ -14,6 +14,10 @@ pub struct PrivateBroker {
     dir: tempfile::TempDir,
     log: PathBuf,
     port: u16,
+    /// A TLS front the broker advertises instead of its own port.
+    tls: Option<crate::tls::TlsProxy>,
+    /// The port clients are told to use (`port`, or the TLS front's).
+    advertised: u16,
     child: Option<std::process::Child>,
 }
 
@@ -37,9 +41,36 @@ impl PrivateBroker {
             dir,
             log,
             port,
+            tls: None,
+            advertised: port,
             child: None,
         };
         broker.restart()?;
+        Ok(broker)
+    }
+
+    /// A broker reached over TLS only, the way a managed Kafka is: Tansu
+    /// speaks no TLS, so a TLS front with `cert` forwards to it, and the
+    /// broker advertises the front's address in its metadata. `brokers()`
+    /// is the front; every client speaks TLS, since the metadata names
+    /// only the front.
+    pub fn with_tls(cert: &crate::tls::Issued) -> anyhow::Result<PrivateBroker> {
+        let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let dir = tempfile::tempdir().context("broker data directory")?;
+        let log = dir.path().join("tansu.log");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut broker = PrivateBroker {
+            dir,
+            log,
+            port,
+            tls: None,
+            advertised: front.local_addr()?.port(),
+            child: None,
+        };
+        broker.restart()?;
+        broker.tls = Some(crate::tls::TlsProxy::start(front, cert, port));
         Ok(broker)
     }
 
@@ -47,8 +78,9 @@ impl PrivateBroker {
         self.dir.path()
     }
 
+    /// Where clients connect (the TLS front of [`PrivateBroker::with_tls`]).
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 
     /// Starts the broker again on the same port and data (after `kill9`).
@@ -61,7 +93,8 @@ impl PrivateBroker {
             .with_context(|| format!("opening {}", self.log.display()))?;
         writeln!(log, "=== testkit: tansu start on port {}", self.port)?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = tansu_command(&url)?
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
+        let child = tansu_command_advertising(&url, &advertised)?
             .current_dir(self.data())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
@@ -120,13 +153,22 @@ impl Drop for PrivateBroker {
 /// `deploy/local/stack.sh`): SQLite storage in the working directory, the
 /// listener advertised as itself.
 pub fn tansu_command(listener_url: &str) -> anyhow::Result<std::process::Command> {
+    tansu_command_advertising(listener_url, listener_url)
+}
+
+/// [`tansu_command`] with another address advertised to clients (a TLS
+/// front, a proxy).
+pub fn tansu_command_advertising(
+    listener_url: &str,
+    advertised_url: &str,
+) -> anyhow::Result<std::process::Command> {
     let mut cmd = std::process::Command::new(tansu_binary()?);
     cmd.args([
         "broker",
         "--listener-url",
         listener_url,
         "--advertised-listener-url",
-        listener_url,
+        advertised_url,
         "--storage-engine",
         "sqlite://tansu.db",
     ]);

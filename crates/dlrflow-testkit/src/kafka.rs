@@ -22,10 +22,26 @@ pub fn unique_name(prefix: &str) -> String {
 /// Creates `name` with `partitions` partitions and waits until its metadata
 /// shows every partition.
 pub async fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("admin client")?;
+    create_topic_with(brokers, &[], name, partitions).await
+}
+
+/// [`create_topic`] with librdkafka `settings` (e.g. TLS to the broker).
+pub async fn create_topic_with(
+    brokers: &str,
+    settings: &[(&str, &str)],
+    name: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let config = |brokers: &str| {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers);
+        for (k, v) in settings {
+            c.set(*k, *v);
+        }
+        c
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        config(brokers).create().context("admin client")?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let res = admin
         .create_topics(
@@ -41,12 +57,9 @@ pub async fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow:
             }
         }
     }
-    let brokers = brokers.to_owned();
+    let consumer: BaseConsumer = config(brokers).create()?;
     let name = name.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match dlrflow_runtime::kafka::topic_ready(

@@ -13,8 +13,8 @@ pub mod tls;
 mod wait;
 
 pub use broker::{index_tansu_headers, tansu_binary, tansu_command, PrivateBroker};
-pub use dlrflow_runtime::kafka::{read_topic, Record};
-pub use kafka::{create_topic, test_brokers, unique_name};
+pub use dlrflow_runtime::kafka::{read_topic, read_topic_with, Record};
+pub use kafka::{create_topic, create_topic_with, test_brokers, unique_name};
 pub use postgres::PrivatePostgres;
 pub use redis::{test_redis_url, PrivateRedis};
 pub use wait::wait_for;

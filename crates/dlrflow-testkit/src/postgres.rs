@@ -16,6 +16,7 @@ pub struct PrivatePostgres {
     port: u16,
     log: PathBuf,
     running: bool,
+    tls: bool,
 }
 
 fn as_postgres(program: &Path) -> Command {
@@ -54,6 +55,16 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
 
 impl PrivatePostgres {
     pub fn new(id: &str, log: PathBuf) -> anyhow::Result<Self> {
+        Self::start(id, log, None)
+    }
+
+    /// A server that takes TLS connections only (`hostssl` in pg_hba.conf;
+    /// a plain connection is refused), with `cert` as its certificate.
+    pub fn with_tls(id: &str, log: PathBuf, cert: &crate::tls::Issued) -> anyhow::Result<Self> {
+        Self::start(id, log, Some(cert))
+    }
+
+    fn start(id: &str, log: PathBuf, tls: Option<&crate::tls::Issued>) -> anyhow::Result<Self> {
         let bin = pg_bin()?;
         let root = std::env::temp_dir().join(format!("dlrflow-e2e-pg-{id}"));
         let _ = std::fs::remove_dir_all(&root);
@@ -80,12 +91,29 @@ impl PrivatePostgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(cert) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, text) in [
+                ("server.crt", &cert.cert_pem),
+                ("server.key", &cert.key_pem),
+            ] {
+                let path = data.join(name);
+                std::fs::write(&path, text)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                let _ = chown(&path);
+            }
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )?;
+        }
         let mut pg = PrivatePostgres {
             bin,
             root,
             port: free_port(),
             log,
             running: false,
+            tls: tls.is_some(),
         };
         pg.ctl(&["start"])?;
         pg.running = true;
@@ -93,10 +121,13 @@ impl PrivatePostgres {
     }
 
     fn ctl(&self, action: &[&str]) -> anyhow::Result<()> {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port
         );
+        if self.tls {
+            opts.push_str(" -c ssl=on");
+        }
         let out = as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.root.join("data"))

@@ -18,11 +18,23 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: std::path::PathBuf,
     password: Option<String>,
+    /// The certificate and key files of a TLS-only server.
+    tls: Option<crate::tls::TlsFiles>,
     child: Option<std::process::Child>,
 }
 
 impl PrivateRedis {
     pub fn start(password: Option<&str>) -> PrivateRedis {
+        Self::start_with(password, None)
+    }
+
+    /// A server that speaks TLS only (`--port 0 --tls-port`), with `cert`
+    /// as its certificate; clients need no certificate of their own.
+    pub fn with_tls(cert: &crate::tls::Issued) -> PrivateRedis {
+        Self::start_with(None, Some(cert))
+    }
+
+    fn start_with(password: Option<&str>, tls: Option<&crate::tls::Issued>) -> PrivateRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -30,28 +42,45 @@ impl PrivateRedis {
             .port();
         let dir = std::env::temp_dir().join(unique_name("dlrflow-redis"));
         std::fs::create_dir_all(&dir).unwrap();
+        let tls = tls.map(|cert| cert.write(&dir));
         let mut r = PrivateRedis {
             port,
             dir,
             password: password.map(str::to_owned),
+            tls,
             child: None,
         };
         r.up();
         r
     }
 
-    /// `redis://[:password@]127.0.0.1:port`.
+    /// `redis://[:password@]127.0.0.1:port` (`rediss://` for TLS).
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match &self.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(pw) => format!("{scheme}://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
     }
 
     /// Starts it (again, empty, on the same port).
     pub fn up(&mut self) {
         let mut cmd = std::process::Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(files) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)

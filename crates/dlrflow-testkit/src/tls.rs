@@ -108,3 +108,83 @@ fn write(path: &Path, text: &str) {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     std::fs::rename(&tmp, path).expect("renaming a PEM file");
 }
+
+/// A TLS front for a service that speaks plain TCP (a Tansu broker speaks no
+/// TLS): takes TLS connections with `cert` on its own port and forwards the
+/// bytes to `upstream`. Runs on a thread of its own until dropped.
+pub struct TlsProxy {
+    pub port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TlsProxy {
+    /// Serves on `listener` (bound by the caller, so its port can be
+    /// advertised before the proxy starts).
+    pub fn start(listener: std::net::TcpListener, cert: &Issued, upstream: u16) -> TlsProxy {
+        use rustls::pki_types::pem::PemObject;
+        let port = listener.local_addr().expect("bound").port();
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificate PEM");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+            .expect("key PEM");
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("certificate and key");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("proxy runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let (client, _) = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok(a) => a,
+                            Err(_) => continue,
+                        },
+                    };
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(client).await else {
+                            return;
+                        };
+                        let Ok(mut plain) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                        else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                    });
+                }
+            });
+        });
+        TlsProxy {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
