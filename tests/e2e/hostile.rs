@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use dlrflow_e2e::{timed, Options, Pipeline, ReconcileOptions, PASSWORD, STATUS_KEY, USERNAME};
-use dlrflow_sim::{Gateway, StatusServer, StatusServerConfig};
+use dlrflow_e2e::{status_server, timed, Options, Pipeline, PASSWORD, USERNAME};
+use dlrflow_sim::Gateway;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -426,29 +426,9 @@ fn sha(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline() {
     let _t = timed("hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline");
-    let server = StatusServer::start(
-        StatusServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            api_keys: vec![STATUS_KEY.to_owned()],
-            limit: 120,
-            window: Duration::from_secs(60),
-            read_log: None,
-        },
-        Gateway::new(),
-    )
-    .await
-    .unwrap();
+    let server = status_server(&Gateway::new()).await;
     let mut p = Pipeline::new("hostile", &Options::default()).await.unwrap();
-    p.start_ingest().await.unwrap();
-    p.start_state(1).await.unwrap();
-    p.start_reconcile(&ReconcileOptions {
-        status_api: server.base_url(),
-        sources: vec!["lisoloo".into()],
-        deadline_secs: 5,
-        sweep_interval_ms: 500,
-    })
-    .await
-    .unwrap();
+    p.start_all(&server, 5).await;
 
     let tag = p.group.clone();
     let http = reqwest::Client::new();
@@ -619,20 +599,8 @@ async fn hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline() {
     );
 
     // No batch ever failed: no record was retried.
-    let metrics = http
-        .get(format!("{}/metrics", p.admin_url("state-0")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let failures: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("dlrflow_state_batch_failures_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let metrics = dlrflow_testkit::scrape(&p.admin_url("state-0")).await;
+    let failures = dlrflow_testkit::metric_sum(&metrics, "dlrflow_state_batch_failures_total");
     assert_eq!(failures, 0.0, "batches failed and were retried");
 
     // The group's lag is zero: its committed offsets reach the topic's end.

@@ -6,44 +6,21 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use dlrflow_e2e::{
-    delivery, max_reads_in_window, timed, verify_all, Options, Pipeline, ReconcileOptions,
-    STATUS_KEY,
+    delivery, max_reads_in_window, status_server, timed, verify_all, Options, Pipeline,
 };
-use dlrflow_sim::{
-    run_lisoloo, Gateway, LisolooConfig, StatusServer, StatusServerConfig, WebhookFate,
-};
+use dlrflow_sim::{run_lisoloo, Gateway, LisolooConfig, WebhookFate};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withheld_terminal_events_are_recovered_within_the_read_budget() {
     let _t = timed("withheld_terminal_events_are_recovered_within_the_read_budget");
     let gateway = Gateway::new();
-    let server = StatusServer::start(
-        StatusServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            api_keys: vec![STATUS_KEY.to_owned()],
-            limit: 120,
-            window: Duration::from_secs(60),
-            read_log: None,
-        },
-        gateway.clone(),
-    )
-    .await
-    .unwrap();
+    let server = status_server(&gateway).await;
 
     let mut p = Pipeline::new("reconcile-withheld", &Options::default())
         .await
         .unwrap();
-    p.start_ingest().await.unwrap();
-    p.start_state(1).await.unwrap();
-    p.start_reconcile(&ReconcileOptions {
-        status_api: server.base_url(),
-        sources: vec!["lisoloo".into()],
-        deadline_secs: 5,
-        sweep_interval_ms: 500,
-    })
-    .await
-    .unwrap();
+    p.start_all(&server, 5).await;
 
     let cfg = LisolooConfig {
         delivery: dlrflow_sim::DeliveryConfig {

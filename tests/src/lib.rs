@@ -22,7 +22,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use dlrflow_sim::{DeliveryConfig, ReadRecord, Truth, VerifyOptions, VerifyReport};
+use dlrflow_sim::{
+    DeliveryConfig, Gateway, ReadRecord, StatusServer, StatusServerConfig, Truth, VerifyOptions,
+    VerifyReport,
+};
 use dlrflow_testkit::{create_topic, read_topic, test_brokers, unique_name};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -276,6 +279,24 @@ pub struct Options {
     pub private_postgres: bool,
 }
 
+/// The simulator's status API (`GET /status/{id}`) answering for `gateway`
+/// with the gateway's real limit (120 reads per sliding 60 s) and
+/// [`STATUS_KEY`].
+pub async fn status_server(gateway: &Gateway) -> StatusServer {
+    StatusServer::start(
+        StatusServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_keys: vec![STATUS_KEY.to_owned()],
+            limit: 120,
+            window: Duration::from_secs(60),
+            read_log: None,
+        },
+        gateway.clone(),
+    )
+    .await
+    .expect("starting the status server")
+}
+
 /// The reconciler's settings a test picks.
 #[derive(Debug, Clone)]
 pub struct ReconcileOptions {
@@ -301,6 +322,9 @@ pub struct Pipeline {
     pub reconcile_prefix: String,
     pub postgres_url: String,
     pub schema: String,
+    /// librdkafka settings (`kafka.settings.*`) given to the ingest and the
+    /// state replicas started after they are set.
+    pub kafka_settings: Vec<(String, String)>,
     services: BTreeMap<String, Service>,
     broker: Option<PrivateBroker>,
     postgres: Option<PrivatePostgres>,
@@ -361,6 +385,7 @@ impl Pipeline {
             broker,
             postgres,
             finished: false,
+            kafka_settings: Vec::new(),
         };
         for t in [&p.raw_topic, &p.dlq_topic, &p.delivery_topic] {
             create_topic(&p.brokers, t, PARTITIONS)
@@ -377,6 +402,14 @@ impl Pipeline {
             env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         if kind.public() {
             env.push(("DLRFLOW_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
+        }
+        if matches!(kind, Kind::Ingest | Kind::State) {
+            // The documented form: DLRFLOW_KAFKA__SETTINGS__SASL_PASSWORD
+            // sets `sasl.password`.
+            for (k, v) in &self.kafka_settings {
+                let key = k.replace('.', "_").to_ascii_uppercase();
+                env.push((format!("DLRFLOW_KAFKA__SETTINGS__{key}"), v.clone()));
+            }
         }
         env.push((
             "DLRFLOW_HTTP__ADMIN_LISTEN".into(),
@@ -502,6 +535,21 @@ impl Pipeline {
         ];
         self.add("reconcile", Kind::Reconcile, env);
         self.launch("reconcile").await
+    }
+
+    /// The ingest, one state replica, and a reconciler for the `lisoloo`
+    /// source reading `server` once a status is `deadline_secs` old.
+    pub async fn start_all(&mut self, server: &StatusServer, deadline_secs: u64) {
+        self.start_ingest().await.expect("starting the ingest");
+        self.start_state(1).await.expect("starting the state");
+        self.start_reconcile(&ReconcileOptions {
+            status_api: server.base_url(),
+            sources: vec!["lisoloo".into()],
+            deadline_secs,
+            sweep_interval_ms: 500,
+        })
+        .await
+        .expect("starting the reconciler");
     }
 
     /// The ingest's base URL (what the gateway posts to).

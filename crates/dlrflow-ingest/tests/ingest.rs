@@ -831,15 +831,7 @@ async fn metric_labels_take_only_configured_source_names() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 
-    let metrics = app
-        .client
-        .get(app.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = dlrflow_testkit::scrape(&app.admin_url("")).await;
     assert!(!metrics.contains(&tag), "a path became a label:\n{metrics}");
     let requests: Vec<&str> = metrics
         .lines()

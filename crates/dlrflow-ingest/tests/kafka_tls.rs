@@ -11,17 +11,6 @@ use dlrflow_testkit::{create_topic_with, read_topic_with, unique_name, wait_for,
 use helpers::*;
 use reqwest::StatusCode;
 
-async fn post(app: &TestApp) -> StatusCode {
-    app.client
-        .post(app.url("/lisoloo/webhook"))
-        .header("Authorization", basic(USER, PASS))
-        .body(lisoloo_event(&message_id()))
-        .send()
-        .await
-        .unwrap()
-        .status()
-}
-
 #[tokio::test]
 async fn records_reach_a_tls_only_broker_and_another_ca_gets_503() {
     let dir = tempfile::tempdir().unwrap();
@@ -44,13 +33,12 @@ async fn records_reach_a_tls_only_broker_and_another_ca_gets_503() {
     settings.insert("ssl.ca.location".into(), ca_file.clone());
     let app = spawn_with(cfg.clone()).await;
     wait_for(Duration::from_secs(30), || async {
-        let r = app.client.get(app.admin_url("/readyz")).send().await.ok()?;
-        (r.status() == StatusCode::OK).then_some(())
+        (app.ready().await == StatusCode::OK).then_some(())
     })
     .await
     .expect("ready over TLS");
-    assert_eq!(post(&app).await, StatusCode::NO_CONTENT);
-    assert_eq!(post(&app).await, StatusCode::NO_CONTENT);
+    assert_eq!(app.post_lisoloo(PASS).await, StatusCode::NO_CONTENT);
+    assert_eq!(app.post_lisoloo(PASS).await, StatusCode::NO_CONTENT);
     app.stop().await.unwrap();
     let records = read_topic_with(
         &broker.brokers(),
@@ -76,14 +64,11 @@ async fn records_reach_a_tls_only_broker_and_another_ca_gets_503() {
         other.write_ca(other_dir.path()).display().to_string(),
     );
     let app = spawn_with(cfg).await;
-    assert_eq!(post(&app).await, StatusCode::SERVICE_UNAVAILABLE);
-    let ready = app
-        .client
-        .get(app.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        app.post_lisoloo(PASS).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(app.ready().await, StatusCode::SERVICE_UNAVAILABLE);
     app.stop().await.unwrap();
     let records = read_topic_with(
         &broker.brokers(),

@@ -38,15 +38,7 @@ fn write_file(path: &Path, text: &str) {
 static ACCEPTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 async fn post(app: &TestApp, password: &str) -> StatusCode {
-    let status = app
-        .client
-        .post(app.url("/lisoloo/webhook"))
-        .header("Authorization", basic(USER, password))
-        .body(lisoloo_event(&message_id()))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = app.post_lisoloo(password).await;
     if status.is_success() {
         ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
@@ -54,19 +46,7 @@ async fn post(app: &TestApp, password: &str) -> StatusCode {
 }
 
 async fn metric(app: &TestApp, prefix: &str) -> f64 {
-    let text = app
-        .client
-        .get(app.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    dlrflow_testkit::metric_sum(&dlrflow_testkit::scrape(&app.admin_url("")).await, prefix)
 }
 
 async fn app_with_file(path: &Path, check: Duration) -> (TestApp, String) {

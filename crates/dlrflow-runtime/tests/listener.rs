@@ -69,17 +69,9 @@ impl Running {
         self.task.await.unwrap().unwrap();
     }
 
-    async fn metric(&self, line_prefix: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(line_prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    async fn metric(&self, prefix: &str) -> f64 {
+        let text = dlrflow_testkit::scrape(&format!("http://{}", self.admin)).await;
+        dlrflow_testkit::metric_sum(&text, prefix)
     }
 }
 

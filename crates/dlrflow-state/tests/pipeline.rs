@@ -103,14 +103,7 @@ async fn out_of_order_and_duplicated_events_converge() {
         .await
         .unwrap();
     assert_eq!(api_on_admin.status(), 404, "the read API on the admin port");
-    let metrics = http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = dlrflow_testkit::scrape(&admin).await;
     assert!(metrics.contains("dlrflow_state_events_total"), "{metrics}");
 
     app.stop().await;

@@ -32,6 +32,25 @@ impl PrivateBroker {
     /// test, e.g. beside an e2e run's service logs) instead of a file in the
     /// temporary directory.
     pub fn start_logging_to(log: Option<PathBuf>) -> anyhow::Result<PrivateBroker> {
+        Self::launch(log, None)
+    }
+
+    /// A broker reached over TLS only, the way a managed Kafka is: Tansu
+    /// speaks no TLS, so a TLS front with `cert` forwards to it, and the
+    /// broker advertises the front's address in its metadata. `brokers()`
+    /// is the front; every client speaks TLS, since the metadata names
+    /// only the front.
+    pub fn with_tls(cert: &crate::tls::Issued) -> anyhow::Result<PrivateBroker> {
+        let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let advertised = front.local_addr()?.port();
+        let mut broker = Self::launch(None, Some(advertised))?;
+        broker.tls = Some(crate::tls::TlsProxy::start(front, cert, broker.port));
+        Ok(broker)
+    }
+
+    /// Starts Tansu on a free port, advertising `advertised` (default its
+    /// own port).
+    fn launch(log: Option<PathBuf>, advertised: Option<u16>) -> anyhow::Result<PrivateBroker> {
         let dir = tempfile::tempdir().context("broker data directory")?;
         let log = log.unwrap_or_else(|| dir.path().join("tansu.log"));
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -42,35 +61,10 @@ impl PrivateBroker {
             log,
             port,
             tls: None,
-            advertised: port,
+            advertised: advertised.unwrap_or(port),
             child: None,
         };
         broker.restart()?;
-        Ok(broker)
-    }
-
-    /// A broker reached over TLS only, the way a managed Kafka is: Tansu
-    /// speaks no TLS, so a TLS front with `cert` forwards to it, and the
-    /// broker advertises the front's address in its metadata. `brokers()`
-    /// is the front; every client speaks TLS, since the metadata names
-    /// only the front.
-    pub fn with_tls(cert: &crate::tls::Issued) -> anyhow::Result<PrivateBroker> {
-        let front = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let dir = tempfile::tempdir().context("broker data directory")?;
-        let log = dir.path().join("tansu.log");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut broker = PrivateBroker {
-            dir,
-            log,
-            port,
-            tls: None,
-            advertised: front.local_addr()?.port(),
-            child: None,
-        };
-        broker.restart()?;
-        broker.tls = Some(crate::tls::TlsProxy::start(front, cert, port));
         Ok(broker)
     }
 

@@ -19,6 +19,27 @@ pub use postgres::PrivatePostgres;
 pub use redis::{test_redis_url, PrivateRedis};
 pub use wait::wait_for;
 
+/// `GET {base}/metrics` (a service's admin listener, `http://host:port`) as
+/// Prometheus text.
+pub async fn scrape(base: &str) -> String {
+    let url = format!("{}/metrics", base.trim_end_matches('/'));
+    let r = reqwest::get(&url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(r.status().is_success(), "GET {url}: {}", r.status());
+    r.text().await.unwrap_or_default()
+}
+
+/// The sum of the values of the series in Prometheus `text` whose line
+/// starts with `prefix`: a metric's name, or its name and the start of its
+/// labels (`name{outcome="ok"`). 0 when there is none.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The PostgreSQL the tests use: `DLRFLOW_TEST_POSTGRES_URL`, default the
 /// local stack's database `dlrflow` (`deploy/local/stack.sh up` creates it).
 pub fn test_postgres_url() -> String {

@@ -40,6 +40,29 @@ impl TestApp {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// POSTs one Lisoloo event to `/lisoloo/webhook` as [`USER`] with
+    /// `password`; the answer's status.
+    pub async fn post_lisoloo(&self, password: &str) -> reqwest::StatusCode {
+        self.client
+            .post(self.url("/lisoloo/webhook"))
+            .header("Authorization", basic(USER, password))
+            .body(lisoloo_event(&message_id()))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    /// `GET /readyz` on the admin listener: the status.
+    pub async fn ready(&self) -> reqwest::StatusCode {
+        self.client
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
     pub async fn records(&self, expected: usize) -> Vec<Record> {
         read_topic(
             &self.brokers,
