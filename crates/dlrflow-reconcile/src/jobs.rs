@@ -70,10 +70,11 @@ ON CONFLICT (message_id) DO UPDATE
 const DEADLINE: &str =
     "(CASE rs.status WHEN 'queued' THEN $3 WHEN 'processing' THEN $4 ELSE $5 END) * interval '1 millisecond'";
 
-/// Finds the recipients the webhooks did not settle and opens a job per message.
+/// Finds the recipients the webhooks did not settle and opens a job per
+/// message: one sweep at a time across replicas (an advisory lock), each kind
+/// of candidate in its own step, all in one transaction.
 #[tracing::instrument(skip_all)]
 pub async fn sweep(pool: &PgPool, p: &SweepParams<'_>) -> sqlx::Result<Swept> {
-    let cfg = p.cfg;
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
         .bind(p.lock_name)
@@ -82,14 +83,25 @@ pub async fn sweep(pool: &PgPool, p: &SweepParams<'_>) -> sqlx::Result<Swept> {
     if !locked {
         return Ok(Swept::default());
     }
-    let mut out = Swept {
+    let out = Swept {
         ran: true,
-        ..Swept::default()
+        stuck: open_stuck(&mut tx, p).await?,
+        flagged: open_flagged(&mut tx, p).await?,
+        strict: open_strict(&mut tx, p).await?,
+        incomplete: open_incomplete(&mut tx, p).await?,
+        deleted: delete_finished(&mut tx, p).await?,
     };
+    tx.commit().await?;
+    Ok(out)
+}
 
-    // Stuck: non-terminal with no news past the deadline of its status (and
-    // past the message's scheduled time), and not read within that deadline.
-    let stuck = format!(
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Postgres>;
+
+/// Stuck: non-terminal with no news past the deadline of its status (and
+/// past the message's scheduled time), and not read within that deadline.
+async fn open_stuck(tx: &mut Tx<'_>, p: &SweepParams<'_>) -> sqlx::Result<u64> {
+    let cfg = p.cfg;
+    let sql = format!(
         r#"
 WITH cand AS (
     SELECT rs.message_id, min(rs.source) AS source, min(rs.last_event_at) AS since
@@ -112,20 +124,23 @@ INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_req
 SELECT message_id, source, 'stuck', since, now(), now() FROM cand
 {UPSERT_TAIL}"#
     );
-    out.stuck = sqlx::query(&stuck)
+    Ok(sqlx::query(&sql)
         .bind(p.sources)
         .bind(ms(cfg.max_age()))
         .bind(ms(cfg.deadline_queued()))
         .bind(ms(cfg.deadline_processing()))
         .bind(ms(cfg.deadline_sent()))
         .bind(cfg.sweep_batch)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
-        .rows_affected();
+        .rows_affected())
+}
 
-    // Flagged by dlrflow-state (conflict, or any other reason it sets): read at
-    // once unless read since the flag was set (then after conflict_reread).
-    let flagged = format!(
+/// Flagged by dlrflow-state (conflict, or any other reason it sets): read at
+/// once unless read since the flag was set (then after conflict_reread).
+async fn open_flagged(tx: &mut Tx<'_>, p: &SweepParams<'_>) -> sqlx::Result<u64> {
+    let cfg = p.cfg;
+    let sql = format!(
         r#"
 WITH cand AS (
     SELECT rs.message_id, min(rs.source) AS source,
@@ -146,60 +161,69 @@ INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_req
 SELECT message_id, source, reason, since, now(), now() FROM cand
 {UPSERT_TAIL}"#
     );
-    out.flagged = sqlx::query(&flagged)
+    Ok(sqlx::query(&sql)
         .bind(p.sources)
         .bind(ms(cfg.conflict_reread()))
         .bind(cfg.sweep_batch)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
-        .rows_affected();
+        .rows_affected())
+}
 
-    // Strict: any change since the last read, once the message is quiet.
-    if !p.strict_sources.is_empty() {
-        let strict = format!(
-            r#"
+/// Strict sources: any change since the last read, once the message is
+/// quiet. Moves the watermark on unless the batch limit left candidates.
+async fn open_strict(tx: &mut Tx<'_>, p: &SweepParams<'_>) -> sqlx::Result<u64> {
+    let cfg = p.cfg;
+    if p.strict_sources.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        r#"
 WITH cand AS (
-    SELECT rs.message_id, min(rs.source) AS source, min(rs.updated_at) AS since
-      FROM recipient_state rs
-      LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
-     WHERE rs.source = ANY($1)
-       AND rs.updated_at > greatest(now() - $3 * interval '1 millisecond',
-                                    (SELECT at FROM reconcile_watermarks WHERE name = 'strict')
-                                      - $2 * interval '1 millisecond' - interval '1 minute')
-       AND (j.message_id IS NULL
-            OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR rs.updated_at > j.last_read_at)))
-     GROUP BY rs.message_id
-    HAVING max(rs.updated_at) < now() - $2 * interval '1 millisecond'
-     ORDER BY min(rs.updated_at)
-     LIMIT $4
+SELECT rs.message_id, min(rs.source) AS source, min(rs.updated_at) AS since
+  FROM recipient_state rs
+  LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
+ WHERE rs.source = ANY($1)
+   AND rs.updated_at > greatest(now() - $3 * interval '1 millisecond',
+                                (SELECT at FROM reconcile_watermarks WHERE name = 'strict')
+                                  - $2 * interval '1 millisecond' - interval '1 minute')
+   AND (j.message_id IS NULL
+        OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR rs.updated_at > j.last_read_at)))
+ GROUP BY rs.message_id
+HAVING max(rs.updated_at) < now() - $2 * interval '1 millisecond'
+ ORDER BY min(rs.updated_at)
+ LIMIT $4
 )
 INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_requested_at)
 SELECT message_id, source, 'strict', since, now(), now() FROM cand
 {UPSERT_TAIL}"#
-        );
-        out.strict = sqlx::query(&strict)
-            .bind(p.strict_sources)
-            .bind(ms(cfg.debounce()))
-            .bind(ms(cfg.max_age()))
-            .bind(cfg.sweep_batch)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        // Next sweeps only look at changes since this one (minus the debounce
-        // and a minute of slack for transactions committing late) — unless this
-        // sweep hit its batch limit and left candidates behind.
-        if out.strict < u64::try_from(cfg.sweep_batch).unwrap_or(u64::MAX) {
-            sqlx::query(
-                "INSERT INTO reconcile_watermarks (name, at) VALUES ('strict', now())
-                 ON CONFLICT (name) DO UPDATE SET at = excluded.at",
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
+    );
+    let opened = sqlx::query(&sql)
+        .bind(p.strict_sources)
+        .bind(ms(cfg.debounce()))
+        .bind(ms(cfg.max_age()))
+        .bind(cfg.sweep_batch)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    // Next sweeps only look at changes since this one (minus the debounce
+    // and a minute of slack for transactions committing late) — unless this
+    // sweep hit its batch limit and left candidates behind.
+    if opened < u64::try_from(cfg.sweep_batch).unwrap_or(u64::MAX) {
+        sqlx::query(
+            "INSERT INTO reconcile_watermarks (name, at) VALUES ('strict', now())
+             ON CONFLICT (name) DO UPDATE SET at = excluded.at",
+        )
+        .execute(&mut **tx)
+        .await?;
     }
+    Ok(opened)
+}
 
-    // Incomplete: the message announced more recipients than we have seen.
-    let incomplete = format!(
+/// Incomplete: the message announced more recipients than we have seen.
+async fn open_incomplete(tx: &mut Tx<'_>, p: &SweepParams<'_>) -> sqlx::Result<u64> {
+    let cfg = p.cfg;
+    let sql = format!(
         r#"
 WITH cand AS (
     SELECT m.message_id, m.source, coalesce(m.queued_at, m.first_seen_at) AS since
@@ -221,25 +245,25 @@ INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_req
 SELECT message_id, source, 'incomplete', since, now(), now() FROM cand
 {UPSERT_TAIL}"#
     );
-    out.incomplete = sqlx::query(&incomplete)
+    Ok(sqlx::query(&sql)
         .bind(p.sources)
         .bind(ms(cfg.incomplete_after()))
         .bind(ms(cfg.max_age()))
         .bind(cfg.sweep_batch)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
-        .rows_affected();
+        .rows_affected())
+}
 
-    out.deleted = sqlx::query(
+/// Forgets jobs finished longer ago than `job_retention`.
+async fn delete_finished(tx: &mut Tx<'_>, p: &SweepParams<'_>) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
         "DELETE FROM reconcile_jobs WHERE done_at IS NOT NULL AND done_at < now() - $1 * interval '1 millisecond'",
     )
-    .bind(ms(cfg.job_retention()))
-    .execute(&mut *tx)
+    .bind(ms(p.cfg.job_retention()))
+    .execute(&mut **tx)
     .await?
-    .rows_affected();
-
-    tx.commit().await?;
-    Ok(out)
+    .rows_affected())
 }
 
 /// The backlog gauges.

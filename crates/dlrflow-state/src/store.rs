@@ -14,13 +14,13 @@ use dlrflow_events::{
 };
 use sqlx::migrate::Migrator;
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use uuid::Uuid;
 
 /// Migrations 1..999 of this crate. dlrflow-reconcile keeps its own, numbered
 /// from 1000, in the same `_sqlx_migrations` table: each side ignores the
 /// other's versions.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
+pub use crate::record::{Applied, Outcome};
 pub use dlrflow_events::{update_id, UPDATE_ID_NAMESPACE};
 
 /// A PostgreSQL failure; [`StoreError::is_record_error`] tells whether the
@@ -86,54 +86,6 @@ pub struct Incoming<'a> {
     pub raw: Option<&'a str>,
     /// When the ingest received it (`received-at` header).
     pub received_at: Option<DateTime<Utc>>,
-}
-
-/// What happened to one record of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Its dedupe key was already recorded (earlier, or earlier in this batch).
-    Duplicate,
-    /// New, but it changed nothing.
-    Unchanged,
-    /// It changed the recipient's state (an analytics record was written).
-    Applied,
-    /// A second terminal status: the recipient was flagged for reconcile (an
-    /// analytics record was written).
-    Conflict,
-    /// A message-level update (changed or not).
-    Message,
-    /// The message belongs to another source: nothing was written (the
-    /// consumer dead-letters the record). A source can never change another
-    /// source's message.
-    Foreign,
-}
-
-impl Outcome {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Duplicate => "duplicate",
-            Outcome::Unchanged => "unchanged",
-            Outcome::Applied => "applied",
-            Outcome::Conflict => "conflict",
-            Outcome::Message => "message",
-            Outcome::Foreign => "foreign",
-        }
-    }
-}
-
-/// One change written to `recipient_state` and to the outbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Applied {
-    /// Stable id of the analytics record: UUIDv5 over dedupe key and recipient.
-    pub update_id: Uuid,
-    pub dedupe_key: String,
-    /// [`Outcome::Applied`] or [`Outcome::Conflict`].
-    pub outcome: Outcome,
-    pub previous_status: Option<Status>,
-    /// The recipient's state after this update.
-    pub state: RecipientState,
-    /// `recipient_state.version` after this update (1 for a new recipient).
-    pub version: i64,
 }
 
 /// The result of [`apply_batch`]: one outcome per input, in input order, and
@@ -203,17 +155,54 @@ pub async fn apply_batch(
     if items.is_empty() {
         return Ok(result);
     }
+    lock_recipients(tx, items).await?;
+    let mut seen = recorded_keys(tx, items).await?;
+    let fresh: Vec<usize> = (0..items.len())
+        .filter(|&i| !seen.contains(items[i].event.dedupe_key()))
+        .collect();
+    if fresh.is_empty() {
+        return Ok(result);
+    }
+    let fresh = claim_messages(tx, items, fresh, &mut seen, &mut result.outcomes).await?;
+    if fresh.is_empty() {
+        return Ok(result);
+    }
+    let (mut current, source_of) = load_recipients(tx, items, &fresh).await?;
+    let (touched, message_updates) = merge_in_order(items, &fresh, &mut current, &mut result);
+    if !touched.is_empty() {
+        write_recipients(tx, &touched, &current, &source_of).await?;
+    }
+    if !message_updates.is_empty() {
+        write_messages(tx, &message_updates).await?;
+    }
+    record_events(tx, items, &fresh, &result.outcomes).await?;
+    write_outbox(tx, items, &fresh, &result).await?;
+    Ok(result)
+}
 
-    // 1. Serialize with any other writer of the same recipients (another
-    //    replica during a rebalance, reconcile): advisory locks in one global
-    //    order, before anything else, so writers never wait on each other in a
-    //    cycle. The same dedupe key always belongs to the same recipient, so
-    //    the dedupe check below is race-free once these are held.
+/// The message and recipient an input is about ("" for a message-level one),
+/// and its source.
+fn subject(event: &Event) -> (&str, &str, &str) {
+    match event {
+        Event::Recipient(u) => (&u.message_id, &u.recipient, &u.source),
+        Event::Message(m) => (&m.message_id, "", &m.source),
+    }
+}
+
+/// Serializes with any other writer of the same recipients (another replica
+/// during a rebalance, reconcile): advisory locks in one global order, before
+/// anything else, so writers never wait on each other in a cycle. The same
+/// dedupe key always belongs to the same recipient, so the dedupe check is
+/// race-free once these are held.
+async fn lock_recipients(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+) -> Result<(), StoreError> {
     let mut locks: Vec<i64> = items
         .iter()
-        .map(|i| match i.event {
-            Event::Recipient(u) => lock_key(&u.message_id, &u.recipient),
-            Event::Message(m) => lock_key(&m.message_id, ""),
+        .map(|i| {
+            let (message_id, recipient, _) = subject(i.event);
+            lock_key(message_id, recipient)
         })
         .collect();
     locks.sort_unstable();
@@ -222,81 +211,90 @@ pub async fn apply_batch(
         .bind(&locks)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
 
-    // 2. Durable dedupe: which keys are already recorded.
+/// The durable dedupe: which of the batch's keys are already recorded.
+async fn recorded_keys(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+) -> Result<HashSet<String>, StoreError> {
     let keys: Vec<&str> = items.iter().map(|i| i.event.dedupe_key()).collect();
-    let seen_rows =
-        sqlx::query("SELECT dedupe_key FROM delivery_events WHERE dedupe_key = ANY($1)")
-            .bind(&keys)
-            .fetch_all(&mut **tx)
-            .await?;
-    let mut seen: HashSet<String> = seen_rows.iter().map(|r| r.get::<String, _>(0)).collect();
-    let fresh: Vec<usize> = (0..items.len())
-        .filter(|&i| !seen.contains(items[i].event.dedupe_key()))
-        .collect();
-    if fresh.is_empty() {
-        return Ok(result);
-    }
+    let rows = sqlx::query("SELECT dedupe_key FROM delivery_events WHERE dedupe_key = ANY($1)")
+        .bind(&keys)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+}
 
-    // 3. Every message touched has a `messages` row (sorted: one lock order).
+/// Gives every message touched a `messages` row (sorted: one lock order),
+/// then keeps the inputs of the source that owns their message (tenant
+/// isolation: another source's input is [`Outcome::Foreign`], changes
+/// nothing and is not recorded), each dedupe key once.
+async fn claim_messages(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+    fresh: Vec<usize>,
+    seen: &mut HashSet<String>,
+    outcomes: &mut [Outcome],
+) -> Result<Vec<usize>, StoreError> {
     let mut msgs: Vec<(&str, &str, &str)> = Vec::new();
-    {
-        let mut ids = BTreeSet::new();
-        for &i in &fresh {
-            let it = &items[i];
-            let (id, source) = match it.event {
-                Event::Recipient(u) => (u.message_id.as_str(), u.source.as_str()),
-                Event::Message(m) => (m.message_id.as_str(), m.source.as_str()),
-            };
-            if ids.insert(id) {
-                msgs.push((id, source, it.provider));
-            }
+    let mut ids = BTreeSet::new();
+    for &i in &fresh {
+        let (id, _, source) = subject(items[i].event);
+        if ids.insert(id) {
+            msgs.push((id, source, items[i].provider));
         }
-        msgs.sort_unstable_by(|a, b| a.0.cmp(b.0));
     }
+    msgs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let ids: Vec<&str> = msgs.iter().map(|m| m.0).collect();
     sqlx::query(
         "INSERT INTO messages (message_id, source, provider) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (message_id) DO NOTHING",
     )
-    .bind(msgs.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(&ids)
     .bind(msgs.iter().map(|m| m.1).collect::<Vec<_>>())
     .bind(msgs.iter().map(|m| m.2).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
-
-    // 3b. Tenant isolation: a message belongs to the source that created it.
-    //     An event of another source changes nothing and is not recorded.
     let owners: HashMap<String, String> =
         sqlx::query_as("SELECT message_id, source FROM messages WHERE message_id = ANY($1)")
-            .bind(msgs.iter().map(|m| m.0).collect::<Vec<_>>())
+            .bind(&ids)
             .fetch_all(&mut **tx)
             .await?
             .into_iter()
             .collect();
-    let fresh: Vec<usize> = fresh
+    Ok(fresh
         .into_iter()
         .filter(|&i| {
-            let (id, source) = match items[i].event {
-                Event::Recipient(u) => (&u.message_id, &u.source),
-                Event::Message(m) => (&m.message_id, &m.source),
-            };
+            let (id, _, source) = subject(items[i].event);
             if owners.get(id).is_some_and(|owner| owner != source) {
-                result.outcomes[i] = Outcome::Foreign;
+                outcomes[i] = Outcome::Foreign;
                 return false;
             }
             // Only now the in-batch dedupe, so that a foreign record can never
             // hide a genuine one that carries the same key.
             seen.insert(items[i].event.dedupe_key().to_owned())
         })
-        .collect();
-    if fresh.is_empty() {
-        return Ok(result);
-    }
+        .collect())
+}
 
-    // 4. Load the current recipient rows.
+/// The current recipient rows (locked), by (message, recipient).
+type Current = HashMap<(String, String), (RecipientState, i64)>;
+/// The recipients a batch changed, by (message, recipient).
+type Touched = BTreeSet<(String, String)>;
+/// The source and provider a new recipient row gets.
+type SourceOf<'a> = HashMap<(&'a str, &'a str), (&'a str, &'a str)>;
+
+/// Loads, and locks, the rows of the recipients the fresh inputs are about.
+async fn load_recipients<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &'a [Incoming<'a>],
+    fresh: &[usize],
+) -> Result<(Current, SourceOf<'a>), StoreError> {
     let mut pairs: BTreeSet<(&str, &str)> = BTreeSet::new();
-    let mut source_of: HashMap<(&str, &str), (&str, &str)> = HashMap::new();
-    for &i in &fresh {
+    let mut source_of: SourceOf<'a> = HashMap::new();
+    for &i in fresh {
         if let Event::Recipient(u) = items[i].event {
             pairs.insert((&u.message_id, &u.recipient));
             source_of
@@ -304,95 +302,100 @@ pub async fn apply_batch(
                 .or_insert((&u.source, items[i].provider));
         }
     }
-    let mut current: HashMap<(String, String), (RecipientState, i64)> = HashMap::new();
-    if !pairs.is_empty() {
-        let rows = sqlx::query(
-            "SELECT r.message_id, r.recipient, r.status, r.queued_at, r.processing_at, r.sent_at, \
-                    r.delivered_at, r.failed_at, r.carrier, r.error_code, r.error_message, r.retryable, \
-                    r.segments, r.last_event_at, r.needs_reconcile, r.reconcile_reason, r.version \
-             FROM recipient_state r \
-             JOIN unnest($1::text[], $2::text[]) AS k(m, p) ON r.message_id = k.m AND r.recipient = k.p \
-             ORDER BY r.message_id, r.recipient \
-             FOR UPDATE OF r",
-        )
-        .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
-        .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
-        .fetch_all(&mut **tx)
-        .await?;
-        for row in &rows {
-            let (state, version) = state_from_row(row)?;
-            current.insert(
-                (state.message_id.clone(), state.recipient.clone()),
-                (state, version),
-            );
-        }
+    let mut current = Current::new();
+    if pairs.is_empty() {
+        return Ok((current, source_of));
     }
+    let rows = sqlx::query(
+        "SELECT r.message_id, r.recipient, r.status, r.queued_at, r.processing_at, r.sent_at, \
+                r.delivered_at, r.failed_at, r.carrier, r.error_code, r.error_message, r.retryable, \
+                r.segments, r.last_event_at, r.needs_reconcile, r.reconcile_reason, r.version \
+         FROM recipient_state r \
+         JOIN unnest($1::text[], $2::text[]) AS k(m, p) ON r.message_id = k.m AND r.recipient = k.p \
+         ORDER BY r.message_id, r.recipient \
+         FOR UPDATE OF r",
+    )
+    .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
+    .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let (state, version) = state_from_row(row)?;
+        current.insert(
+            (state.message_id.clone(), state.recipient.clone()),
+            (state, version),
+        );
+    }
+    Ok((current, source_of))
+}
 
-    // 5. Merge in input order.
-    let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
+/// Merges the fresh inputs in input order into `current`, filling in each
+/// outcome and change; returns the recipients changed and the
+/// message-level inputs.
+fn merge_in_order<'a>(
+    items: &'a [Incoming<'a>],
+    fresh: &[usize],
+    current: &mut Current,
+    result: &mut BatchResult,
+) -> (Touched, Vec<(usize, &'a MessageUpdate)>) {
+    let mut touched = Touched::new();
     let mut message_updates: Vec<(usize, &MessageUpdate)> = Vec::new();
-    for &i in &fresh {
-        match items[i].event {
+    for &i in fresh {
+        let u = match items[i].event {
             Event::Message(m) => {
                 message_updates.push((i, m));
                 result.outcomes[i] = Outcome::Message;
+                continue;
             }
-            Event::Recipient(u) => {
-                let key = (u.message_id.clone(), u.recipient.clone());
-                let cur = current.get(&key);
-                let outcome = merge(cur.map(|c| &c.0), u);
-                let version = cur.map_or(0, |c| c.1) + 1;
-                let (state, previous_status, kind) = match outcome {
-                    MergeOutcome::Unchanged => {
-                        result.outcomes[i] = Outcome::Unchanged;
-                        continue;
-                    }
-                    MergeOutcome::Applied {
-                        state,
-                        previous_status,
-                    } => (state, previous_status, Outcome::Applied),
-                    MergeOutcome::Conflict { state } => {
-                        let prev = Some(state.status);
-                        (state, prev, Outcome::Conflict)
-                    }
-                };
-                result.outcomes[i] = kind;
-                result.applied.push(Applied {
-                    update_id: update_id(&u.dedupe_key, &u.recipient),
-                    dedupe_key: u.dedupe_key.clone(),
-                    outcome: kind,
-                    previous_status,
-                    state: state.clone(),
-                    version,
-                });
-                touched.insert(key.clone());
-                current.insert(key, (state, version));
+            Event::Recipient(u) => u,
+        };
+        let key = (u.message_id.clone(), u.recipient.clone());
+        let cur = current.get(&key);
+        let version = cur.map_or(0, |c| c.1) + 1;
+        let (state, previous_status, kind) = match merge(cur.map(|c| &c.0), u) {
+            MergeOutcome::Unchanged => {
+                result.outcomes[i] = Outcome::Unchanged;
+                continue;
             }
-        }
+            MergeOutcome::Applied {
+                state,
+                previous_status,
+            } => (state, previous_status, Outcome::Applied),
+            MergeOutcome::Conflict { state } => {
+                let prev = Some(state.status);
+                (state, prev, Outcome::Conflict)
+            }
+        };
+        result.outcomes[i] = kind;
+        result.applied.push(Applied {
+            update_id: update_id(&u.dedupe_key, &u.recipient),
+            dedupe_key: u.dedupe_key.clone(),
+            outcome: kind,
+            previous_status,
+            state: state.clone(),
+            version,
+        });
+        touched.insert(key.clone());
+        current.insert(key, (state, version));
     }
+    (touched, message_updates)
+}
 
-    // 6. Write the recipient rows that changed.
-    if !touched.is_empty() {
-        write_recipients(tx, &touched, &current, &source_of).await?;
-    }
-
-    // 7. Message-level facts.
-    if !message_updates.is_empty() {
-        write_messages(tx, &message_updates).await?;
-    }
-
-    // 8. The durable dedupe record of every fresh input.
+/// The durable dedupe record of every fresh input, with its outcome and the
+/// input as received.
+async fn record_events(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+    fresh: &[usize],
+    outcomes: &[Outcome],
+) -> Result<(), StoreError> {
     let mut ev = EventRows::default();
-    for &i in &fresh {
+    for &i in fresh {
         let it = &items[i];
-        let (message_id, recipient, source, status) = match it.event {
-            Event::Recipient(u) => (
-                &u.message_id,
-                Some(u.recipient.as_str()),
-                &u.source,
-                Some(u.status.as_str()),
-            ),
-            Event::Message(m) => (&m.message_id, None, &m.source, None),
+        let (message_id, recipient, source) = subject(it.event);
+        let (recipient, status) = match it.event {
+            Event::Recipient(u) => (Some(recipient), Some(u.status.as_str())),
+            Event::Message(_) => (None, None),
         };
         ev.key.push(it.event.dedupe_key());
         ev.message_id.push(message_id);
@@ -404,7 +407,7 @@ pub async fn apply_batch(
         // record that parsed as JSON contains; refuse it anyway.
         ev.raw.push(it.raw.filter(|r| !r.contains('\0')));
         ev.received_at.push(it.received_at);
-        ev.outcome.push(result.outcomes[i].as_str());
+        ev.outcome.push(outcomes[i].as_str());
     }
     sqlx::query(
         "INSERT INTO delivery_events (dedupe_key, message_id, recipient, source, provider, status, raw, received_at, outcome) \
@@ -424,36 +427,47 @@ pub async fn apply_batch(
     .bind(&ev.outcome)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
 
-    // 9. The outbox.
-    if !result.applied.is_empty() {
-        let now = Utc::now();
-        let mut ids = Vec::with_capacity(result.applied.len());
-        let mut mids = Vec::with_capacity(result.applied.len());
-        let mut payloads = Vec::with_capacity(result.applied.len());
-        for (a, &i) in result.applied.iter().zip(
-            fresh
-                .iter()
-                .filter(|&&i| matches!(result.outcomes[i], Outcome::Applied | Outcome::Conflict)),
-        ) {
-            let Event::Recipient(u) = items[i].event else {
-                continue;
-            };
-            ids.push(a.update_id);
-            mids.push(a.state.message_id.as_str());
-            payloads.push(crate::analytics::payload(a, u, items[i].provider, now));
-        }
-        sqlx::query(
-            "INSERT INTO delivery_outbox (update_id, message_id, payload) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) ON CONFLICT (update_id) DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(&mids)
-        .bind(&payloads)
-        .execute(&mut **tx)
-        .await?;
+/// One outbox row (the `dlrflow.delivery.v1` record) per change.
+async fn write_outbox(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+    fresh: &[usize],
+    result: &BatchResult,
+) -> Result<(), StoreError> {
+    if result.applied.is_empty() {
+        return Ok(());
     }
-    Ok(result)
+    let now = Utc::now();
+    let n = result.applied.len();
+    let (mut ids, mut mids, mut payloads) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let changed = fresh
+        .iter()
+        .filter(|&&i| matches!(result.outcomes[i], Outcome::Applied | Outcome::Conflict));
+    for (a, &i) in result.applied.iter().zip(changed) {
+        let Event::Recipient(u) = items[i].event else {
+            continue;
+        };
+        ids.push(a.update_id);
+        mids.push(a.state.message_id.as_str());
+        payloads.push(crate::record::payload(a, u, items[i].provider, now));
+    }
+    sqlx::query(
+        "INSERT INTO delivery_outbox (update_id, message_id, payload) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) ON CONFLICT (update_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&mids)
+    .bind(&payloads)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 #[derive(Default)]

@@ -9,9 +9,8 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use common::{count, spawn_app, wait_count, Env};
 use dlrflow_events::{DeliveryUpdate, Provider, RecipientState, Status};
-use dlrflow_state::analytics::{
-    self, payload, Relay, RelayHealth, RelayLimits, Round, MAX_CUSTOM_PAYLOAD_BYTES, MAX_TEXT_BYTES,
-};
+use dlrflow_state::analytics::{self, Relay, RelayHealth, RelayLimits, Round};
+use dlrflow_state::record::{payload, MAX_CUSTOM_PAYLOAD_BYTES, MAX_TEXT_BYTES};
 use dlrflow_state::{Applied, Outcome};
 use dlrflow_testkit::scenario::{produce_raw, producer, RawRecord};
 use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
