@@ -133,11 +133,7 @@ async fn sighup_reloads_the_sources_file() {
         StatusCode::UNAUTHORIZED,
         "reloaded without a signal"
     );
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    dlrflow_testkit::sighup_self();
     dlrflow_testkit::wait_for(BOUND, || async {
         (post(&app, PASS_NEW).await == StatusCode::NO_CONTENT).then_some(())
     })

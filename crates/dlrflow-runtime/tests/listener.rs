@@ -279,11 +279,7 @@ async fn sighup_reloads_the_certificate() {
         answers(&trusts_two, &url).await.is_err(),
         "reloaded without a signal"
     );
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    dlrflow_testkit::sighup_self();
     wait_for(BOUND, || async { answers(&trusts_two, &url).await.ok() })
         .await
         .expect("SIGHUP makes the new certificate served");

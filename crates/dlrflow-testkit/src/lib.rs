@@ -40,6 +40,16 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// Sends SIGHUP to this test process (the reload signal of a service run
+/// inside it).
+pub fn sighup_self() {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -HUP failed");
+}
+
 /// The PostgreSQL the tests use: `DLRFLOW_TEST_POSTGRES_URL`, default the
 /// local stack's database `dlrflow` (`deploy/local/stack.sh up` creates it).
 pub fn test_postgres_url() -> String {
