@@ -568,6 +568,32 @@ impl Pipeline {
         self.services[name].admin_url()
     }
 
+    /// `GET {path}` on the admin listener of `name` until it answers 200
+    /// (a probe may time out once on a loaded machine), within 20 s; then
+    /// the body. A service that keeps answering otherwise fails the test
+    /// with its last answer (for `/readyz`: its reasons).
+    pub async fn admin_get_ok(&self, name: &str, path: &str) -> String {
+        let url = format!("{}{path}", self.admin_url(name));
+        let client = reqwest::Client::new();
+        let last = std::sync::Mutex::new(String::new());
+        let body = dlrflow_testkit::wait_for(Duration::from_secs(20), || async {
+            let answer = match client.get(&url).send().await {
+                Ok(r) => (r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => {
+                    *last.lock().unwrap() = e.to_string();
+                    return None;
+                }
+            };
+            if answer.0.is_success() {
+                return Some(answer.1);
+            }
+            *last.lock().unwrap() = format!("{} {}", answer.0, answer.1);
+            None
+        })
+        .await;
+        body.unwrap_or_else(|| panic!("{url}: {}", last.lock().unwrap()))
+    }
+
     /// SIGKILL `name` (it stays down until [`Pipeline::restart`]).
     pub fn kill9(&mut self, name: &str) {
         if let Some(s) = self.services.get_mut(name) {
