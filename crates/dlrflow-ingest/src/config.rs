@@ -184,10 +184,7 @@ impl SourceConfig {
 impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg: Config = config::load(DEFAULTS, file)?;
-        cfg.register_secrets();
-        cfg.validate()?;
-        Ok(cfg)
+        config::load_service(DEFAULTS, file, Self::register_secrets, Self::validate)
     }
 
     /// The largest request body: `http.body_limit_bytes`, or the record limit

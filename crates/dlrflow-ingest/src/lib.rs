@@ -124,16 +124,10 @@ impl App {
         Ok(App { service, state })
     }
 
-    /// The public listener (`http.listen`).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.service
-            .public_addr()
-            .expect("validated: http.listen is set")
-    }
-
-    /// The admin listener (`http.admin_listen`): `/healthz`, `/readyz`, `/metrics`.
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.service.admin_addr()
+    /// The service skeleton: its listeners' addresses (`public_addr()`,
+    /// `admin_addr()`), its lifecycle.
+    pub fn service(&self) -> &Service {
+        &self.service
     }
 
     pub fn state(&self) -> AppState {

@@ -2,18 +2,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use dlrflow_runtime::cli::ConfigArgs;
-
-/// dlrflow-ingest: receives gateway webhooks and makes them durable in Kafka.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(flatten)]
-    config: ConfigArgs,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
+use clap::Subcommand;
+use dlrflow_runtime::cli::Cli;
 
 #[derive(Subcommand)]
 enum Command {
@@ -36,14 +26,13 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    dlrflow_runtime::telemetry::init_logs();
-    dlrflow_runtime::cli::exit("dlrflow-ingest", run(cli).await)
+const ABOUT: &str = "dlrflow-ingest: receives gateway webhooks and makes them durable in Kafka.";
+
+fn main() -> ExitCode {
+    dlrflow_runtime::cli::main("dlrflow-ingest", ABOUT, run)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli<Command>) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Config => {
             let cfg = dlrflow_ingest::Config::load(cli.config.config.as_deref())?;

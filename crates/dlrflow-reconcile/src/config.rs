@@ -160,10 +160,7 @@ fn secs(v: u64) -> Duration {
 impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg: Config = config::load(DEFAULTS, file)?;
-        cfg.register_secrets();
-        cfg.validate()?;
-        Ok(cfg)
+        config::load_service(DEFAULTS, file, Self::register_secrets, Self::validate)
     }
 
     /// The embedded defaults, unvalidated (tests fill in the rest).

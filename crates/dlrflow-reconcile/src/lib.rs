@@ -19,7 +19,6 @@ mod telemetry;
 mod worker;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -169,10 +168,10 @@ impl App {
         Ok(App { service, state })
     }
 
-    /// The admin listener (`http.admin_listen`): `/healthz`, `/readyz`,
-    /// `/metrics`; the reconciler has no public routes.
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.service.admin_addr()
+    /// The service skeleton: its listeners' addresses (`admin_addr()`; the reconciler
+    /// has no public routes), its lifecycle.
+    pub fn service(&self) -> &Service {
+        &self.service
     }
 
     pub fn state(&self) -> AppState {

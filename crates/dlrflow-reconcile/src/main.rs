@@ -1,18 +1,7 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use dlrflow_runtime::cli::ConfigArgs;
-
-/// dlrflow-reconcile: fixes unsettled recipients from the gateway's status API
-/// within the shared read budget.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(flatten)]
-    config: ConfigArgs,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
+use clap::Subcommand;
+use dlrflow_runtime::cli::Cli;
 
 #[derive(Subcommand)]
 enum Command {
@@ -22,14 +11,13 @@ enum Command {
     Config,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    dlrflow_runtime::telemetry::init_logs();
-    dlrflow_runtime::cli::exit("dlrflow-reconcile", run(cli).await)
+const ABOUT: &str = "dlrflow-reconcile: fixes unsettled recipients from the gateway's status API within the shared read budget.";
+
+fn main() -> ExitCode {
+    dlrflow_runtime::cli::main("dlrflow-reconcile", ABOUT, run)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli<Command>) -> anyhow::Result<()> {
     let cfg = dlrflow_reconcile::Config::load(cli.config.config.as_deref())?;
     if let Some(Command::Config) = cli.command {
         return dlrflow_runtime::cli::print_config(&cfg);

@@ -2,6 +2,7 @@
 //! command that prints the effective configuration, and one way to end with
 //! an error.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,6 +15,46 @@ pub struct ConfigArgs {
     /// variables `DLRFLOW_…` override it.
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+}
+
+/// A binary's command line: `--config` and an optional command of the
+/// binary's own (`None`: its default, `serve`).
+#[derive(Debug, clap::Parser)]
+pub struct Cli<C: clap::Subcommand> {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(subcommand)]
+    pub command: Option<C>,
+}
+
+/// A binary's `main`: parses the command line (`--help`, `--version` and a
+/// usage error end here), sets up the JSON logs, runs `run` on a
+/// multi-thread Tokio runtime and ends with [`exit`]. `about` is the first
+/// line of `--help`; the version is the workspace's.
+pub fn main<C, F>(
+    binary: &'static str,
+    about: &'static str,
+    run: impl FnOnce(Cli<C>) -> F,
+) -> ExitCode
+where
+    C: clap::Subcommand,
+    F: Future<Output = anyhow::Result<()>>,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::<C>::command()
+        .name(binary)
+        .bin_name(binary)
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(about)
+        .get_matches();
+    let cli = Cli::<C>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    crate::telemetry::init_logs();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    exit(binary, result)
 }
 
 /// Prints the effective configuration (defaults, then the file, then the

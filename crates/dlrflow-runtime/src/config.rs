@@ -46,6 +46,21 @@ impl ConfigError {
 /// one instead of a bare "unknown setting".
 const RENAMED: &[(&str, &str)] = &[("postgres.pool_size", "postgres.max_connections")];
 
+/// A service's whole load: [`load`], then every secret registered with
+/// [`crate::redact`] (so nothing printed from now on shows one), then the
+/// service's own validation. What each binary's `Config::load` is.
+pub fn load_service<T: DeserializeOwned + Serialize>(
+    defaults: &str,
+    file: Option<&Path>,
+    register_secrets: impl FnOnce(&T),
+    validate: impl FnOnce(&T) -> Result<(), ConfigError>,
+) -> Result<T, ConfigError> {
+    let cfg: T = load(defaults, file)?;
+    register_secrets(&cfg);
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
 /// Loads `T` from embedded defaults, an optional file and the environment.
 ///
 /// A value that cannot be read is named by its key, never shown: it may be

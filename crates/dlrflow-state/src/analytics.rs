@@ -239,31 +239,6 @@ pub struct Relay {
     pub health: RelayHealth,
 }
 
-/// Publishes outbox rows until `shutdown`; `wake` shortens the idle wait after
-/// the consumer committed new rows. The same as [`Relay::run`] with a health
-/// nobody reads.
-pub async fn run_relay(
-    pool: PgPool,
-    producer: FutureProducer,
-    topic: String,
-    cfg: OutboxConfig,
-    produce_timeout: Duration,
-    wake: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    Relay {
-        pool,
-        producer,
-        topic,
-        cfg,
-        produce_timeout,
-        wake,
-        health: RelayHealth::default(),
-    }
-    .run(shutdown)
-    .await;
-}
-
 /// How often the relay measures its backlog for [`RelayHealth`].
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -393,16 +368,10 @@ pub async fn relay_once(
         tx.rollback().await?;
         return Ok(Round::default());
     }
-    struct Row {
-        id: i64,
-        update_id: String,
-        key: String,
-        payload: String,
-    }
     let rows = rows
         .iter()
         .map(|r| {
-            Ok(Row {
+            Ok(OutboxRow {
                 id: r.try_get(0)?,
                 update_id: r.try_get(1)?,
                 key: r.try_get(2)?,
@@ -465,55 +434,10 @@ pub async fn relay_once(
             Fate::Published => published.push(row.id),
             Fate::Pending => {}
             Fate::Refused(reason) => {
-                let bytes = row.payload.len();
-                match rebound(&row.payload).filter(|p| p.len() + row.key.len() <= MAX_RECORD_BYTES)
-                {
-                    Some(bounded) => {
-                        // Published by the next round, like any other row.
-                        sqlx::query("UPDATE delivery_outbox SET payload = $2 WHERE id = $1")
-                            .bind(row.id)
-                            .bind(&bounded)
-                            .execute(&mut *tx)
-                            .await?;
-                        round.rebounded += 1;
-                        metrics::counter!("dlrflow_state_outbox_rebounded_total", "reason" => *reason)
-                            .increment(1);
-                        tracing::warn!(
-                            outbox_id = row.id,
-                            update_id = %row.update_id,
-                            message_id = %truncate_utf8(&row.key, 128),
-                            reason = *reason,
-                            bytes,
-                            bounded_bytes = bounded.len(),
-                            "outbox record refused; re-rendered within the field bounds"
-                        );
-                    }
-                    None => {
-                        let stub = json!({
-                            "schema": SCHEMA,
-                            "update_id": row.update_id,
-                            "dropped": {"reason": reason, "bytes": bytes, "at": ts(Some(Utc::now()))},
-                        })
-                        .to_string();
-                        sqlx::query(
-                            "UPDATE delivery_outbox SET payload = $2, published_at = now() WHERE id = $1",
-                        )
-                        .bind(row.id)
-                        .bind(&stub)
-                        .execute(&mut *tx)
-                        .await?;
-                        round.dropped += 1;
-                        metrics::counter!("dlrflow_state_outbox_dropped_total", "reason" => *reason)
-                            .increment(1);
-                        tracing::warn!(
-                            outbox_id = row.id,
-                            update_id = %row.update_id,
-                            message_id = %truncate_utf8(&row.key, 128),
-                            reason = *reason,
-                            bytes,
-                            "outbox record refused and cannot be repaired; dropped (not published)"
-                        );
-                    }
+                if repair_refused(&mut tx, row, reason).await? {
+                    round.rebounded += 1;
+                } else {
+                    round.dropped += 1;
                 }
             }
         }
@@ -533,4 +457,66 @@ pub async fn relay_once(
         Some(e) => Err(e),
         None => Ok(round),
     }
+}
+
+/// One unpublished outbox row: its record's key and payload.
+struct OutboxRow {
+    id: i64,
+    update_id: String,
+    key: String,
+    payload: String,
+}
+
+/// A row the broker refused for good (`reason`): re-rendered within the
+/// field bounds when that fits a record (the next round publishes it like any
+/// other; `true`), else replaced by a stub naming the reason and size and
+/// marked published, so it cannot block the relay (`false`, dropped). Either
+/// way one WARN line without the record's text, and a counter by reason.
+async fn repair_refused(
+    tx: &mut sqlx::PgConnection,
+    row: &OutboxRow,
+    reason: &'static str,
+) -> Result<bool, sqlx::Error> {
+    let bytes = row.payload.len();
+    let bounded = rebound(&row.payload).filter(|p| p.len() + row.key.len() <= MAX_RECORD_BYTES);
+    let repaired = bounded.is_some();
+    let payload = bounded.unwrap_or_else(|| {
+        json!({
+            "schema": SCHEMA,
+            "update_id": row.update_id,
+            "dropped": {"reason": reason, "bytes": bytes, "at": ts(Some(Utc::now()))},
+        })
+        .to_string()
+    });
+    sqlx::query(
+        "UPDATE delivery_outbox SET payload = $2, \
+         published_at = CASE WHEN $3 THEN published_at ELSE now() END WHERE id = $1",
+    )
+    .bind(row.id)
+    .bind(&payload)
+    .bind(repaired)
+    .execute(&mut *tx)
+    .await?;
+    let (counter, outcome) = if repaired {
+        (
+            "dlrflow_state_outbox_rebounded_total",
+            "re-rendered within the field bounds",
+        )
+    } else {
+        (
+            "dlrflow_state_outbox_dropped_total",
+            "cannot be repaired; dropped (not published)",
+        )
+    };
+    metrics::counter!(counter, "reason" => reason).increment(1);
+    tracing::warn!(
+        outbox_id = row.id,
+        update_id = %row.update_id,
+        message_id = %truncate_utf8(&row.key, 128),
+        reason,
+        bytes,
+        new_bytes = payload.len(),
+        "outbox record refused; {outcome}"
+    );
+    Ok(repaired)
 }

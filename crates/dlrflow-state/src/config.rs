@@ -139,10 +139,7 @@ pub struct OutboxConfig {
 impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg: Config = config::load(DEFAULTS, file)?;
-        cfg.register_secrets();
-        cfg.validate()?;
-        Ok(cfg)
+        config::load_service(DEFAULTS, file, Self::register_secrets, Self::validate)
     }
 
     /// Loads the defaults only (plus the environment), for tests and tools.

@@ -23,7 +23,6 @@ pub mod record;
 pub mod replay;
 pub mod store;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -110,16 +109,10 @@ impl App {
         })
     }
 
-    /// The public listener (`http.listen`).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.service
-            .public_addr()
-            .expect("validated: http.listen is set")
-    }
-
-    /// The admin listener (`http.admin_listen`): `/healthz`, `/readyz`, `/metrics`.
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.service.admin_addr()
+    /// The service skeleton: its listeners' addresses (`public_addr()`,
+    /// `admin_addr()`), its lifecycle.
+    pub fn service(&self) -> &Service {
+        &self.service
     }
 
     pub fn pool(&self) -> PgPool {

@@ -1,19 +1,8 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use dlrflow_runtime::cli::ConfigArgs;
-
-/// dlrflow-state: raw webhook topic → deduped per-recipient delivery state in
-/// PostgreSQL, analytics stream, DLQ, and the read API.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(flatten)]
-    config: ConfigArgs,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
+use clap::Subcommand;
+use dlrflow_runtime::cli::Cli;
 
 #[derive(Subcommand)]
 enum Command {
@@ -44,14 +33,13 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    dlrflow_runtime::telemetry::init_logs();
-    dlrflow_runtime::cli::exit("dlrflow-state", run(cli).await)
+const ABOUT: &str = "dlrflow-state: raw webhook topic → deduped per-recipient delivery state in PostgreSQL, analytics stream, DLQ, and the read API.";
+
+fn main() -> ExitCode {
+    dlrflow_runtime::cli::main("dlrflow-state", ABOUT, run)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli<Command>) -> anyhow::Result<()> {
     let load = || dlrflow_state::Config::load(cli.config.config.as_deref());
     match cli.command.unwrap_or(Command::Serve) {
         Command::Config => dlrflow_runtime::cli::print_config(&load()?),

@@ -3,7 +3,7 @@
 //! source's message is 404 like a missing one); two keys work at once
 //! (rotation); each key has its own rate (429 + `Retry-After`); answers are
 //! paged; and the audit line of the running binary names the key and the
-//! message, never the phone number.
+//! message, never the phone number. Over HTTPS (`http.tls`) all the same.
 
 mod common;
 
@@ -251,5 +251,74 @@ async fn the_audit_line_names_the_key_and_message_never_the_phone() {
             "a phone number in {line}"
         );
     }
+    env.drop_schema().await;
+}
+
+/// The read API serves HTTPS itself when `http.tls` is set: HTTP/2 and
+/// HTTP/1.1 with the configured certificate, the keys checked as over plain
+/// HTTP, a client that trusts another CA refused, plain HTTP on the port
+/// answered with nothing a client could take for data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_api_serves_https_with_its_keys() {
+    use dlrflow_testkit::tls::TestCa;
+    let env = Env::new(1).await;
+    seed(&env).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("read-api");
+    let files = ca.issue().write(dir.path());
+    let mut cfg = env.config();
+    cfg.api.keys = vec![key("acme", ACME_NEW, &["acme"])];
+    cfg.http.tls = Some(
+        serde_json::from_value(serde_json::json!({
+            "cert_file": files.cert,
+            "key_file": files.key,
+        }))
+        .unwrap(),
+    );
+    let app = spawn_app(cfg).await;
+    let url = format!("https://localhost:{}/v1/messages/m-acme", app.addr.port());
+    let client = |ca_pem: &str, http1_only: bool| {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap());
+        if http1_only {
+            b = b.http1_only();
+        }
+        b.build().unwrap()
+    };
+    for (http1_only, version) in [
+        (false, reqwest::Version::HTTP_2),
+        (true, reqwest::Version::HTTP_11),
+    ] {
+        let c = client(&ca.cert_pem(), http1_only);
+        let r = c.get(&url).bearer_auth(ACME_NEW).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.version(), version);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["recipients"].as_array().unwrap().len(), 5);
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 401, "no key over TLS is still 401");
+    }
+    let other = TestCa::new("someone-else");
+    let refused = client(&other.cert_pem(), false)
+        .get(&url)
+        .bearer_auth(ACME_NEW)
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a client trusting another CA connects: {refused:?}"
+    );
+    let plain = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{}/v1/messages/m-acme",
+            app.addr.port()
+        ))
+        .bearer_auth(ACME_NEW)
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != 200);
+    app.stop().await;
     env.drop_schema().await;
 }

@@ -166,8 +166,8 @@ pub async fn spawn_with(cfg: Config) -> TestApp {
     let brokers = cfg.kafka.client.brokers.clone();
     let topic = cfg.kafka.raw_topic.clone();
     let app = App::build(cfg).await.expect("building the app");
-    let addr = app.local_addr();
-    let admin = app.admin_addr();
+    let addr = app.service().public_addr().unwrap();
+    let admin = app.service().admin_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));
     TestApp {

@@ -369,7 +369,7 @@ impl Running {
 pub async fn spawn(cfg: Config) -> Running {
     dlrflow_runtime::telemetry::init_test_logs();
     let app = App::build(cfg).await.unwrap();
-    let addr = app.admin_addr();
+    let addr = app.service().admin_addr();
     let state = app.state();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));

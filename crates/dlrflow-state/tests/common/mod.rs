@@ -180,8 +180,8 @@ impl Running {
 
 pub async fn spawn_app(cfg: Config) -> Running {
     let app = dlrflow_state::App::build(cfg).await.unwrap();
-    let addr = app.local_addr();
-    let admin = app.admin_addr();
+    let addr = app.service().public_addr().unwrap();
+    let admin = app.service().admin_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.run(shutdown.clone()));
     Running {
