@@ -151,6 +151,18 @@ impl App {
         let service = Service::bind("dlrflow-reconcile", &cfg.http)
             .await?
             .with_scrub(redact::error_text);
+        dlrflow_runtime::telemetry::declare_backend_operations(&[
+            ("postgres", "sweep"),
+            ("postgres", "backlog"),
+            ("postgres", "claim"),
+            ("postgres", "fail"),
+            ("postgres", "release"),
+            ("postgres", "retry_later"),
+            ("redis", "acquire"),
+            ("redis", "pause"),
+            ("redis", "mark_unauthorized"),
+            ("redis", "unauthorized_check"),
+        ]);
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "reconcile".into());
         let owner = format!("{host}/{}", uuid::Uuid::now_v7().simple());
         let state = AppState {

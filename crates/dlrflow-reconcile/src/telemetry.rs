@@ -94,14 +94,12 @@ pub(crate) fn gave_up(message_id: &str, error: &str) {
 pub(crate) fn db_error(stage: &'static str, e: &sqlx::Error) {
     let (class, _) = crate::store::classify_sqlx(e);
     tracing::error!(stage, class = class.as_str(), error = %redact::error_text(&e.to_string()), "PostgreSQL error");
-    metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "postgres", "stage" => stage)
-        .increment(1);
+    dlrflow_runtime::telemetry::backend_error("postgres", stage);
 }
 
 pub(crate) fn redis_error(stage: &'static str, e: &redis::RedisError) {
     tracing::error!(stage, error = %redact::error_text(&e.to_string()), "Redis error");
-    metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "redis", "stage" => stage)
-        .increment(1);
+    dlrflow_runtime::telemetry::backend_error("redis", stage);
 }
 
 pub(crate) fn redis_up(up: bool) {

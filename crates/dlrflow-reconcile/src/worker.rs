@@ -84,7 +84,7 @@ pub(crate) async fn worker(
             match inner.limiter.unauthorized_reason().await {
                 Ok(None) => inner.set_unauthorized(None),
                 Ok(Some(_)) => {}
-                Err(e) => telemetry::redis_error("unauthorized check", &e),
+                Err(e) => telemetry::redis_error("unauthorized_check", &e),
             }
             if !nap(jitter(Duration::from_secs(5)), &shutdown).await {
                 return Ok(());
@@ -180,8 +180,7 @@ async fn wait_for_grant(
             Err(e) => {
                 // No budget can be granted: no read. Ask again shortly; the
                 // connection is re-established as soon as Redis answers.
-                metrics::counter!("dlrflow_reconcile_errors_total", "kind" => "redis", "stage" => "acquire")
-                    .increment(1);
+                dlrflow_runtime::telemetry::backend_error("redis", "acquire");
                 inner.set_redis_error(Some(redact::error_text(&e.to_string())));
                 nap(jitter(Duration::from_millis(500)), shutdown).await;
             }
@@ -282,7 +281,7 @@ async fn process(
             );
             telemetry::unauthorized(&reason);
             if let Err(e) = inner.limiter.mark_unauthorized(&reason).await {
-                telemetry::redis_error("mark unauthorized", &e);
+                telemetry::redis_error("mark_unauthorized", &e);
             }
             inner.set_unauthorized(Some(reason));
             if let Err(e) = jobs::release(&inner.pool, &job, owner, Duration::ZERO).await {

@@ -261,7 +261,7 @@ impl Service {
             let work = self.work.clone();
             self.tasks.spawn("tls reload", tls.watch(work));
         }
-        let ops = ops_routes(ready, self.lifecycle.clone());
+        let ops = ops_routes(ready, self.lifecycle.clone(), self.producers.clone());
         let public_addr = self.public_addr();
         let (admin_addr, admin) = self.admin;
         match self.public {
@@ -336,7 +336,18 @@ fn serve(
 
 /// `/healthz` (the process answers), `/readyz` (it can do its work) and
 /// `/metrics` (Prometheus text).
-pub fn ops_routes(ready: ReadyCheck, lifecycle: Lifecycle) -> Router {
+///
+/// Every scrape of `/metrics` first runs the readiness checks (within
+/// [`READY_TIMEOUT`]) and sets `dlrflow_ready` (1 ready, 0 not), and reads
+/// `dlrflow_kafka_producer_queue_messages` (records the service's producers
+/// hold that the brokers have not acknowledged): an alert needs no probe of
+/// its own to see a service that is up but not ready.
+pub fn ops_routes(
+    ready: ReadyCheck,
+    lifecycle: Lifecycle,
+    producers: Vec<FutureProducer>,
+) -> Router {
+    let checks = (ready.clone(), lifecycle.clone());
     Router::new()
         .route(
             "/healthz",
@@ -344,26 +355,47 @@ pub fn ops_routes(ready: ReadyCheck, lifecycle: Lifecycle) -> Router {
         )
         .route(
             "/readyz",
-            get(move || readyz(ready.clone(), lifecycle.clone())),
+            get(move || async move { readiness(&ready, &lifecycle).await.into_response() }),
         )
-        .route("/metrics", get(crate::telemetry::metrics_endpoint))
+        .route(
+            "/metrics",
+            get(move || {
+                let (ready, lifecycle) = checks.clone();
+                let producers = producers.clone();
+                async move {
+                    let r = readiness(&ready, &lifecycle).await;
+                    metrics::gauge!("dlrflow_ready").set(if r.problems.is_empty() {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                    if !producers.is_empty() {
+                        let queued: i32 = producers.iter().map(|p| p.in_flight_count()).sum();
+                        metrics::gauge!("dlrflow_kafka_producer_queue_messages")
+                            .set(f64::from(queued));
+                    }
+                    crate::telemetry::metrics_endpoint().await
+                }
+            }),
+        )
 }
 
-async fn readyz(ready: ReadyCheck, lifecycle: Lifecycle) -> Response {
+/// The service's readiness: `shutting down` once stopping, else its checks
+/// within [`READY_TIMEOUT`].
+async fn readiness(ready: &ReadyCheck, lifecycle: &Lifecycle) -> Readiness {
+    let mut r = Readiness::default();
     if lifecycle.is_stopping() {
-        let mut r = Readiness::default();
         r.problem("shutting down");
-        return r.into_response();
+        return r;
     }
     match tokio::time::timeout(READY_TIMEOUT, ready()).await {
-        Ok(r) => r.into_response(),
+        Ok(r) => r,
         Err(_) => {
-            let mut r = Readiness::default();
             r.problem(format!(
                 "readiness checks did not answer within {} s",
                 READY_TIMEOUT.as_secs()
             ));
-            r.into_response()
+            r
         }
     }
 }
@@ -393,6 +425,48 @@ mod tests {
             "shutdown_grace_ms": 2000,
         }))
         .unwrap()
+    }
+
+    async fn get_text(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// A scrape runs the readiness checks: `dlrflow_ready` follows them.
+    #[tokio::test]
+    async fn a_scrape_says_whether_the_service_is_ready() {
+        let shutdown = CancellationToken::new();
+        let svc = Service::bind("t", &http()).await.unwrap();
+        let addr = svc.admin_addr();
+        let broken = Arc::new(AtomicBool::new(true));
+        let check = {
+            let broken = broken.clone();
+            ready_check(move || {
+                let broken = broken.load(Ordering::SeqCst);
+                async move {
+                    let mut r = Readiness::default();
+                    if broken {
+                        r.problem("postgres: down");
+                    }
+                    r
+                }
+            })
+        };
+        let run = tokio::spawn(svc.run(Router::new(), check, shutdown.clone()));
+        assert!(get_text(addr, "/metrics")
+            .await
+            .contains("\ndlrflow_ready 0\n"));
+        broken.store(false, Ordering::SeqCst);
+        assert!(get_text(addr, "/metrics")
+            .await
+            .contains("\ndlrflow_ready 1\n"));
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
     }
 
     #[tokio::test]

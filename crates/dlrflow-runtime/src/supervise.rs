@@ -41,8 +41,11 @@ impl Tasks {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
+        let name = name.into();
+        // Shown at 0 from the start, so the first failure is an increase.
+        metrics::counter!("dlrflow_task_failures_total", "task" => name.clone()).increment(0);
         let handle = self.set.spawn(fut);
-        self.names.insert(handle.id(), name.into());
+        self.names.insert(handle.id(), name);
     }
 
     /// Waits until shutdown or the first task that ends; then cancels the

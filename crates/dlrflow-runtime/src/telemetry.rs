@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber. Safe to call more than once.
@@ -40,12 +40,42 @@ pub fn init_test_logs() {
     }
 }
 
+/// The buckets of every `…_seconds` histogram: 1 ms to 2 min, so both an
+/// acknowledgement (milliseconds) and a record's way to the state under lag
+/// (seconds to minutes) are resolved.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Counts one failed call to a backend (`dlrflow_backend_errors_total`):
+/// `backend` is `postgres` or `redis`, `operation` names the call site (a
+/// fixed word, never a value from a request).
+pub fn backend_error(backend: &'static str, operation: &'static str) {
+    metrics::counter!("dlrflow_backend_errors_total", "backend" => backend, "operation" => operation)
+        .increment(1);
+}
+
+/// Shows `dlrflow_backend_errors_total` at 0 for each (backend, operation)
+/// a service has, from its start: a rate or an alert then sees the first
+/// error as an increase, not as a series that appears.
+pub fn declare_backend_operations(ops: &[(&'static str, &'static str)]) {
+    for &(backend, operation) in ops {
+        metrics::counter!("dlrflow_backend_errors_total", "backend" => backend, "operation" => operation)
+            .increment(0);
+    }
+}
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Durations are histograms with buckets (summed across
+            // replicas by `histogram_quantile`), not per-process summaries.
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("the buckets are not empty")
+                .build_recorder();
             let handle = recorder.handle();
             // A second recorder (several apps in one test process) is harmless:
             // the first one keeps counting.

@@ -112,6 +112,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Database(e) => {
+                dlrflow_runtime::telemetry::backend_error("postgres", "read_api");
                 tracing::warn!(error = %e, "read API: database error");
                 StatusCode::SERVICE_UNAVAILABLE
             }

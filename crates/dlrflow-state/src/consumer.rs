@@ -21,7 +21,7 @@
 //! too large for the DLQ goes there as a bounded reference (see
 //! [`dlq_header::FORM`]); the raw topic still holds every byte.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -302,13 +302,17 @@ pub fn validate(event: &mut Event) -> Result<(), Poison> {
 /// Runs until `shutdown`: then finishes (or abandons) the current batch,
 /// commits synchronously and leaves the group.
 pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
+    started();
     let batch_cfg = p.cfg.batch.clone();
     let mut lag_checked = std::time::Instant::now();
+    // Per partition, the newest record time written to the state: the
+    // freshness while the partition has lag.
+    let mut written: HashMap<i32, DateTime<Utc>> = HashMap::new();
     loop {
         p.health.tick();
         if lag_checked.elapsed() >= LAG_CHECK_EVERY {
             lag_checked = std::time::Instant::now();
-            observe_lag(&p.consumer, &p.health).await;
+            observe_lag(&p.consumer, &p.health, &written).await;
         }
         let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
             break;
@@ -366,6 +370,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             break;
         }
         p.health.batch_ok();
+        observe_written(&parsed, &mut written);
         store_offsets(&p.consumer, &parsed);
         tracing::debug!(
             records = parsed.len(),
@@ -389,12 +394,49 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
     Ok(())
 }
 
+/// When this process's consumer first looked at its lag.
+fn started() -> std::time::Instant {
+    static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(std::time::Instant::now)
+}
+
 /// How often the consumer compares its positions with the partitions' ends.
 const LAG_CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// A written batch in the metrics: for each record the time from its
+/// receipt by the ingest (its `received-at`, else the record's timestamp) to
+/// now, its state committed (`dlrflow_state_received_to_committed_seconds`);
+/// and per partition the newest record time written, for the freshness.
+fn observe_written(parsed: &[Parsed], written: &mut HashMap<i32, DateTime<Utc>>) {
+    let now = Utc::now();
+    for r in parsed {
+        let Some(at) = r.received_at.or_else(|| {
+            r.msg
+                .timestamp()
+                .to_millis()
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+        }) else {
+            continue;
+        };
+        let age = (now - at).to_std().unwrap_or_default();
+        metrics::histogram!("dlrflow_state_received_to_committed_seconds")
+            .record(age.as_secs_f64());
+        let newest = written.entry(r.msg.partition()).or_insert(at);
+        *newest = (*newest).max(at);
+    }
+}
+
 /// Tells the health, per assigned partition, how far the consumer is and how
-/// many records are behind it (`dlrflow_state_consumer_lag_records`).
-async fn observe_lag(consumer: &Arc<StateConsumer>, health: &Arc<ConsumerHealth>) {
+/// many records are behind it (`dlrflow_state_consumer_lag_records`), and how
+/// old the oldest record not yet in the state is at most
+/// (`dlrflow_state_freshness_seconds`: 0 without lag; with lag, the age of
+/// the newest record written, which the first unwritten one is not older
+/// than; the time since the consumer started while nothing was written yet).
+async fn observe_lag(
+    consumer: &Arc<StateConsumer>,
+    health: &Arc<ConsumerHealth>,
+    written: &HashMap<i32, DateTime<Utc>>,
+) {
     let consumer = consumer.clone();
     let observed = tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_millis(500);
@@ -429,9 +471,17 @@ async fn observe_lag(consumer: &Arc<StateConsumer>, health: &Arc<ConsumerHealth>
     .ok()
     .flatten();
     if let Some(partitions) = observed {
+        let now = Utc::now();
         for (partition, _, lag) in &partitions {
             metrics::gauge!("dlrflow_state_consumer_lag_records", "partition" => partition.to_string())
                 .set(*lag as f64);
+            let freshness = match (lag, written.get(partition)) {
+                (0, _) => 0.0,
+                (_, Some(at)) => (now - *at).to_std().unwrap_or_default().as_secs_f64(),
+                (_, None) => started().elapsed().as_secs_f64(),
+            };
+            metrics::gauge!("dlrflow_state_freshness_seconds", "partition" => partition.to_string())
+                .set(freshness);
         }
         health.partitions(&partitions);
     }
@@ -451,6 +501,7 @@ fn note_redis(health: &ConsumerHealth, error: Option<DedupeError>) {
         // A skipped round trip says nothing new.
         Some(DedupeError::Backoff) => {}
         Some(DedupeError::Redis(e)) => {
+            dlrflow_runtime::telemetry::backend_error("redis", "dedupe");
             let text = dlrflow_runtime::redact::scrub(&e.to_string());
             if !was_degraded {
                 tracing::warn!(error = %text, "redis unreachable: degraded, deduping through PostgreSQL alone");
@@ -579,7 +630,9 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
     }
 
     // PostgreSQL, isolating any record it refuses.
-    let written = write_isolating(&p.pool, parsed, todo).await?;
+    let written = write_isolating(&p.pool, parsed, todo)
+        .await
+        .inspect_err(|_| dlrflow_runtime::telemetry::backend_error("postgres", "write_batch"))?;
     p.dedupe.committed(written.committed.iter().map(|&(i, _)| {
         parsed[i]
             .result

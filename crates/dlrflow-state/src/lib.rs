@@ -54,6 +54,11 @@ impl App {
         cfg.register_secrets();
         cfg.validate()?;
         let mut service = Service::bind("dlrflow-state", &cfg.http).await?;
+        dlrflow_runtime::telemetry::declare_backend_operations(&[
+            ("redis", "dedupe"),
+            ("postgres", "write_batch"),
+            ("postgres", "read_api"),
+        ]);
         let pool = cfg
             .postgres
             .connect()
