@@ -325,6 +325,9 @@ pub struct Pipeline {
     /// librdkafka settings (`kafka.settings.*`) given to the ingest and the
     /// state replicas started after they are set.
     pub kafka_settings: Vec<(String, String)>,
+    /// More environment for every service started after it is set
+    /// (`OTEL_…`, say).
+    pub extra_env: Vec<(String, String)>,
     services: BTreeMap<String, Service>,
     broker: Option<PrivateBroker>,
     postgres: Option<PrivatePostgres>,
@@ -386,6 +389,7 @@ impl Pipeline {
             postgres,
             finished: false,
             kafka_settings: Vec::new(),
+            extra_env: Vec::new(),
         };
         for t in [&p.raw_topic, &p.dlq_topic, &p.delivery_topic] {
             create_topic(&p.brokers, t, PARTITIONS)
@@ -411,6 +415,7 @@ impl Pipeline {
                 env.push((format!("DLRFLOW_KAFKA__SETTINGS__{key}"), v.clone()));
             }
         }
+        env.extend(self.extra_env.iter().cloned());
         env.push((
             "DLRFLOW_HTTP__ADMIN_LISTEN".into(),
             format!("127.0.0.1:{admin_port}"),

@@ -29,6 +29,7 @@ use dlrflow_runtime::service::{ready_check, Lifecycle, Readiness, Service};
 use http_body_util::BodyExt;
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::{AuthMode, Provider, SourceConfig};
 pub use crate::config::{Config, RECORD_HEADROOM};
@@ -201,7 +202,9 @@ async fn handle(
         Some((name, _)) => name.clone(),
         None => UNKNOWN_SOURCE.to_owned(),
     };
-    let result = accept(&state, &sources, target, peer, &headers, body).await;
+    let result = accept(&state, &sources, target, peer, &headers, body)
+        .instrument(server_span(&headers))
+        .await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(e) => e.kind(),
@@ -213,7 +216,25 @@ async fn handle(
     }
 }
 
-#[tracing::instrument(skip_all, fields(source, records, trace_id))]
+/// One server span per request (`webhook`), a child of the gateway's valid
+/// `traceparent` when spans are exported (set before the span is entered:
+/// its trace id is fixed then); [`accept`] writes the span's own context
+/// into each record's `traceparent` header (the gateway's, as received,
+/// when spans are not exported).
+fn server_span(headers: &HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "webhook",
+        otel.kind = "server",
+        http.request.method = "POST",
+        source = tracing::field::Empty,
+        records = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    dlrflow_runtime::otel::set_parent(&span, header("traceparent"), header("tracestate"));
+    span
+}
+
 async fn accept(
     state: &AppState,
     sources: &SourceMap,
@@ -249,17 +270,21 @@ async fn accept(
     // The checks and the key skip a leading byte-order mark; the records keep
     // the bytes as received.
     let json = body.strip_prefix(BOM).unwrap_or(&body);
-    let traceparent = headers
+    let gateway_tp = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(dlrflow_runtime::trace::valid_traceparent);
+    let span = tracing::Span::current();
+    let own = dlrflow_runtime::otel::inject(&span);
+    let traceparent = own.as_ref().map(|(tp, _)| tp.as_str()).or(gateway_tp);
     if let Some(tp) = traceparent.and_then(dlrflow_runtime::trace::trace_id) {
-        tracing::Span::current().record("trace_id", tp);
+        span.record("trace_id", tp);
     }
     let meta = produce::Meta {
         source: &source.name,
         provider: source.provider.as_str(),
         traceparent,
+        tracestate: own.as_ref().and_then(|(_, ts)| ts.as_deref()),
         endpoint: target.kind.as_deref(),
     };
 

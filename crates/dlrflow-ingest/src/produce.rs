@@ -17,6 +17,7 @@ pub struct Meta<'a> {
     pub source: &'a str,
     pub provider: &'a str,
     pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
     pub endpoint: Option<&'a str>,
 }
 
@@ -96,6 +97,9 @@ impl Producer {
                 .insert(h(header::INGEST_ID, &ingest_id));
             if let Some(tp) = meta.traceparent {
                 headers = headers.insert(h(header::TRACEPARENT, tp));
+            }
+            if let Some(ts) = meta.tracestate {
+                headers = headers.insert(h(header::TRACESTATE, ts));
             }
             if let Some(ep) = meta.endpoint {
                 headers = headers.insert(h(header::ENDPOINT, ep));

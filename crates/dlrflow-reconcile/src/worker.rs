@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use chrono::Utc;
 use dlrflow_events::parse_status_response;
@@ -203,7 +204,13 @@ async fn initialize_budget(inner: &Inner, epoch: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tracing::instrument(skip_all, fields(message_id = %job.message_id, reason = %job.reason, attempts = job.attempts))]
+/// One job, one span (`reconcile job`) with its steps as children: the wait
+/// for a grant of the shared budget, the status read, the write.
+#[tracing::instrument(
+    name = "reconcile job",
+    skip_all,
+    fields(message_id = %job.message_id, reason = %job.reason, attempts = job.attempts)
+)]
 async fn process(
     inner: &Inner,
     owner: &str,
@@ -213,12 +220,21 @@ async fn process(
 ) {
     let r = &inner.cfg.reconcile;
     if wait_for_grant(inner, owner, grants, &job, shutdown)
+        .instrument(tracing::info_span!("grant wait"))
         .await
         .is_none()
     {
         return;
     }
-    let read = inner.client.read(&job.message_id).await;
+    let read = inner
+        .client
+        .read(&job.message_id)
+        .instrument(tracing::info_span!(
+            "status read",
+            otel.kind = "client",
+            http.request.method = "GET"
+        ))
+        .await;
     telemetry::read(read.outcome());
     let backoff = jitter(r.backoff(u32::try_from(job.attempts).unwrap_or(0).saturating_add(1)));
     let failure = match read {
@@ -227,7 +243,13 @@ async fn process(
                 "the answer is about message `{}`",
                 snapshot.message_id
             )),
-            Ok(snapshot) => match write_with_retries(inner, owner, &job, &snapshot, shutdown).await
+            Ok(snapshot) => match write_with_retries(inner, owner, &job, &snapshot, shutdown)
+                .instrument(tracing::info_span!(
+                    "write",
+                    otel.kind = "client",
+                    db.system = "postgresql"
+                ))
+                .await
             {
                 Written::Done => None,
                 Written::Transient(e) => Some(format!("write failed: {e}")),

@@ -48,7 +48,7 @@ where
         .about(about)
         .get_matches();
     let cli = Cli::<C>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    crate::telemetry::init_logs();
+    crate::telemetry::init_logs(binary);
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -69,6 +69,12 @@ pub fn print_config<T: Serialize>(cfg: &T) -> anyhow::Result<()> {
 /// both with every registered secret and URL password masked
 /// ([`crate::redact::scrub`]), and exit code 1.
 pub fn exit(binary: &str, result: anyhow::Result<()>) -> ExitCode {
+    let code = exit_code(binary, result);
+    crate::otel::shutdown();
+    code
+}
+
+fn exit_code(binary: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

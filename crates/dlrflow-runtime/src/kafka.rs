@@ -24,6 +24,8 @@ pub mod header {
     pub const RECEIVED_AT: &str = "received-at";
     pub const INGEST_ID: &str = "ingest-id";
     pub const TRACEPARENT: &str = "traceparent";
+    /// Written only when the trace has vendor state (W3C `tracestate`).
+    pub const TRACESTATE: &str = "tracestate";
     pub const ENDPOINT: &str = "endpoint";
     pub const ERROR: &str = "error";
 }

@@ -3,7 +3,8 @@
 //! drain and flush), the shared settings types ([`settings`]), typed
 //! configuration loading (embedded defaults, then a file, then `DLRFLOW_`
 //! environment variables),
-//! telemetry (JSON logs through `tracing`, Prometheus metrics), Kafka client
+//! telemetry (JSON logs through `tracing`, OpenTelemetry traces over OTLP
+//! when configured, Prometheus metrics), Kafka client
 //! settings with pass-through librdkafka options, W3C trace-context headers,
 //! and the process shutdown signal.
 //!
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod kafka;
 pub mod listener;
+pub mod otel;
 pub mod redact;
 pub mod service;
 pub mod settings;

@@ -1,4 +1,4 @@
-//! Logs and metrics.
+//! Logs, traces and metrics.
 //!
 //! Logs are JSON lines on stdout filtered by `RUST_LOG` (default `info`);
 //! `DLRFLOW_LOG_FORMAT=text` switches to human-readable lines. Metrics use the
@@ -10,22 +10,37 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber. Safe to call more than once.
-pub fn init_logs() {
+/// Installs the global tracing subscriber of binary `service`: JSON logs
+/// (or text), and exported traces when the environment asks for them
+/// ([`crate::otel`]). Safe to call more than once. A trace exporter that
+/// cannot be built is logged and left out; logs always work.
+pub fn init_logs(service: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let text = std::env::var("DLRFLOW_LOG_FORMAT").is_ok_and(|v| v == "text");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let _ = if text {
-        builder.try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    let fmt = if text {
+        fmt.boxed()
     } else {
-        builder
-            .json()
+        fmt.json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init()
+            .boxed()
     };
+    let (otel, otel_error) = match crate::otel::layer(service) {
+        Ok(layer) => (layer, None),
+        Err(e) => (None, Some(e)),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    if let Some(e) = otel_error {
+        tracing::error!(error = %e, "traces are not exported");
+    }
 }
 
 /// Installs logs for tests: silent unless `TEST_LOG` is set.

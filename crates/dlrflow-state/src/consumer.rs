@@ -38,6 +38,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::{BatchConfig, Config};
 use crate::dedupe::{Dedupe, DedupeError};
@@ -339,10 +340,11 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
                 }
             })
             .collect();
+        let span = batch_span(&p.cfg, &parsed);
         let mut backoff = batch_cfg.retry_initial;
         let started = std::time::Instant::now();
         let done = loop {
-            match process(&mut p, &mut parsed).await {
+            match process(&mut p, &mut parsed).instrument(span.clone()).await {
                 Ok(()) => break true,
                 Err(e) => {
                     let error = format!("{e:#}");
@@ -402,6 +404,38 @@ fn started() -> std::time::Instant {
 
 /// How often the consumer compares its positions with the partitions' ends.
 const LAG_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The span of one batch (`process batch`, a consumer span with the
+/// messaging attributes), linked to each record's trace context: a batch
+/// has many parents. Its children are the steps of [`process`].
+fn batch_span(cfg: &Config, parsed: &[Parsed]) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process batch",
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.batch.message_count = parsed.len() as i64,
+    );
+    dlrflow_runtime::otel::attribute(
+        &span,
+        "messaging.destination.name",
+        cfg.kafka.raw_topic.clone(),
+    );
+    dlrflow_runtime::otel::attribute(
+        &span,
+        "messaging.consumer.group.name",
+        cfg.kafka.group_id.clone(),
+    );
+    for r in parsed {
+        dlrflow_runtime::otel::link_record(
+            &span,
+            header_str(r.msg.headers(), header::TRACEPARENT),
+            r.msg.partition(),
+            r.msg.offset(),
+        );
+    }
+    span
+}
 
 /// A written batch in the metrics: for each record the time from its
 /// receipt by the ingest (its `received-at`, else the record's timestamp) to
@@ -586,10 +620,11 @@ fn store_offsets(consumer: &StateConsumer, parsed: &[Parsed]) {
 
 /// One attempt at a batch. Idempotent: retrying after any failure is safe.
 /// Returns an error only for a failure of a backend (retry the batch).
-#[tracing::instrument(skip_all, fields(records = parsed.len()))]
 async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> {
     // Poison records to the DLQ, each once per batch.
-    send_to_dlq(&p.producer, &p.cfg, parsed).await?;
+    send_to_dlq(&p.producer, &p.cfg, parsed)
+        .instrument(tracing::info_span!("dlq publish", otel.kind = "producer"))
+        .await?;
 
     // Redis fast path; without Redis every key goes to PostgreSQL.
     let good: Vec<usize> = (0..parsed.len())
@@ -605,7 +640,8 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
                 .map(|(ev, _)| ev.dedupe_key())
         })
         .collect();
-    let seen = match p.dedupe.check(&keys).await {
+    let dedupe_span = tracing::info_span!("dedupe", otel.kind = "client", db.system = "redis");
+    let seen = match p.dedupe.check(&keys).instrument(dedupe_span).await {
         Ok(seen) => {
             note_redis(&p.health, None);
             seen
@@ -631,6 +667,11 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
 
     // PostgreSQL, isolating any record it refuses.
     let written = write_isolating(&p.pool, parsed, todo)
+        .instrument(tracing::info_span!(
+            "postgres transaction",
+            otel.kind = "client",
+            db.system = "postgresql"
+        ))
         .await
         .inspect_err(|_| dlrflow_runtime::telemetry::backend_error("postgres", "write_batch"))?;
     p.dedupe.committed(written.committed.iter().map(|&(i, _)| {

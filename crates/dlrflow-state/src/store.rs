@@ -168,7 +168,8 @@ pub async fn apply_batch(
         return Ok(result);
     }
     let (mut current, source_of) = load_recipients(tx, items, &fresh).await?;
-    let (touched, message_updates) = merge_in_order(items, &fresh, &mut current, &mut result);
+    let (touched, message_updates) = tracing::info_span!("merge")
+        .in_scope(|| merge_in_order(items, &fresh, &mut current, &mut result));
     if !touched.is_empty() {
         write_recipients(tx, &touched, &current, &source_of).await?;
     }
