@@ -9,13 +9,23 @@
 # ingest's peak RSS.
 #
 #   deploy/bench/ingest.sh [seconds-per-step, default 10]
+#   deploy/bench/ingest.sh --tracing [seconds-per-step]
+#
+# --tracing compares, in one run, traces off (the default), exported at
+# ratio 0 (OTEL_TRACES_SAMPLER=traceidratio, ARG=0: a span per request,
+# none sampled) and at ratio 1.0 (every request's span exported over
+# OTLP/HTTP to a local sink that answers 200), at linger.ms=0; the report is
+# reports/ingest-tracing-bench.md.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
+MODE=linger
+if [ "${1:-}" = "--tracing" ]; then MODE=tracing; shift; fi
 DURATION=${1:-10}
 PORT=${DLRFLOW_BENCH_PORT:-18080}
 ADMIN_PORT=${DLRFLOW_BENCH_ADMIN_PORT:-18081}
 OUT=reports/ingest-bench.md
+[ "$MODE" = tracing ] && OUT=reports/ingest-tracing-bench.md
 mkdir -p reports .stack
 
 deploy/local/stack.sh up
@@ -50,9 +60,35 @@ done = function(summary, latency, requests)
 end
 LUA
 
+# Each variant: a label, then the environment it adds.
+if [ "$MODE" = tracing ]; then
+  SINK_PORT=${DLRFLOW_BENCH_OTLP_PORT:-18318}
+  python3 -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+' "$SINK_PORT" &
+  SINK=$!
+  trap 'kill "$(cat "$BDIR/tansu.pid")" "$SINK" 2>/dev/null || true' EXIT
+  OTLP="OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$SINK_PORT"
+  VARIANTS=("off|DLRFLOW_KAFKA__LINGER_MS=0"
+    "ratio-0|DLRFLOW_KAFKA__LINGER_MS=0 $OTLP OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0"
+    "ratio-1.0|DLRFLOW_KAFKA__LINGER_MS=0 $OTLP OTEL_TRACES_SAMPLER=always_on")
+  COLUMN=traces
+else
+  VARIANTS=("0|DLRFLOW_KAFKA__LINGER_MS=0" "5|DLRFLOW_KAFKA__LINGER_MS=5")
+  COLUMN=linger.ms
+fi
+
 rows=()
-for linger in 0 5; do
-  DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$ADMIN_PORT DLRFLOW_KAFKA__BROKERS=127.0.0.1:$KPORT DLRFLOW_KAFKA__RAW_TOPIC=$TOPIC DLRFLOW_KAFKA__LINGER_MS=$linger \
+for variant in "${VARIANTS[@]}"; do
+  linger=${variant%%|*}
+  read -r -a extra <<<"${variant#*|}"
+  env DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$ADMIN_PORT DLRFLOW_KAFKA__BROKERS=127.0.0.1:$KPORT DLRFLOW_KAFKA__RAW_TOPIC=$TOPIC "${extra[@]}" \
   DLRFLOW_SOURCES='[{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{username="bench",password="bench-password"}]}]' \
   RUST_LOG=warn "$BIN" serve >.stack/bench-ingest.log 2>&1 &
   pid=$!
@@ -63,7 +99,7 @@ for linger in 0 5; do
     rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
     read -r _ reqs errs rps p50 p99 <<<"$line"
     rows+=("| $linger | $c | $rps | $p50 | $p99 | $errs | $((rss / 1024)) |")
-    echo "linger.ms=$linger c=$c: $rps req/s, p50 $p50 ms, p99 $p99 ms, non-2xx/errors $errs, peak RSS $((rss / 1024)) MiB" >&2
+    echo "$COLUMN=$linger c=$c: $rps req/s, p50 $p50 ms, p99 $p99 ms, non-2xx/errors $errs, peak RSS $((rss / 1024)) MiB" >&2
   done
   kill "$pid"; wait "$pid" 2>/dev/null || true
 done
@@ -73,7 +109,7 @@ done
   echo
   echo "wrk posting one Lisoloo event with HTTP Basic auth; a private Tansu 0.6.0 (SQLite, fresh file) on 127.0.0.1; acks=all, idempotent."
   echo
-  echo "| linger.ms | connections | requests/s | p50 ms | p99 ms | errors | peak RSS MiB |"
+  echo "| $COLUMN | connections | requests/s | p50 ms | p99 ms | errors | peak RSS MiB |"
   echo "|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
 } | tee "$OUT"
