@@ -874,26 +874,11 @@ async fn webhooks_over_tls_are_accepted_on_http1_and_http2() {
     let ca = TestCa::new("ingest");
     let files = ca.issue().write(dir.path());
     let mut cfg = config(&brokers, &topic);
-    cfg.http.server.tls = Some(
-        serde_json::from_value(serde_json::json!({
-            "cert_file": files.cert,
-            "key_file": files.key,
-        }))
-        .unwrap(),
-    );
+    cfg.http.server.tls = Some(files.settings());
     let app = spawn_with(cfg).await;
     let url = format!("https://localhost:{}/lisoloo/webhook", app.addr.port());
     for http1_only in [false, true] {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap(),
-            );
-        if http1_only {
-            b = b.http1_only();
-        }
-        let client = b.build().unwrap();
+        let client = ca.client(http1_only);
         let r = client
             .post(&url)
             .header("Authorization", basic(USER, PASS))

@@ -405,12 +405,7 @@ mod tests {
     use super::*;
 
     async fn get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        let out = get_text(addr, path).await;
         let code = out[9..12].parse().unwrap();
         let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
         // Chunked bodies: the JSON object is between the first '{' and the last '}'.

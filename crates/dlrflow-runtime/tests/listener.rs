@@ -174,18 +174,6 @@ async fn connections_over_the_limit_get_503_and_slow_or_idle_clients_are_cut_off
     app.stop().await;
 }
 
-fn client(ca_pem: &str, http1_only: bool) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
-        .timeout(Duration::from_secs(5));
-    if http1_only {
-        b = b.http1_only();
-    }
-    b.build().unwrap()
-}
-
 fn tls_settings(
     dir: &Path,
     files: &dlrflow_testkit::tls::TlsFiles,
@@ -220,8 +208,8 @@ async fn tls_serves_both_http_versions_and_a_new_certificate_keeps_open_connecti
     let app = start(tls_settings(dir.path(), &files, Duration::from_millis(100))).await;
     let url = format!("https://localhost:{}/own", app.public.port());
 
-    let h2 = client(&ca1.cert_pem(), false);
-    let h1 = client(&ca1.cert_pem(), true);
+    let h2 = ca1.client(false);
+    let h1 = ca1.client(true);
     assert_eq!(answers(&h2, &url).await.unwrap(), reqwest::Version::HTTP_2);
     assert_eq!(answers(&h1, &url).await.unwrap(), reqwest::Version::HTTP_11);
     // Plain HTTP on the TLS port is not served.
@@ -231,14 +219,12 @@ async fn tls_serves_both_http_versions_and_a_new_certificate_keeps_open_connecti
     // The operator replaces the pair: new connections get the new one (a
     // client trusting only the new authority gets through)...
     ca2.issue().write(dir.path());
-    let trusts_two = client(&ca2.cert_pem(), false);
+    let trusts_two = ca2.client(false);
     wait_for(BOUND, || async { answers(&trusts_two, &url).await.ok() })
         .await
         .expect("the new certificate is served after the files change");
     // ...a new client trusting only the old authority does not...
-    assert!(answers(&client(&ca1.cert_pem(), false), &url)
-        .await
-        .is_err());
+    assert!(answers(&ca1.client(false), &url).await.is_err());
     // ...and the connections opened before keep working.
     assert_eq!(answers(&h2, &url).await.unwrap(), reqwest::Version::HTTP_2);
     assert_eq!(answers(&h1, &url).await.unwrap(), reqwest::Version::HTTP_11);
@@ -258,7 +244,7 @@ async fn tls_serves_both_http_versions_and_a_new_certificate_keeps_open_connecti
     })
     .await
     .expect("a failed reload is counted");
-    assert!(answers(&client(&ca2.cert_pem(), false), &url).await.is_ok());
+    assert!(answers(&ca2.client(false), &url).await.is_ok());
 
     app.stop().await;
 }
@@ -271,10 +257,10 @@ async fn sighup_reloads_the_certificate() {
     // No file checks within the test: only the signal can reload.
     let app = start(tls_settings(dir.path(), &files, Duration::from_secs(3600))).await;
     let url = format!("https://localhost:{}/own", app.public.port());
-    assert!(answers(&client(&ca1.cert_pem(), false), &url).await.is_ok());
+    assert!(answers(&ca1.client(false), &url).await.is_ok());
 
     ca2.issue().write(dir.path());
-    let trusts_two = client(&ca2.cert_pem(), false);
+    let trusts_two = ca2.client(false);
     assert!(
         answers(&trusts_two, &url).await.is_err(),
         "reloaded without a signal"

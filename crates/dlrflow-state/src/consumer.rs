@@ -426,7 +426,7 @@ fn batch_span(cfg: &Config, parsed: &[Parsed]) -> tracing::Span {
         "messaging.consumer.group.name",
         cfg.kafka.group_id.clone(),
     );
-    for r in parsed {
+    for r in parsed.iter().filter(|_| dlrflow_runtime::otel::enabled()) {
         dlrflow_runtime::otel::link_record(
             &span,
             header_str(r.msg.headers(), header::TRACEPARENT),

@@ -268,30 +268,14 @@ async fn the_read_api_serves_https_with_its_keys() {
     let files = ca.issue().write(dir.path());
     let mut cfg = env.config();
     cfg.api.keys = vec![key("acme", ACME_NEW, &["acme"])];
-    cfg.http.tls = Some(
-        serde_json::from_value(serde_json::json!({
-            "cert_file": files.cert,
-            "key_file": files.key,
-        }))
-        .unwrap(),
-    );
+    cfg.http.tls = Some(files.settings());
     let app = spawn_app(cfg).await;
     let url = format!("https://localhost:{}/v1/messages/m-acme", app.addr.port());
-    let client = |ca_pem: &str, http1_only: bool| {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap());
-        if http1_only {
-            b = b.http1_only();
-        }
-        b.build().unwrap()
-    };
     for (http1_only, version) in [
         (false, reqwest::Version::HTTP_2),
         (true, reqwest::Version::HTTP_11),
     ] {
-        let c = client(&ca.cert_pem(), http1_only);
+        let c = ca.client(http1_only);
         let r = c.get(&url).bearer_auth(ACME_NEW).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.version(), version);
@@ -301,7 +285,8 @@ async fn the_read_api_serves_https_with_its_keys() {
         assert_eq!(r.status(), 401, "no key over TLS is still 401");
     }
     let other = TestCa::new("someone-else");
-    let refused = client(&other.cert_pem(), false)
+    let refused = other
+        .client(false)
         .get(&url)
         .bearer_auth(ACME_NEW)
         .send()

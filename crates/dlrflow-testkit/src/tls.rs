@@ -44,6 +44,21 @@ impl TestCa {
         self.issuer.pem()
     }
 
+    /// A client that trusts this authority only (rustls; HTTP/2 when the
+    /// server offers it, unless `http1_only`), with a 5 s timeout.
+    pub fn client(&self, http1_only: bool) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.cert_pem().as_bytes()).expect("CA PEM");
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .timeout(std::time::Duration::from_secs(5));
+        if http1_only {
+            b = b.http1_only();
+        }
+        b.build().expect("a TLS client")
+    }
+
     /// A server certificate for `localhost` and `127.0.0.1`.
     pub fn issue(&self) -> Issued {
         self.issue_for(&["localhost", "127.0.0.1"])
@@ -85,6 +100,18 @@ impl TestCa {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// `http.tls` for a listener serving these files (the default reload
+    /// check).
+    pub fn settings(&self) -> dlrflow_runtime::listener::TlsSettings {
+        serde_json::from_value(serde_json::json!({
+            "cert_file": self.cert,
+            "key_file": self.key,
+        }))
+        .expect("TLS settings")
+    }
 }
 
 impl Issued {
