@@ -86,3 +86,112 @@ async fn withheld_terminal_events_are_recovered_within_the_read_budget() {
     p.finish().await;
     server.shutdown().await;
 }
+
+/// dlrflow-state is stopped for two minutes in the middle of a send, under
+/// 5 s deadlines: the webhooks that settle the messages wait in Kafka
+/// meanwhile, and PostgreSQL shows dozens of messages "stuck". The
+/// reconciler reads only what still needs it at read time — the messages
+/// whose terminal event the gateway withheld — because its sweeps and its
+/// re-check before each read look as far as dlrflow-state is complete
+/// (`consumer_progress`), not at the wall clock. The stop lasts
+/// `DLRFLOW_E2E_STATE_STOP_SECS` (default 120).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "over the 5-minute per-test bound with the 2-minute stop; run with --run-ignored (see the issue-13 note)"]
+async fn no_status_read_while_the_answer_waits_in_kafka() {
+    let _t = timed("no_status_read_while_the_answer_waits_in_kafka");
+    let stop = Duration::from_secs(
+        std::env::var("DLRFLOW_E2E_STATE_STOP_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(120),
+    );
+    let gateway = Gateway::new();
+    let server = status_server(&gateway).await;
+    let mut p = Pipeline::new("reconcile-lag", &Options::default())
+        .await
+        .unwrap();
+    p.start_all(&server, 5).await;
+
+    let cfg = LisolooConfig {
+        delivery: dlrflow_sim::DeliveryConfig {
+            // Lifecycles of up to ~3.5 s: at the stop, the messages of the
+            // last seconds are half-way in the state.
+            time_scale: 0.1,
+            reorder_window: 16,
+            duplicate_rate: 0.02,
+            withhold_terminal_rate: 0.02,
+            ..delivery(&p.ingest_url(), "lisoloo")
+        },
+        messages: 200,
+        recipients: 2,
+        send_rate: 20.0,
+        failure_rate: 0.1,
+        seed: 7,
+    };
+    let sim_gateway = gateway.clone();
+    let sender = tokio::spawn(async move {
+        run_lisoloo(&cfg, &sim_gateway, CancellationToken::new())
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    p.kill9("state-0");
+    let stopped_at = chrono::Utc::now();
+    tokio::time::sleep(stop).await;
+    p.restart("state-0").await.unwrap();
+    let report = sender.await.unwrap();
+    assert_eq!(report.totals.dropped_exhausted, 0);
+    let withheld: BTreeSet<&str> = report
+        .truth
+        .recipients
+        .iter()
+        .filter(|r| r.terminal_webhook == WebhookFate::Withheld)
+        .map(|r| r.message_id.as_str())
+        .collect();
+    assert!(
+        !withheld.is_empty(),
+        "the scenario withholds some terminal events"
+    );
+    verify_all(&report.truth, &p.api_url(0), Duration::from_secs(150)).await;
+
+    let reads = server.reads();
+    let unneeded: Vec<String> = reads
+        .iter()
+        .filter(|r| r.status == 200 && !withheld.contains(r.message_id.as_str()))
+        .map(|r| format!("{} at {}", r.message_id, r.at))
+        .collect();
+    let read_ids: BTreeSet<&str> = reads
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.message_id.as_str())
+        .collect();
+    // What the stop left unsettled in PostgreSQL is what a wall-clock sweep
+    // would have read: the scenario must leave some, or it proves nothing.
+    let pool = p.pool().await.unwrap();
+    let skipped = p
+        .count(
+            &pool,
+            "SELECT coalesce(sum(skipped), 0)::bigint FROM reconcile_jobs",
+        )
+        .await
+        .unwrap_or(-1);
+    pool.close().await;
+    eprintln!(
+        "e2e: state stopped at {stopped_at} for {stop:?}; {} status reads, {} messages read, {} withheld, {} jobs closed unread at the re-check, unneeded reads: {unneeded:?}",
+        reads.len(),
+        read_ids.len(),
+        withheld.len(),
+        skipped
+    );
+    assert!(
+        unneeded.is_empty(),
+        "{} reads of messages the webhooks settle (their answers were in Kafka): {unneeded:?}",
+        unneeded.len()
+    );
+    assert!(
+        withheld.iter().all(|m| read_ids.contains(m)),
+        "every message with a withheld terminal event was read"
+    );
+    p.finish().await;
+    server.shutdown().await;
+}

@@ -4,6 +4,8 @@
 //! is a child of the gateway's `traceparent`; the state's batch span links
 //! to the context the ingest wrote into the record, with the messaging
 //! attributes; dedupe, merge and the transaction are its children. The
+//! change's analytics record carries the trace in its `traceparent` header
+//! and the relay's `publish` span links to it. The
 //! reconciler makes one span per job, with the grant wait, the status read
 //! and the write as its children.
 
@@ -191,6 +193,47 @@ async fn one_trace_from_the_gateway_request_to_the_state_batch() {
     assert!(
         all.iter().any(|(_, s)| s["name"] == "merge"),
         "no merge span"
+    );
+    // The change's dlrflow.delivery.v1 record carries the trace on: its
+    // `traceparent` header is in the gateway's trace, and the relay's
+    // `publish` span (a producer span) links to it.
+    let records = dlrflow_testkit::read_topic(
+        &p.brokers,
+        &p.delivery_topic,
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let record = records
+        .iter()
+        .find(|r| r.key.as_deref() == Some(message_id.as_bytes()))
+        .unwrap_or_else(|| panic!("no analytics record for {message_id}: {records:?}"));
+    let carried = record
+        .header("traceparent")
+        .unwrap_or_else(|| panic!("analytics record without traceparent: {record:?}"));
+    assert_eq!(
+        carried.split('-').nth(1),
+        Some(trace.as_str()),
+        "the analytics record's traceparent {carried} is not in trace {trace}"
+    );
+    let publish = dlrflow_testkit::wait_for(Duration::from_secs(30), || async {
+        spans.lock().unwrap().iter().find_map(|(svc, s)| {
+            (svc == "dlrflow-state"
+                && s["name"] == "publish"
+                && s["links"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|l| l["traceId"] == trace.as_str())))
+            .then(|| s.clone())
+        })
+    })
+    .await
+    .unwrap_or_else(|| panic!("no publish span linked to trace {trace}"));
+    assert_eq!(publish["kind"], 4, "SPAN_KIND_PRODUCER: {publish}");
+    assert_eq!(
+        text(attr(&publish, "messaging.destination.name")),
+        Some(p.delivery_topic.clone())
     );
     // The message stays `sent` past its deadline: the reconciler reads it.
     let job = dlrflow_testkit::wait_for(Duration::from_secs(150), || async {

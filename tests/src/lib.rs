@@ -481,6 +481,9 @@ impl Pipeline {
                 // Verification reads every message many times a second.
                 ("DLRFLOW_API__REQUESTS_PER_SEC", "100000".into()),
                 ("DLRFLOW_API__BURST", "100000".into()),
+                // The reconciler's lag gate reads the progress this often:
+                // well under the tests' deadlines of a few seconds.
+                ("DLRFLOW_HEALTH__LAG_CHECK_INTERVAL_MS", "500".into()),
             ];
             let mut env = env;
             // librdkafka's own debug contexts, e.g. `cgrp` for group membership.

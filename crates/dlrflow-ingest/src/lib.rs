@@ -229,6 +229,8 @@ fn server_span(headers: &HeaderMap) -> tracing::Span {
         source = tracing::field::Empty,
         records = tracing::field::Empty,
         trace_id = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+        event_id = tracing::field::Empty,
     );
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     dlrflow_runtime::otel::set_parent(&span, header("traceparent"), header("tracestate"));
@@ -411,18 +413,33 @@ async fn read_body(
 struct LisolooProbe<'a> {
     #[serde(borrow)]
     message_id: Option<std::borrow::Cow<'a, str>>,
+    /// Raw, so that an odd `event_id` cannot cost the key (the state
+    /// service judges the record).
+    #[serde(borrow)]
+    event_id: Option<&'a serde_json::value::RawValue>,
 }
 
 /// Checks that a Lisoloo body (without its byte-order mark) is JSON and
-/// returns its `message_id`, the key.
-/// A body that is JSON but not the envelope we know is still accepted (with no
-/// key): the consumer sends it to the DLQ where it can be replayed.
+/// returns its `message_id` (the key), and records it and the `event_id`
+/// in the request's span for the log lines (bounded; neither is a secret
+/// nor a phone number).
 fn lisoloo_key(body: &[u8]) -> Result<Option<String>, ApiError> {
     match serde_json::from_slice::<LisolooProbe>(body) {
-        Ok(p) => Ok(p
-            .message_id
-            .map(|m| m.into_owned())
-            .filter(|k| k.len() <= MAX_KEY_LEN)),
+        Ok(p) => {
+            let span = tracing::Span::current();
+            if let Some(m) = &p.message_id {
+                span.record(
+                    "message_id",
+                    dlrflow_runtime::text::truncate(m, 128).as_ref(),
+                );
+            }
+            if let Some(e) = p.event_id.map(|e| e.get().trim_matches('"')) {
+                span.record("event_id", dlrflow_runtime::text::truncate(e, 64).as_ref());
+            }
+            Ok(p.message_id
+                .map(|m| m.into_owned())
+                .filter(|k| k.len() <= MAX_KEY_LEN))
+        }
         Err(_) => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
             Ok(_) => Ok(None),
             Err(e) => Err(ApiError::BadBody(format!("body is not JSON: {e}"))),

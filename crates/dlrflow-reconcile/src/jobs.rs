@@ -37,6 +37,8 @@ pub struct Swept {
     pub strict: u64,
     pub incomplete: u64,
     pub deleted: u64,
+    /// The consumer's lag the sweep saw (see [`consumer_lag`]).
+    pub lag_ms: Option<i64>,
     /// False when another replica held the sweep lock.
     pub ran: bool,
 }
@@ -56,6 +58,32 @@ pub struct SweepParams<'a> {
     pub strict_sources: &'a [String],
     pub lock_name: &'a str,
     pub cfg: &'a ReconcileConfig,
+}
+
+/// The longest lag [`consumer_lag`] reports (ten years): "unknown" is this.
+const LAG_UNKNOWN_MS: i64 = 10 * 365 * 24 * 3_600_000;
+
+/// How old the oldest raw record possibly not yet in the state is, in ms,
+/// from the `consumer_progress` rows dlrflow-state writes at every lag check
+/// (of the group and topic that wrote last): `now() - min(caught_up_to)`. A
+/// consumer that stopped writing ages with the clock; a partition whose bound
+/// is not known yet counts as [`LAG_UNKNOWN_MS`]. `None` when no state
+/// consumer ever wrote one (no gate: the triggers work as without it).
+pub async fn consumer_lag(ex: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Option<i64>> {
+    let (unknown, lag): (Option<bool>, Option<f64>) = sqlx::query_as(
+        r#"
+WITH w AS (SELECT group_id, topic FROM consumer_progress ORDER BY observed_at DESC LIMIT 1)
+SELECT bool_or(p.caught_up_to IS NULL),
+       extract(epoch FROM now() - min(p.caught_up_to))::float8 * 1000
+  FROM consumer_progress p JOIN w USING (group_id, topic)"#,
+    )
+    .fetch_one(ex)
+    .await?;
+    Ok(match (unknown, lag) {
+        (None, _) => None,
+        (Some(true), _) | (_, None) => Some(LAG_UNKNOWN_MS),
+        (Some(false), Some(ms)) => Some((ms.max(0.0) as i64).min(LAG_UNKNOWN_MS)),
+    })
 }
 
 const UPSERT_TAIL: &str = r#"
@@ -83,12 +111,14 @@ pub async fn sweep(pool: &PgPool, p: &SweepParams<'_>) -> sqlx::Result<Swept> {
     if !locked {
         return Ok(Swept::default());
     }
+    let lag = consumer_lag(&mut *tx).await?;
     let out = Swept {
         ran: true,
-        stuck: open_stuck(&mut tx, p).await?,
+        lag_ms: lag,
+        stuck: open_stuck(&mut tx, p, lag).await?,
         flagged: open_flagged(&mut tx, p).await?,
         strict: open_strict(&mut tx, p).await?,
-        incomplete: open_incomplete(&mut tx, p).await?,
+        incomplete: open_incomplete(&mut tx, p, lag).await?,
         deleted: delete_finished(&mut tx, p).await?,
     };
     tx.commit().await?;
@@ -99,7 +129,11 @@ type Tx<'c> = sqlx::Transaction<'c, sqlx::Postgres>;
 
 /// Stuck: non-terminal with no news past the deadline of its status (and
 /// past the message's scheduled time), and not read within that deadline.
-async fn open_stuck(tx: &mut Tx<'_>, p: &SweepParams<'_>) -> sqlx::Result<u64> {
+/// "No news" is as far as dlrflow-state is complete: the deadline must have
+/// passed before `now - lag` (see [`consumer_lag`]), so while the state
+/// lags nothing that went quiet within the lag and the deadline is opened —
+/// its news may be waiting in Kafka.
+async fn open_stuck(tx: &mut Tx<'_>, p: &SweepParams<'_>, lag: Option<i64>) -> sqlx::Result<u64> {
     let cfg = p.cfg;
     let sql = format!(
         r#"
@@ -112,7 +146,7 @@ WITH cand AS (
        AND rs.status NOT IN ('delivered', 'failed') -- dlrflow-state's open-recipient index predicate
        AND rs.created_at > now() - $2 * interval '1 millisecond'
        AND rs.last_event_at > now() - $2 * interval '1 millisecond'
-       AND rs.last_event_at < now() - {DEADLINE}
+       AND rs.last_event_at < now() - coalesce($7::bigint, 0) * interval '1 millisecond' - {DEADLINE}
        AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})
        AND (j.message_id IS NULL
             OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR j.last_read_at < now() - {DEADLINE})))
@@ -131,6 +165,7 @@ SELECT message_id, source, 'stuck', since, now(), now() FROM cand
         .bind(ms(cfg.deadline_processing()))
         .bind(ms(cfg.deadline_sent()))
         .bind(cfg.sweep_batch)
+        .bind(lag)
         .execute(&mut **tx)
         .await?
         .rows_affected())
@@ -220,8 +255,13 @@ SELECT message_id, source, 'strict', since, now(), now() FROM cand
     Ok(opened)
 }
 
-/// Incomplete: the message announced more recipients than we have seen.
-async fn open_incomplete(tx: &mut Tx<'_>, p: &SweepParams<'_>) -> sqlx::Result<u64> {
+/// Incomplete: the message announced more recipients than we have seen,
+/// `incomplete_after` before `now - lag` (as for [`open_stuck`]).
+async fn open_incomplete(
+    tx: &mut Tx<'_>,
+    p: &SweepParams<'_>,
+    lag: Option<i64>,
+) -> sqlx::Result<u64> {
     let cfg = p.cfg;
     let sql = format!(
         r#"
@@ -231,7 +271,8 @@ WITH cand AS (
       LEFT JOIN reconcile_jobs j ON j.message_id = m.message_id
      WHERE m.source = ANY($1)
        AND m.total_recipients IS NOT NULL
-       AND coalesce(m.queued_at, m.first_seen_at) < now() - $2 * interval '1 millisecond'
+       AND coalesce(m.queued_at, m.first_seen_at)
+           < now() - (coalesce($5::bigint, 0) + $2) * interval '1 millisecond'
        AND coalesce(m.queued_at, m.first_seen_at) > now() - $3 * interval '1 millisecond'
        AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - $2 * interval '1 millisecond')
        AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)
@@ -250,6 +291,7 @@ SELECT message_id, source, 'incomplete', since, now(), now() FROM cand
         .bind(ms(cfg.incomplete_after()))
         .bind(ms(cfg.max_age()))
         .bind(cfg.sweep_batch)
+        .bind(lag)
         .execute(&mut **tx)
         .await?
         .rows_affected())
@@ -353,6 +395,108 @@ pub async fn first_use(tx: &mut Transaction<'_, Postgres>, name: &str) -> sqlx::
     .fetch_optional(&mut **tx)
     .await?;
     Ok(inserted.is_some())
+}
+
+/// Why a job is no longer worth its read, re-checked right before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotNeeded {
+    /// The message no longer meets any trigger: the webhooks settled it.
+    Settled,
+    /// It would as of now, but not as far as dlrflow-state is complete: the
+    /// answer may be in Kafka already. The sweep opens the job again once the state is
+    /// caught up, if the message is still unsettled.
+    Lagging,
+}
+
+impl NotNeeded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotNeeded::Settled => "settled",
+            NotNeeded::Lagging => "consumer_lag",
+        }
+    }
+}
+
+/// Whether `job` still needs its read now: its message meets a trigger (a
+/// flag; a recipient stuck, or fewer recipients than announced, as far as
+/// dlrflow-state is complete, see [`open_stuck`]); a strict job always does.
+/// `None`: read it.
+pub async fn still_needed(
+    pool: &PgPool,
+    job: &Job,
+    cfg: &ReconcileConfig,
+) -> sqlx::Result<Option<NotNeeded>> {
+    if job.reason == "strict" {
+        return Ok(None);
+    }
+    let mut conn = pool.acquire().await?;
+    let lag = consumer_lag(&mut *conn).await?;
+    // Each condition twice: as of now, and as far as the state is complete.
+    let sql = format!(
+        r#"
+WITH t(horizon) AS (SELECT now() - coalesce($2::bigint, 0) * interval '1 millisecond')
+SELECT
+  EXISTS (SELECT 1 FROM recipient_state rs WHERE rs.message_id = $1 AND rs.needs_reconcile),
+  EXISTS (SELECT 1 FROM recipient_state rs LEFT JOIN messages m ON m.message_id = rs.message_id
+           WHERE rs.message_id = $1
+             AND rs.status NOT IN ('delivered', 'failed')
+             AND rs.last_event_at < now() - {DEADLINE}
+             AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})),
+  EXISTS (SELECT 1 FROM recipient_state rs LEFT JOIN messages m ON m.message_id = rs.message_id
+           WHERE rs.message_id = $1
+             AND rs.status NOT IN ('delivered', 'failed')
+             AND rs.last_event_at < (SELECT horizon FROM t) - {DEADLINE}
+             AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})),
+  EXISTS (SELECT 1 FROM messages m
+           WHERE m.message_id = $1 AND m.total_recipients IS NOT NULL
+             AND coalesce(m.queued_at, m.first_seen_at) < now() - $6 * interval '1 millisecond'
+             AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)),
+  EXISTS (SELECT 1 FROM messages m
+           WHERE m.message_id = $1 AND m.total_recipients IS NOT NULL
+             AND coalesce(m.queued_at, m.first_seen_at)
+                 < (SELECT horizon FROM t) - $6 * interval '1 millisecond'
+             AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id))"#
+    );
+    let (flagged, stuck, stuck_complete, incomplete, incomplete_complete): (
+        bool,
+        bool,
+        bool,
+        bool,
+        bool,
+    ) = sqlx::query_as(&sql)
+        .bind(&job.message_id)
+        .bind(lag)
+        .bind(ms(cfg.deadline_queued()))
+        .bind(ms(cfg.deadline_processing()))
+        .bind(ms(cfg.deadline_sent()))
+        .bind(ms(cfg.incomplete_after()))
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(if flagged || stuck_complete || incomplete_complete {
+        None
+    } else if stuck || incomplete {
+        Some(NotNeeded::Lagging)
+    } else {
+        Some(NotNeeded::Settled)
+    })
+}
+
+/// Closes a job without a read ([`still_needed`] said no): done, nothing
+/// counted as read (`last_read_at` stays), `skipped` counted, so the sweep
+/// opens it again if its message is still unsettled later.
+pub async fn skip(pool: &PgPool, job: &Job, owner: &str, why: NotNeeded) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE reconcile_jobs SET done_at = now(), lease_owner = NULL, lease_until = NULL,
+                skipped = skipped + 1, gave_up = false, failed = false,
+                last_error = 'not read: ' || $3
+          WHERE message_id = $1 AND lease_owner = $2",
+    )
+    .bind(&job.message_id)
+    .bind(owner)
+    .bind(why.as_str())
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Gives a job back without counting an attempt (no read was made).

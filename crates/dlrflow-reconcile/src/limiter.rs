@@ -223,6 +223,19 @@ impl Limiter {
         })
     }
 
+    /// Takes back the grant `member` when its read is not made after all
+    /// (the job was re-checked and no longer needed it). The property holds:
+    /// the log then counts only reads that were made, and removing a member
+    /// can only make later grants possible that the made reads allow.
+    pub async fn refund(&self, member: &str) -> redis::RedisResult<()> {
+        let mut conn = self.redis.clone();
+        redis::cmd("ZREM")
+            .arg(&self.keys[0])
+            .arg(member)
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
     /// Names the budget (`{prefix}:{key_id}`): what `jobs::first_use` records.
     pub fn name(&self) -> &str {
         self.keys[0].trim_end_matches(":reads")

@@ -10,6 +10,18 @@ pub(crate) fn read(outcome: &'static str) {
     metrics::counter!("dlrflow_reconcile_reads_total", "outcome" => outcome).increment(1);
 }
 
+/// A job closed without its read: re-checked, its message no longer needed
+/// it (`why`: `settled`, or `consumer_lag` while dlrflow-state lags past the
+/// deadline).
+pub(crate) fn read_skipped(message_id: &str, why: &'static str) {
+    tracing::info!(
+        message_id,
+        why,
+        "status read not needed; job closed without it"
+    );
+    metrics::counter!("dlrflow_reconcile_reads_skipped_total", "why" => why).increment(1);
+}
+
 pub(crate) fn budget_left(left: u32) {
     metrics::gauge!("dlrflow_reconcile_budget_left").set(f64::from(left));
 }
@@ -23,6 +35,7 @@ pub(crate) fn swept(s: &Swept) {
     if !s.ran {
         return;
     }
+    consumer_lag(s.lag_ms);
     for (trigger, n) in [
         ("stuck", s.stuck),
         ("flagged", s.flagged),
@@ -43,6 +56,12 @@ pub(crate) fn swept(s: &Swept) {
             "sweep opened jobs"
         );
     }
+}
+
+/// The consumer lag the sweep saw (`-1`: no state consumer reported one).
+pub(crate) fn consumer_lag(lag_ms: Option<i64>) {
+    metrics::gauge!("dlrflow_reconcile_state_lag_seconds")
+        .set(lag_ms.map_or(-1.0, |ms| ms as f64 / 1000.0));
 }
 
 pub(crate) fn backlog(b: &Backlog) {

@@ -113,14 +113,15 @@ pub(crate) async fn worker(
     Ok(())
 }
 
-/// Waits for a grant; `None` means the job was handed back.
+/// Waits for a grant and returns its name; `None` means the job was handed
+/// back.
 async fn wait_for_grant(
     inner: &Inner,
     owner: &str,
     grants: &mut u64,
     job: &Job,
     shutdown: &CancellationToken,
-) -> Option<()> {
+) -> Option<String> {
     let r = &inner.cfg.reconcile;
     let started = Instant::now();
     let max_wait = r.lease() / 2;
@@ -149,7 +150,7 @@ async fn wait_for_grant(
                     telemetry::grant_dropped();
                     continue;
                 }
-                return Some(());
+                return Some(member);
             }
             Ok(Acquire::Wait { wait, paused }) => {
                 if !paused {
@@ -209,7 +210,12 @@ async fn initialize_budget(inner: &Inner, epoch: &str) -> anyhow::Result<()> {
 #[tracing::instrument(
     name = "reconcile job",
     skip_all,
-    fields(message_id = %job.message_id, reason = %job.reason, attempts = job.attempts)
+    fields(
+        message_id = %job.message_id,
+        reason = %job.reason,
+        attempts = job.attempts,
+        trace_id = tracing::field::Empty
+    )
 )]
 async fn process(
     inner: &Inner,
@@ -218,12 +224,21 @@ async fn process(
     job: Job,
     shutdown: &CancellationToken,
 ) {
+    dlrflow_runtime::otel::record_trace_id(&tracing::Span::current());
     let r = &inner.cfg.reconcile;
-    if wait_for_grant(inner, owner, grants, &job, shutdown)
+    // Checked before the wait (no grant for a settled message) and again
+    // right before the read: the wait can be long, and the webhooks may
+    // settle the message meanwhile.
+    if !needed(inner, owner, &job, None).await {
+        return;
+    }
+    let Some(grant) = wait_for_grant(inner, owner, grants, &job, shutdown)
         .instrument(tracing::info_span!("grant wait"))
         .await
-        .is_none()
-    {
+    else {
+        return;
+    };
+    if !needed(inner, owner, &job, Some(&grant)).await {
         return;
     }
     let read = inner
@@ -330,6 +345,32 @@ async fn process(
             Err(e) => telemetry::db_error("retry_later", &e),
         }
     }
+}
+
+/// Re-checks `job` (see `jobs::still_needed`). When it is no longer needed,
+/// closes it without a read, gives `grant` back, and returns false. A failed
+/// check reads anyway: a wasted read is better than a missed one.
+async fn needed(inner: &Inner, owner: &str, job: &Job, grant: Option<&str>) -> bool {
+    let why = match jobs::still_needed(&inner.pool, job, &inner.cfg.reconcile).await {
+        Ok(None) => return true,
+        Ok(Some(why)) => why,
+        Err(e) => {
+            telemetry::db_error("recheck", &e);
+            return true;
+        }
+    };
+    if let Some(member) = grant {
+        if let Err(e) = inner.limiter.refund(member).await {
+            // The grant stays spent: the budget is only stricter.
+            telemetry::redis_error("refund", &e);
+        }
+    }
+    if let Err(e) = jobs::skip(&inner.pool, job, owner, why).await {
+        // The lease ends and the job comes back: checked again then.
+        telemetry::db_error("skip", &e);
+    }
+    telemetry::read_skipped(&job.message_id, why.as_str());
+    false
 }
 
 /// How writing an answer ended.

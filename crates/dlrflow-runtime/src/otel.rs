@@ -128,19 +128,29 @@ pub fn inject(span: &tracing::Span) -> Option<(String, Option<String>)> {
 /// (`messaging.destination.partition.id`, `messaging.kafka.offset`).
 /// Nothing for a missing or invalid one, or when not exported.
 pub fn link_record(span: &tracing::Span, traceparent: Option<&str>, partition: i32, offset: i64) {
+    add_link(
+        span,
+        traceparent,
+        vec![
+            KeyValue::new("messaging.destination.partition.id", partition.to_string()),
+            KeyValue::new("messaging.kafka.offset", offset),
+        ],
+    );
+}
+
+/// Links `span` to the context in `traceparent`, without attributes.
+pub fn link(span: &tracing::Span, traceparent: Option<&str>) {
+    add_link(span, traceparent, Vec::new());
+}
+
+fn add_link(span: &tracing::Span, traceparent: Option<&str>, attributes: Vec<KeyValue>) {
     if !enabled() || traceparent.is_none() {
         return;
     }
     let cx = extract(traceparent, None);
     let sc = cx.span().span_context().clone();
     if sc.is_valid() {
-        span.add_link_with_attributes(
-            sc,
-            vec![
-                KeyValue::new("messaging.destination.partition.id", partition.to_string()),
-                KeyValue::new("messaging.kafka.offset", offset),
-            ],
-        );
+        span.add_link_with_attributes(sc, attributes);
     }
 }
 
@@ -149,5 +159,24 @@ pub fn link_record(span: &tracing::Span, traceparent: Option<&str>, partition: i
 pub fn attribute(span: &tracing::Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
     if enabled() {
         span.set_attribute(key, value);
+    }
+}
+
+/// The trace id of `span`'s exported span (32 hex digits), for a log line's
+/// `trace_id`; `None` when spans are not exported.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Records `span`'s trace id in its `trace_id` field (declared `Empty`), so
+/// every log line inside it carries the id. Nothing when not exported.
+pub fn record_trace_id(span: &tracing::Span) {
+    if let Some(id) = trace_id(span) {
+        span.record("trace_id", id.as_str());
     }
 }

@@ -4,7 +4,11 @@
 //! event), in the same run on the same services. Prints a table and writes
 //! `reports/state-bench.md`. Not run in CI.
 //!
-//! `cargo run --release -p dlrflow-state --bin dlrflow-state-bench -- --events 100000`
+//! `cargo run --release -p dlrflow-state --example state-bench -- --events 100000`
+//!
+//! `--idle 30` measures the idle latency instead (single events, broker ack →
+//! committed), librdkafka's fetch wait next to dlrflow's defaults, and writes
+//! `reports/state-idle-latency.md`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,6 +43,15 @@ struct Args {
     kafka_setting: Vec<String>,
     #[arg(long, default_value = "reports/state-bench.md")]
     out: PathBuf,
+    /// Instead of the throughput runs: the idle latency, producer ack →
+    /// committed, of this many single events one at a time (100 ms apart),
+    /// librdkafka's fetch wait and no idle close (before) next to the
+    /// defaults, with the broker's CPU at idle for each.
+    #[arg(long)]
+    idle: Option<usize>,
+    /// Seconds of idle for the broker CPU figure (--idle).
+    #[arg(long, default_value_t = 20)]
+    idle_cpu_secs: u64,
 }
 
 struct RunResult {
@@ -64,32 +77,13 @@ async fn run(
 ) -> anyhow::Result<RunResult> {
     let id = unique_name("bench");
     let schema = id.replace('-', "_");
-    let raw = format!("{id}.raw");
-    for t in [&raw, &format!("{id}.dlq"), &format!("{id}.delivery")] {
-        create_topic(brokers, t, args.partitions).await?;
-    }
+    let mut cfg = bench_config(args, brokers, &id).await?;
+    cfg.batch.max_records = max_records;
     let p = producer(brokers)?;
     let started = Instant::now();
-    produce_raw(&p, &raw, records).await?;
+    produce_raw(&p, &cfg.kafka.raw_topic, records).await?;
     let produce_secs = started.elapsed().as_secs_f64();
 
-    let mut cfg = Config::defaults();
-    cfg.http.listen = Some("127.0.0.1:0".parse()?);
-    cfg.http.admin_listen = "127.0.0.1:0".parse()?;
-    cfg.kafka.client.brokers = brokers.to_owned();
-    cfg.kafka.raw_topic = raw;
-    cfg.kafka.dlq_topic = format!("{id}.dlq");
-    cfg.kafka.delivery_topic = format!("{id}.delivery");
-    cfg.kafka.group_id = format!("{id}-group");
-    cfg.redis.conn.prefix = format!("{id}:");
-    cfg.postgres.url = args.postgres_url.clone().into();
-    cfg.postgres.schema = Some(schema.clone());
-    cfg.batch.max_records = max_records;
-    for kv in &args.kafka_setting {
-        if let Some((k, v)) = kv.split_once('=') {
-            cfg.kafka.client.settings.insert(k.to_owned(), v.to_owned());
-        }
-    }
     let app = dlrflow_state::App::build(cfg).await?;
     let pool = app.pool();
     let shutdown = CancellationToken::new();
@@ -125,6 +119,206 @@ async fn run(
         process_secs: (done - first.unwrap_or(t0)).as_secs_f64().max(1e-3),
         total_secs: (done - t0).as_secs_f64(),
     })
+}
+
+/// Topics `{id}.raw|dlq|delivery` on the broker, and a configuration of an
+/// in-process replica on them with its own schema, group and Redis prefix.
+async fn bench_config(args: &Args, brokers: &str, id: &str) -> anyhow::Result<Config> {
+    for t in ["raw", "dlq", "delivery"] {
+        create_topic(brokers, &format!("{id}.{t}"), args.partitions).await?;
+    }
+    let mut cfg = Config::defaults();
+    cfg.http.listen = Some("127.0.0.1:0".parse()?);
+    cfg.http.admin_listen = "127.0.0.1:0".parse()?;
+    cfg.kafka.client.brokers = brokers.to_owned();
+    cfg.kafka.raw_topic = format!("{id}.raw");
+    cfg.kafka.dlq_topic = format!("{id}.dlq");
+    cfg.kafka.delivery_topic = format!("{id}.delivery");
+    cfg.kafka.group_id = format!("{id}-group");
+    cfg.redis.conn.prefix = format!("{id}:");
+    cfg.postgres.url = args.postgres_url.clone().into();
+    cfg.postgres.schema = Some(id.replace('-', "_"));
+    for kv in &args.kafka_setting {
+        if let Some((k, v)) = kv.split_once('=') {
+            cfg.kafka.client.settings.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    Ok(cfg)
+}
+
+/// One idle-latency run (see `--idle`).
+struct IdleResult {
+    name: &'static str,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// The broker's CPU time per second of idle with the consumer attached.
+    broker_cpu_ms_per_s: Option<f64>,
+}
+
+/// CPU seconds (user + system) of the process whose command line names
+/// `tansu`, from /proc; `None` when there is none (another broker).
+fn broker_cpu_secs() -> Option<f64> {
+    let tick = 100.0; // USER_HZ on Linux
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        if !String::from_utf8_lossy(first).ends_with("tansu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        return Some((utime + stime) / tick);
+    }
+    None
+}
+
+/// Single events one at a time into an idle replica: for each, the time from
+/// the broker's acknowledgement (when the ingest answers the gateway) to its
+/// row committed in PostgreSQL (what the read API shows).
+async fn idle(
+    name: &'static str,
+    args: &Args,
+    brokers: &str,
+    records: &[RawRecord],
+    tune: impl FnOnce(&mut Config),
+) -> anyhow::Result<IdleResult> {
+    let id = unique_name("idle");
+    let schema = id.replace('-', "_");
+    let mut cfg = bench_config(args, brokers, &id).await?;
+    tune(&mut cfg);
+    let raw = cfg.kafka.raw_topic.clone();
+    let app = dlrflow_state::App::build(cfg).await?;
+    let pool = app.pool();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app.run(shutdown.clone()));
+    // One producer as the ingest has it: no linger.
+    let p: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()?;
+    let count = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM delivery_events")
+            .fetch_one(&pool)
+            .await
+    };
+    // The first record waits for the group join; not measured.
+    let mut seen = 0i64;
+    let mut samples = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        produce_raw(&p, &raw, std::slice::from_ref(r)).await?;
+        let acked = Instant::now();
+        loop {
+            let n = count(pool.clone()).await?;
+            if n > seen {
+                seen = n;
+                break;
+            }
+            anyhow::ensure!(
+                acked.elapsed() < Duration::from_secs(60),
+                "{name}: record {i} not committed after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if i > 0 {
+            samples.push(acked.elapsed().as_secs_f64() * 1000.0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cpu = match broker_cpu_secs() {
+        Some(before) => {
+            tokio::time::sleep(Duration::from_secs(args.idle_cpu_secs)).await;
+            broker_cpu_secs().map(|after| (after - before) * 1000.0 / args.idle_cpu_secs as f64)
+        }
+        None => None,
+    };
+    shutdown.cancel();
+    task.await??;
+    let admin = sqlx::PgPool::connect(&args.postgres_url).await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&admin)
+        .await?;
+    samples.sort_by(f64::total_cmp);
+    let q =
+        |f: f64| samples[((samples.len() as f64 * f).ceil() as usize).clamp(1, samples.len()) - 1];
+    Ok(IdleResult {
+        name,
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        max_ms: *samples.last().unwrap_or(&0.0),
+        broker_cpu_ms_per_s: cpu,
+    })
+}
+
+/// `--idle N`: before (librdkafka's fetch wait, no idle close) and the
+/// defaults, in one run.
+async fn idle_report(args: &Args, brokers: &str, n: usize) -> anyhow::Result<()> {
+    let scenario = lisoloo_scenario(&unique_name("i"), (2 * n + 2).div_ceil(16) + 1, 5);
+    let records: Vec<RawRecord> = scenario.records;
+    anyhow::ensure!(records.len() >= 2 * (n + 1), "scenario too small");
+    let (a, b) = records.split_at(n + 1);
+    let before = idle(
+        "fetch.wait.max.ms=500 (librdkafka default), no idle close",
+        args,
+        brokers,
+        a,
+        |c| {
+            c.kafka
+                .client
+                .settings
+                .insert("fetch.wait.max.ms".into(), "500".into());
+            c.batch.idle_close = c.batch.max_wait;
+        },
+    )
+    .await?;
+    let after = idle(
+        "defaults (fetch.wait.max.ms=10, batch.idle_close_ms=5)",
+        args,
+        brokers,
+        &b[..n + 1],
+        |_| {},
+    )
+    .await?;
+    let mut table = String::from(
+        "| consumer | events | ack → committed p50 (ms) | p99 (ms) | max (ms) | broker CPU at idle (ms/s) |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in [&before, &after] {
+        table.push_str(&format!(
+            "| {} | {n} | {:.1} | {:.1} | {:.1} | {} |\n",
+            r.name,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.broker_cpu_ms_per_s
+                .map_or("–".into(), |c| format!("{c:.1}"))
+        ));
+    }
+    let summary = format!(
+        "p50 ratio before/after: {:.1}×; idle broker CPU after/before: {}\n",
+        before.p50_ms / after.p50_ms.max(1e-3),
+        match (before.broker_cpu_ms_per_s, after.broker_cpu_ms_per_s) {
+            (Some(b), Some(a)) => format!("{:.1}×", a / b.max(1e-3)),
+            _ => "–".into(),
+        }
+    );
+    println!("{table}\n{summary}");
+    let report = format!(
+        "# dlrflow-state idle latency\n\n         One in-process `dlrflow-state` replica, {} partitions, broker `{brokers}`; single \
+         Lisoloo records produced one at a time (100 ms apart, `acks=all`, no linger), each timed \
+         from the broker's acknowledgement to its row committed in PostgreSQL. The broker CPU is \
+         its user + system time over {} s of idle with the consumer attached.\n\n         Command: `cargo run --release -p dlrflow-state --example state-bench -- --idle {n}`\n\n         {table}\n{summary}",
+        args.partitions, args.idle_cpu_secs
+    );
+    let out = args.out.with_file_name("state-idle-latency.md");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&out, report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
 }
 
 /// The part dlrflow-state controls, without the broker: parse, Redis
@@ -166,6 +360,7 @@ async fn stage(args: &Args, records: &[RawRecord], chunk: usize) -> anyhow::Resu
                 provider: "lisoloo",
                 raw: Some(&r.payload),
                 received_at: None,
+                traceparent: None,
             })
             .collect();
         let mut tx = pool.begin().await?;
@@ -186,6 +381,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     dlrflow_runtime::telemetry::init_test_logs();
     let brokers = args.brokers.clone().unwrap_or_else(test_brokers);
+    if let Some(n) = args.idle {
+        return idle_report(&args, &brokers, n.max(2)).await;
+    }
     let tag = unique_name("b");
     // 5 recipients per message: 1 + 3 * 5 = 16 records per message.
     let scenario = lisoloo_scenario(&tag, args.events.div_ceil(16), 5);
@@ -256,7 +454,7 @@ async fn main() -> anyhow::Result<()> {
          Lisoloo records (`sms.queued` + processing/sent/delivered|failed for 5 recipients per \
          message), pre-produced before the consumer starts; the rate is measured from the first \
          to the last committed record.\n\n\
-         Command: `cargo run --release -p dlrflow-state --bin dlrflow-state-bench -- --events {}`\n\n\
+         Command: `cargo run --release -p dlrflow-state --example state-bench -- --events {}`\n\n\
          {table}\n{summary}",
         args.partitions, args.events
     );

@@ -29,6 +29,7 @@ produce_timeout_ms = 10000
 [batch]
 max_records = 2000
 max_wait_ms = 50
+idle_close_ms = 5
 retry_initial_ms = 100
 retry_max_ms = 5000
 
@@ -47,6 +48,7 @@ migrate = true
 
 [health]
 stall_after_ms = 30000
+lag_check_interval_ms = 5000
 
 [api]
 open = false
@@ -79,6 +81,11 @@ pub struct HealthConfig {
     /// or one batch has kept failing, for this long.
     #[serde(rename = "stall_after_ms", with = "ms")]
     pub stall_after: Duration,
+    /// How often the consumer compares its positions with the partitions'
+    /// ends: the lag and freshness metrics, and the `consumer_progress` rows
+    /// dlrflow-reconcile reads (its lag can look this much older).
+    #[serde(rename = "lag_check_interval_ms", with = "ms")]
+    pub lag_check_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -107,6 +114,10 @@ pub struct BatchConfig {
     /// A batch closes this long after its first record at the latest.
     #[serde(rename = "max_wait_ms", with = "ms")]
     pub max_wait: Duration,
+    /// …and as soon as no record came for this long: at idle an event does
+    /// not wait `max_wait` for company. `>= max_wait_ms` turns it off.
+    #[serde(rename = "idle_close_ms", with = "ms")]
+    pub idle_close: Duration,
     /// Backoff of a failing batch (Redis, PostgreSQL or broker down), doubling.
     #[serde(rename = "retry_initial_ms", with = "ms")]
     pub retry_initial: Duration,
@@ -184,6 +195,12 @@ impl Config {
                 "must be between 1 and 100000",
             ));
         }
+        if self.batch.idle_close < Duration::from_millis(1) {
+            return Err(ConfigError::invalid(
+                "batch.idle_close_ms",
+                "must be at least 1",
+            ));
+        }
         if self.batch.max_wait > Duration::from_secs(60) {
             return Err(ConfigError::invalid(
                 "batch.max_wait_ms",
@@ -209,6 +226,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "health.stall_after_ms",
                 "must be at least 1000",
+            ));
+        }
+        if self.health.lag_check_interval < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "health.lag_check_interval_ms",
+                "must be at least 100",
             ));
         }
         if self.kafka.produce_timeout < Duration::from_millis(100) {

@@ -171,6 +171,10 @@ pub fn create_consumer(cfg: &Config) -> anyhow::Result<StateConsumer> {
             ("partition.assignment.strategy", "range,roundrobin".into()),
             ("reconnect.backoff.ms", "50".into()),
             ("reconnect.backoff.max.ms", "1000".into()),
+            // librdkafka's default (500) is how long the local broker holds
+            // a fetch even when records arrive: at idle, half a second per
+            // event. 10 ms costs extra fetches at idle (see ARCHITECTURE.md).
+            ("fetch.wait.max.ms", "10".into()),
         ])
         .create_with_context(StateContext::default())
         .context("creating the Kafka consumer")?;
@@ -311,9 +315,9 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
     let mut written: HashMap<i32, DateTime<Utc>> = HashMap::new();
     loop {
         p.health.tick();
-        if lag_checked.elapsed() >= LAG_CHECK_EVERY {
+        if lag_checked.elapsed() >= p.cfg.health.lag_check_interval {
             lag_checked = std::time::Instant::now();
-            observe_lag(&p.consumer, &p.health, &written).await;
+            observe_lag(&p, &written).await;
         }
         let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
             break;
@@ -402,9 +406,6 @@ fn started() -> std::time::Instant {
     *STARTED.get_or_init(std::time::Instant::now)
 }
 
-/// How often the consumer compares its positions with the partitions' ends.
-const LAG_CHECK_EVERY: Duration = Duration::from_secs(5);
-
 /// The span of one batch (`process batch`, a consumer span with the
 /// messaging attributes), linked to each record's trace context: a batch
 /// has many parents. Its children are the steps of [`process`].
@@ -415,7 +416,9 @@ fn batch_span(cfg: &Config, parsed: &[Parsed]) -> tracing::Span {
         messaging.system = "kafka",
         messaging.operation.type = "process",
         messaging.batch.message_count = parsed.len() as i64,
+        trace_id = tracing::field::Empty,
     );
+    dlrflow_runtime::otel::record_trace_id(&span);
     dlrflow_runtime::otel::attribute(
         &span,
         "messaging.destination.name",
@@ -466,12 +469,12 @@ fn observe_written(parsed: &[Parsed], written: &mut HashMap<i32, DateTime<Utc>>)
 /// (`dlrflow_state_freshness_seconds`: 0 without lag; with lag, the age of
 /// the newest record written, which the first unwritten one is not older
 /// than; the time since the consumer started while nothing was written yet).
-async fn observe_lag(
-    consumer: &Arc<StateConsumer>,
-    health: &Arc<ConsumerHealth>,
-    written: &HashMap<i32, DateTime<Utc>>,
-) {
-    let consumer = consumer.clone();
+/// The same bound goes to the `consumer_progress` table for the reconciler.
+async fn observe_lag(p: &Pipeline, written: &HashMap<i32, DateTime<Utc>>) {
+    let consumer = p.consumer.clone();
+    // Taken before the watermarks: a partition without lag then holds every
+    // record received before this instant.
+    let observed_at = Utc::now();
     let observed = tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_millis(500);
         let position = consumer.position().ok()?;
@@ -504,21 +507,66 @@ async fn observe_lag(
     .await
     .ok()
     .flatten();
-    if let Some(partitions) = observed {
-        let now = Utc::now();
-        for (partition, _, lag) in &partitions {
-            metrics::gauge!("dlrflow_state_consumer_lag_records", "partition" => partition.to_string())
-                .set(*lag as f64);
-            let freshness = match (lag, written.get(partition)) {
-                (0, _) => 0.0,
-                (_, Some(at)) => (now - *at).to_std().unwrap_or_default().as_secs_f64(),
-                (_, None) => started().elapsed().as_secs_f64(),
-            };
-            metrics::gauge!("dlrflow_state_freshness_seconds", "partition" => partition.to_string())
-                .set(freshness);
-        }
-        health.partitions(&partitions);
+    let Some(partitions) = observed else {
+        return;
+    };
+    let now = Utc::now();
+    let mut caught_up = Vec::with_capacity(partitions.len());
+    for (partition, _, lag) in &partitions {
+        metrics::gauge!("dlrflow_state_consumer_lag_records", "partition" => partition.to_string())
+            .set(*lag as f64);
+        let bound = match (lag, written.get(partition)) {
+            (0, _) => Some(observed_at),
+            (_, Some(at)) => Some(*at),
+            (_, None) => None,
+        };
+        let freshness = match bound {
+            Some(at) if *lag > 0 => (now - at).to_std().unwrap_or_default().as_secs_f64(),
+            Some(_) => 0.0,
+            None => started().elapsed().as_secs_f64(),
+        };
+        metrics::gauge!("dlrflow_state_freshness_seconds", "partition" => partition.to_string())
+            .set(freshness);
+        caught_up.push(bound);
     }
+    p.health.partitions(&partitions);
+    if let Err(e) = write_progress(&p.pool, &p.cfg, &partitions, &caught_up, observed_at).await {
+        dlrflow_runtime::telemetry::backend_error("postgres", "progress");
+        tracing::warn!(error = %truncate(&e.to_string(), 300), "could not record the consumer's progress");
+    }
+}
+
+/// Upserts one `consumer_progress` row per assigned partition. An unknown
+/// bound keeps the one recorded before (still true: the state keeps what it
+/// wrote).
+async fn write_progress(
+    pool: &PgPool,
+    cfg: &Config,
+    partitions: &[(i32, i64, i64)],
+    caught_up: &[Option<DateTime<Utc>>],
+    observed_at: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i32> = partitions.iter().map(|(p, _, _)| *p).collect();
+    let lags: Vec<i64> = partitions.iter().map(|(_, _, l)| *l).collect();
+    sqlx::query(
+        "INSERT INTO consumer_progress (group_id, topic, partition, caught_up_to, lag_records, observed_at) \
+         SELECT $1, $2, p, c, l, $6 FROM unnest($3::int[], $4::timestamptz[], $5::bigint[]) AS u(p, c, l) \
+         ON CONFLICT (group_id, topic, partition) DO UPDATE SET \
+           caught_up_to = coalesce(excluded.caught_up_to, consumer_progress.caught_up_to), \
+           lag_records = excluded.lag_records, observed_at = excluded.observed_at",
+    )
+    .bind(&cfg.kafka.group_id)
+    .bind(&cfg.kafka.raw_topic)
+    .bind(&ids)
+    .bind(caught_up)
+    .bind(&lags)
+    .bind(observed_at)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Records the outcome of a Redis round trip in the health and the log
@@ -568,11 +616,16 @@ async fn collect(
             return Some(batch);
         }
     }
+    // Closes at `max_wait` after the first record, or as soon as no record
+    // came for `idle_close` (nothing more was fetched: waiting longer only
+    // adds latency). A saturated consumer always has records queued, so its
+    // batches still fill up.
     let deadline = tokio::time::Instant::now() + cfg.max_wait;
     while batch.len() < cfg.max_records {
+        let gap = (tokio::time::Instant::now() + cfg.idle_close).min(deadline);
         tokio::select! {
             biased;
-            () = tokio::time::sleep_until(deadline) => break,
+            () = tokio::time::sleep_until(gap) => break,
             m = consumer.recv() => match m {
                 Ok(m) => batch.push(m.detach()),
                 Err(e) => {
@@ -774,6 +827,8 @@ async fn write_isolating(
                         .payload()
                         .and_then(|b| std::str::from_utf8(b).ok()),
                     received_at: parsed[i].received_at,
+                    traceparent: header_str(parsed[i].msg.headers(), header::TRACEPARENT)
+                        .and_then(dlrflow_runtime::trace::valid_traceparent),
                 })
             })
             .collect();
@@ -952,11 +1007,15 @@ async fn send_to_dlq(
             }
             Err((e, _)) => anyhow::bail!("enqueueing to the DLQ: {e}"),
         };
+        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
         tracing::warn!(
             kind = poison.kind,
             error = %truncate(&error, 300),
             partition = m.partition(),
             offset = m.offset(),
+            message_id = key.map(|k| truncate(k, 128)).as_deref(),
+            event_id = header_str(m.headers(), header::INGEST_ID).map(|v| truncate(v, 64)).as_deref(),
+            trace_id = header_str(m.headers(), header::TRACEPARENT).and_then(dlrflow_runtime::trace::trace_id),
             reference = item.dlq_reference,
             "poison record to the DLQ"
         );

@@ -58,6 +58,7 @@ impl App {
             ("redis", "dedupe"),
             ("postgres", "write_batch"),
             ("postgres", "read_api"),
+            ("postgres", "progress"),
         ]);
         let pool = cfg
             .postgres

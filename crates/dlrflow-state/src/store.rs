@@ -86,6 +86,9 @@ pub struct Incoming<'a> {
     pub raw: Option<&'a str>,
     /// When the ingest received it (`received-at` header).
     pub received_at: Option<DateTime<Utc>>,
+    /// Its trace context (a valid W3C `traceparent`), carried on to the
+    /// `dlrflow.delivery.v1` record of the change it makes.
+    pub traceparent: Option<&'a str>,
 }
 
 /// The result of [`apply_batch`]: one outcome per input, in input order, and
@@ -100,7 +103,9 @@ pub struct BatchResult {
 /// rows are locked, merged with [`dlrflow_events::merge`], written, recorded
 /// in `delivery_events` (an update whose `dedupe_key` is already there is
 /// skipped) and every change gets an outbox row for `dlrflow.delivery.v1`. The
-/// caller commits `tx`. `delivery_events.raw` holds the update as JSON.
+/// caller commits `tx`. `delivery_events.raw` holds the update as JSON; the
+/// changes' `dlrflow.delivery.v1` records carry the current span's trace
+/// context when spans are exported.
 pub async fn apply_updates(
     tx: &mut Transaction<'_, Postgres>,
     updates: &[DeliveryUpdate],
@@ -111,6 +116,7 @@ pub async fn apply_updates(
         .iter()
         .map(|u| serde_json::to_string(u).ok())
         .collect();
+    let trace = dlrflow_runtime::otel::inject(&tracing::Span::current());
     let items: Vec<Incoming<'_>> = events
         .iter()
         .zip(updates)
@@ -120,6 +126,7 @@ pub async fn apply_updates(
             provider: u.provider.as_str(),
             raw: raw.as_deref(),
             received_at: Some(received_at),
+            traceparent: trace.as_ref().map(|(tp, _)| tp.as_str()),
         })
         .collect();
     Ok(apply_batch(tx, &items).await?.applied)
@@ -443,7 +450,8 @@ async fn write_outbox(
     }
     let now = Utc::now();
     let n = result.applied.len();
-    let (mut ids, mut mids, mut payloads) = (
+    let (mut ids, mut mids, mut payloads, mut traces) = (
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -458,14 +466,17 @@ async fn write_outbox(
         ids.push(a.update_id);
         mids.push(a.state.message_id.as_str());
         payloads.push(crate::record::payload(a, u, items[i].provider, now));
+        traces.push(items[i].traceparent);
     }
     sqlx::query(
-        "INSERT INTO delivery_outbox (update_id, message_id, payload) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) ON CONFLICT (update_id) DO NOTHING",
+        "INSERT INTO delivery_outbox (update_id, message_id, payload, traceparent) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) \
+         ON CONFLICT (update_id) DO NOTHING",
     )
     .bind(&ids)
     .bind(&mids)
     .bind(&payloads)
+    .bind(&traces)
     .execute(&mut **tx)
     .await?;
     Ok(())
