@@ -134,9 +134,12 @@ async fn no_status_read_while_the_answer_waits_in_kafka() {
             .await
             .unwrap()
     });
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Stop the state once part of the send is in PostgreSQL (about 20
+    // messages), while later ones are still half-way.
+    p.wait_applied(200, Duration::from_secs(60)).await.unwrap();
     p.kill9("state-0");
     let stopped_at = chrono::Utc::now();
+    // The outage itself: its length is the scenario, not a wait for a condition.
     tokio::time::sleep(stop).await;
     p.restart("state-0").await.unwrap();
     let report = sender.await.unwrap();
