@@ -32,16 +32,16 @@ queue_max_kbytes = 262144
 "#;
 
 /// Bytes kept free under the producer's `message.max.bytes` for everything a
-/// record carries besides its value: the key (at most
-/// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) = 512 bytes), the headers (at most about
-/// 320 bytes: six names, a source name of at most [`MAX_SOURCE_NAME_LEN`]
-/// bytes, a timestamp, a UUID, a `traceparent`, an endpoint), librdkafka's
-/// per-record framing (at most 36 bytes) and the record batch's header
-/// (61 bytes). What is left is the record limit: the largest Lisoloo body or
+/// record carries besides its value: the key (a message id of at most
+/// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) = 512 bytes after a source name of at
+/// most [`MAX_SOURCE_NAME_LEN`] bytes and the provider: at most 590 bytes),
+/// the headers (a `traceparent` and a `tracestate`, at most about 600
+/// bytes), librdkafka's per-record framing (at most 36 bytes) and the record
+/// batch's header (61 bytes). What is left is the record limit: the largest Lisoloo body or
 /// Arpoone element the ingest accepts.
 pub const RECORD_HEADROOM: usize = 4096;
 
-/// The longest source name (it is copied into every record's headers).
+/// The longest source name (it is copied into every record's key).
 pub const MAX_SOURCE_NAME_LEN: usize = 64;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -287,7 +287,6 @@ async fn accept(
         provider: source.provider.as_str(),
         traceparent,
         tracestate: own.as_ref().and_then(|(_, ts)| ts.as_deref()),
-        endpoint: target.kind.as_deref(),
     };
 
     match source.provider {
@@ -305,7 +304,7 @@ async fn accept(
                 .send_all(
                     &meta,
                     vec![OutRecord {
-                        key: key.as_deref(),
+                        message_id: key.as_deref(),
                         payload: &body,
                     }],
                 )
@@ -335,7 +334,7 @@ async fn accept(
                 .iter()
                 .zip(&keys)
                 .map(|(e, k)| OutRecord {
-                    key: k.as_deref(),
+                    message_id: k.as_deref(),
                     payload: e.get().as_bytes(),
                 })
                 .collect();

@@ -69,6 +69,7 @@ async fn run(cli: Cli<Command>) -> anyhow::Result<()> {
                     "partition": r.partition,
                     "offset": r.offset,
                     "key": r.key.as_deref().map(String::from_utf8_lossy),
+                    "timestamp": r.timestamp.and_then(chrono::DateTime::from_timestamp_millis),
                     "headers": headers,
                     "payload": String::from_utf8_lossy(&r.payload),
                 });

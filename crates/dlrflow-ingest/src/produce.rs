@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{SecondsFormat, Utc};
-use dlrflow_runtime::kafka::header;
+use chrono::Utc;
+use dlrflow_runtime::kafka::{header, raw_key};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -12,17 +12,18 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::config::IngestKafkaConfig;
 use crate::error::ApiError;
 
-/// Where a request's records came from; copied into every record's headers.
+/// Where a request's records came from: in every record's key
+/// ([`raw_key`]); the trace context in its headers.
 pub struct Meta<'a> {
     pub source: &'a str,
     pub provider: &'a str,
     pub traceparent: Option<&'a str>,
     pub tracestate: Option<&'a str>,
-    pub endpoint: Option<&'a str>,
 }
 
 pub struct OutRecord<'a> {
-    pub key: Option<&'a str>,
+    /// The body's message id, if it has one (the key's last part).
+    pub message_id: Option<&'a str>,
     pub payload: &'a [u8],
 }
 
@@ -86,29 +87,24 @@ impl Producer {
         records: Vec<OutRecord<'_>>,
     ) -> Result<(), ApiError> {
         let started = Instant::now();
-        let received_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+        // The record timestamp is the receive time (ms), one for the whole
+        // request; the key says where the record came from (`raw_key`).
+        let received_at = Utc::now().timestamp_millis();
         let mut pending = Vec::with_capacity(records.len());
         for r in records {
-            let ingest_id = uuid::Uuid::now_v7().to_string();
-            let mut headers = OwnedHeaders::new_with_capacity(6)
-                .insert(h(header::SOURCE, meta.source))
-                .insert(h(header::PROVIDER, meta.provider))
-                .insert(h(header::RECEIVED_AT, &received_at))
-                .insert(h(header::INGEST_ID, &ingest_id));
-            if let Some(tp) = meta.traceparent {
-                headers = headers.insert(h(header::TRACEPARENT, tp));
-            }
-            if let Some(ts) = meta.tracestate {
-                headers = headers.insert(h(header::TRACESTATE, ts));
-            }
-            if let Some(ep) = meta.endpoint {
-                headers = headers.insert(h(header::ENDPOINT, ep));
-            }
+            let key = raw_key::encode(meta.source, meta.provider, r.message_id);
             let mut record = FutureRecord::to(&self.topic)
+                .key(&key)
                 .payload(r.payload)
-                .headers(headers);
-            if let Some(key) = r.key {
-                record = record.key(key);
+                .timestamp(received_at);
+            // Headers only for a trace context: each one is a row on Tansu.
+            if let Some(tp) = meta.traceparent {
+                let mut headers =
+                    OwnedHeaders::new_with_capacity(2).insert(h(header::TRACEPARENT, tp));
+                if let Some(ts) = meta.tracestate {
+                    headers = headers.insert(h(header::TRACESTATE, ts));
+                }
+                record = record.headers(headers);
             }
             match self.kafka.send_result(record) {
                 Ok(fut) => pending.push(fut),

@@ -17,17 +17,71 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::config::ConfigError;
 
-/// Header names carried by every raw record.
+/// Record header names. A raw record written by this version carries at
+/// most `traceparent` and `tracestate` (only when the request had a trace
+/// context); its source and provider are in its key ([`raw_key`]) and its
+/// receive time is the record timestamp. Records of
+/// earlier versions carry `source`, `provider`, `received-at`, `ingest-id`
+/// and `endpoint` as headers; the consumer still reads them.
 pub mod header {
+    /// Earlier raw records only (now in the key).
     pub const SOURCE: &str = "source";
+    /// Earlier raw records only (now in the key).
     pub const PROVIDER: &str = "provider";
+    /// Earlier raw records only (now the record timestamp).
     pub const RECEIVED_AT: &str = "received-at";
+    /// Earlier raw records only (the record's partition and offset identify it).
     pub const INGEST_ID: &str = "ingest-id";
     pub const TRACEPARENT: &str = "traceparent";
     /// Written only when the trace has vendor state (W3C `tracestate`).
     pub const TRACESTATE: &str = "tracestate";
+    /// Earlier raw records only (an Arpoone element's `Status` says the same).
     pub const ENDPOINT: &str = "endpoint";
     pub const ERROR: &str = "error";
+}
+
+/// The raw record's key: `{source}/{provider}/{message_id}`, e.g.
+/// `acme/lisoloo/507f1f77bcf86cd799439011`. Source names (`[a-z0-9_-]`) and
+/// providers never hold a `/`; the message id is everything after the second
+/// one (it may hold `/`, and it is empty when the body had none).
+///
+/// The key carries what the consumer needs besides the body, so a record
+/// needs no header: on Tansu's SQLite storage every header is a row of its
+/// own and costs throughput (see ARCHITECTURE.md, "The raw record"). All
+/// events of one message of one source share a key, hence a partition.
+pub mod raw_key {
+    /// What a raw record's key says.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct RawKey<'a> {
+        pub source: &'a str,
+        pub provider: &'a str,
+        /// Empty when the body named no message id.
+        pub message_id: &'a str,
+    }
+
+    /// The key of a record from `source` (of `provider`) for `message_id`.
+    pub fn encode(source: &str, provider: &str, message_id: Option<&str>) -> String {
+        let parts = [source, "/", provider, "/", message_id.unwrap_or("")];
+        let mut k = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        parts.iter().for_each(|p| k.push_str(p));
+        k
+    }
+
+    /// Reads a key written by [`encode`]; `None` for any other key (an
+    /// earlier record's bare message id, say) or when source or provider is
+    /// empty.
+    pub fn decode(key: &[u8]) -> Option<RawKey<'_>> {
+        let key = std::str::from_utf8(key).ok()?;
+        let mut parts = key.splitn(3, '/');
+        let source = parts.next().filter(|s| !s.is_empty())?;
+        let provider = parts.next().filter(|s| !s.is_empty())?;
+        let message_id = parts.next()?;
+        Some(RawKey {
+            source,
+            provider,
+            message_id,
+        })
+    }
 }
 
 /// `[kafka]`'s client part. Its `Debug` and `Serialize` show secret
@@ -229,9 +283,16 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record timestamp (ms since the epoch), when it has one.
+    pub timestamp: Option<i64>,
 }
 
 impl Record {
+    /// The key read as a raw record's key ([`raw_key`]).
+    pub fn raw_key(&self) -> Option<raw_key::RawKey<'_>> {
+        self.key.as_deref().and_then(raw_key::decode)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -315,12 +376,52 @@ pub async fn read_topic_with(
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().unwrap_or_default().to_vec(),
                     headers,
+                    timestamp: msg.timestamp().to_millis(),
                 });
             }
         }
         Ok(out)
     })
     .await?
+}
+
+#[cfg(test)]
+mod raw_key_tests {
+    use super::raw_key::{decode, encode, RawKey};
+
+    #[test]
+    fn keys_round_trip_and_the_message_id_keeps_its_slashes() {
+        for (source, provider, mid) in [
+            ("acme", "lisoloo", Some("507f1f77bcf86cd799439011")),
+            ("shop-2", "arpoone", Some("a/b//c")),
+            ("acme", "lisoloo", None),
+        ] {
+            let k = encode(source, provider, mid);
+            assert_eq!(
+                decode(k.as_bytes()),
+                Some(RawKey {
+                    source,
+                    provider,
+                    message_id: mid.unwrap_or(""),
+                }),
+                "{k}"
+            );
+        }
+        assert_eq!(encode("acme", "lisoloo", Some("m1")), "acme/lisoloo/m1");
+    }
+
+    #[test]
+    fn other_keys_are_not_raw_keys() {
+        for k in [
+            &b"507f1f77bcf86cd799439011"[..],
+            b"a/b",
+            b"/lisoloo/m",
+            b"acme//m",
+            b"\xff\xfe/a/b",
+        ] {
+            assert_eq!(decode(k), None, "{k:?}");
+        }
+    }
 }
 
 #[cfg(test)]

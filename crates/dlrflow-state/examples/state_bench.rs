@@ -9,6 +9,12 @@
 //! `--idle 30` measures the idle latency instead (single events, broker ack →
 //! committed), librdkafka's fetch wait next to dlrflow's defaults, and writes
 //! `reports/state-idle-latency.md`.
+//!
+//! `--sustained 5000 --secs 60` produces at a steady rate as the ingest would
+//! (acks=all, idempotent, no linger, a chunk every 10 ms) into a running
+//! replica and measures, for every tenth chunk, the time from the broker's
+//! acknowledgement of its last record to every record of it visible in
+//! PostgreSQL (what the read API serves); writes `reports/state-sustained.md`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -52,6 +58,12 @@ struct Args {
     /// Seconds of idle for the broker CPU figure (--idle).
     #[arg(long, default_value_t = 20)]
     idle_cpu_secs: u64,
+    /// Instead of the throughput runs: this many events/s, sustained for
+    /// --secs, acknowledged → visible (see the module docs).
+    #[arg(long)]
+    sustained: Option<usize>,
+    #[arg(long, default_value_t = 60)]
+    secs: u64,
 }
 
 struct RunResult {
@@ -306,13 +318,165 @@ async fn idle_report(args: &Args, brokers: &str, n: usize) -> anyhow::Result<()>
     );
     println!("{table}\n{summary}");
     let report = format!(
-        "# dlrflow-state idle latency\n\n         One in-process `dlrflow-state` replica, {} partitions, broker `{brokers}`; single \
+        "# dlrflow-state idle latency\n\n\
+         One in-process `dlrflow-state` replica, {} partitions, broker `{brokers}`; single \
          Lisoloo records produced one at a time (100 ms apart, `acks=all`, no linger), each timed \
          from the broker's acknowledgement to its row committed in PostgreSQL. The broker CPU is \
-         its user + system time over {} s of idle with the consumer attached.\n\n         Command: `cargo run --release -p dlrflow-state --example state-bench -- --idle {n}`\n\n         {table}\n{summary}",
+         its user + system time over {} s of idle with the consumer attached.\n\n\
+         Command: `cargo run --release -p dlrflow-state --example state-bench -- --idle {n}`\n\n\
+         {table}\n{summary}",
         args.partitions, args.idle_cpu_secs
     );
     let out = args.out.with_file_name("state-idle-latency.md");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&out, report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// `--sustained RATE`: a steady load into a running replica; for every tenth
+/// chunk, acknowledged → every record visible in PostgreSQL.
+async fn sustained(args: &Args, brokers: &str, rate: usize) -> anyhow::Result<()> {
+    const TICK: Duration = Duration::from_millis(10);
+    let per_chunk = (rate / 100).max(1);
+    let chunks = (args.secs as usize * 100).max(1);
+    let scenario = lisoloo_scenario(
+        &unique_name("u"),
+        (per_chunk * chunks + 1).div_ceil(16) + 1,
+        5,
+    );
+    let records: Vec<RawRecord> = scenario.records;
+    anyhow::ensure!(records.len() > per_chunk * chunks, "scenario too small");
+    let id = unique_name("sustained");
+    let schema = id.replace('-', "_");
+    let cfg = bench_config(args, brokers, &id).await?;
+    let raw = cfg.kafka.raw_topic.clone();
+    let app = dlrflow_state::App::build(cfg).await?;
+    let pool = app.pool();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app.run(shutdown.clone()));
+    // The producer the ingest has: idempotent, acks=all, no linger.
+    let p: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .create()?;
+    // Warm-up: the group join is not measured.
+    produce_raw(&p, &raw, &records[..1]).await?;
+    let joined = Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM delivery_events")
+        .fetch_one(&pool)
+        .await?
+        < 1
+    {
+        anyhow::ensure!(
+            joined.elapsed() < Duration::from_secs(60),
+            "no commit after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let keys: Vec<String> = records[1..]
+        .iter()
+        .map(|r| {
+            dlrflow_events::parse_record(
+                dlrflow_events::Provider::Lisoloo,
+                &r.source,
+                r.payload.as_bytes(),
+            )
+            .map(|e| e.dedupe_key().to_owned())
+        })
+        .collect::<Result<_, _>>()?;
+    // The probes' own connections: they do not take the replica's.
+    let probe_pool = dlrflow_runtime::settings::PostgresSettings {
+        schema: Some(schema.clone()),
+        ..dlrflow_runtime::settings::PostgresSettings::with_url(args.postgres_url.clone())
+    }
+    .connect()
+    .await?;
+    let mut probes = tokio::task::JoinSet::new();
+    let mut late_ticks = 0usize;
+    let started = Instant::now();
+    let mut next = tokio::time::Instant::now();
+    for c in 0..chunks {
+        next += TICK;
+        let range = 1 + c * per_chunk..1 + (c + 1) * per_chunk;
+        let chunk = records[range.clone()].to_vec();
+        let chunk_keys = keys[range.start - 1..range.end - 1].to_vec();
+        let (p, raw, pool) = (p.clone(), raw.clone(), probe_pool.clone());
+        let probe = c % 10 == 0;
+        probes.spawn(async move {
+            produce_raw(&p, &raw, &chunk).await?;
+            let acked = Instant::now();
+            if !probe {
+                return Ok::<_, anyhow::Error>(None);
+            }
+            loop {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM delivery_events WHERE dedupe_key = ANY($1)",
+                )
+                .bind(&chunk_keys)
+                .fetch_one(&pool)
+                .await?;
+                if n as usize >= chunk_keys.len() {
+                    return Ok(Some(acked.elapsed().as_secs_f64() * 1000.0));
+                }
+                anyhow::ensure!(
+                    acked.elapsed() < Duration::from_secs(120),
+                    "chunk {c} not visible after 120 s"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        if tokio::time::Instant::now() > next + TICK {
+            late_ticks += 1;
+        }
+        tokio::time::sleep_until(next).await;
+    }
+    let offered_secs = started.elapsed().as_secs_f64();
+    let mut samples = Vec::new();
+    while let Some(r) = probes.join_next().await {
+        if let Some(ms) = r?? {
+            samples.push(ms);
+        }
+    }
+    shutdown.cancel();
+    task.await??;
+    let admin = sqlx::PgPool::connect(&args.postgres_url).await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&admin)
+        .await?;
+    samples.sort_by(f64::total_cmp);
+    let q =
+        |f: f64| samples[((samples.len() as f64 * f).ceil() as usize).clamp(1, samples.len()) - 1];
+    let events = per_chunk * chunks;
+    let table = format!(
+        "| offered | events | achieved events/s | chunks probed | acknowledged → visible p50 (ms) | p99 (ms) | max (ms) | ticks late |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n\
+         | {rate}/s for {} s, {per_chunk} every 10 ms | {events} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {late_ticks} |\n",
+        args.secs,
+        events as f64 / offered_secs,
+        samples.len(),
+        q(0.5),
+        q(0.99),
+        samples.last().copied().unwrap_or(0.0),
+    );
+    println!("{table}");
+    let report = format!(
+        "# dlrflow-state under a sustained load\n\n\
+         One in-process `dlrflow-state` replica (defaults), {} partitions, broker `{brokers}`, \
+         PostgreSQL and Redis local. Lisoloo records produced as the ingest produces them \
+         (idempotent, `acks=all`, no linger), {per_chunk} every 10 ms; for every tenth chunk the \
+         time from the acknowledgement of its records to all of them visible in PostgreSQL \
+         (polled every 2 ms by dedupe key: what the read API serves). \
+         \"ticks late\" counts 10 ms ticks the producer loop missed.\n\n\
+         Command: `cargo run --release -p dlrflow-state --example state-bench -- --sustained {rate} --secs {}`\n\n\
+         {table}",
+        args.partitions, args.secs
+    );
+    let out = args.out.with_file_name("state-sustained.md");
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).ok();
     }
@@ -383,6 +547,9 @@ async fn main() -> anyhow::Result<()> {
     let brokers = args.brokers.clone().unwrap_or_else(test_brokers);
     if let Some(n) = args.idle {
         return idle_report(&args, &brokers, n.max(2)).await;
+    }
+    if let Some(rate) = args.sustained {
+        return sustained(&args, &brokers, rate.max(100)).await;
     }
     let tag = unique_name("b");
     // 5 recipients per message: 1 + 3 * 5 = 16 records per message.

@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use dlrflow_events::{parse_record, Event, Provider};
-use dlrflow_runtime::kafka::{copy_headers, header, header_str};
+use dlrflow_runtime::kafka::{copy_headers, header, header_str, raw_key};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -235,20 +235,51 @@ struct Parsed {
     dlq_reference: bool,
 }
 
+/// Where a raw record came from: its key ([`raw_key`]), or the `source` and
+/// `provider` headers of a record written before the key carried them.
+fn origin(msg: &OwnedMessage) -> Result<(&str, &str), Poison> {
+    let headers = msg.headers();
+    if let (Some(source), Some(provider)) = (
+        header_str(headers, header::SOURCE),
+        header_str(headers, header::PROVIDER),
+    ) {
+        return Ok((source, provider));
+    }
+    let key = msg.key().and_then(raw_key::decode).ok_or_else(|| Poison {
+        kind: "missing_origin",
+        error: "the key is not `{source}/{provider}/{message_id}` and no `source` and `provider` headers are present".to_owned(),
+    })?;
+    Ok((key.source, key.provider))
+}
+
+/// When the ingest received a record: the record timestamp (ms), or the
+/// `received-at` header (µs) of a record written before.
+fn received_at(msg: &OwnedMessage) -> Option<DateTime<Utc>> {
+    header_str(msg.headers(), header::RECEIVED_AT)
+        .and_then(dlrflow_events::parse_timestamp)
+        .or_else(|| {
+            msg.timestamp()
+                .to_millis()
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+        })
+}
+
+/// The message id a record's key names (for log lines): the last part of a
+/// [`raw_key`], or an earlier record's whole key.
+fn key_message_id(msg: &OwnedMessage) -> Option<&str> {
+    let key = msg.key()?;
+    match raw_key::decode(key) {
+        Some(k) => Some(k.message_id).filter(|m| !m.is_empty()),
+        None => std::str::from_utf8(key).ok(),
+    }
+}
+
 /// Parses and validates one raw record.
 pub fn parse(msg: &OwnedMessage) -> Result<(Event, Provider), Poison> {
-    let headers = msg.headers();
-    let provider_name = header_str(headers, header::PROVIDER).ok_or_else(|| Poison {
-        kind: "missing_header",
-        error: format!("missing header `{}`", header::PROVIDER),
-    })?;
+    let (source, provider_name) = origin(msg)?;
     let provider: Provider = provider_name.parse().map_err(|_| Poison {
         kind: "unknown_provider",
         error: format!("unknown provider `{}`", truncate(provider_name, 64)),
-    })?;
-    let source = header_str(headers, header::SOURCE).ok_or_else(|| Poison {
-        kind: "missing_header",
-        error: format!("missing header `{}`", header::SOURCE),
     })?;
     let mut event =
         parse_record(provider, source, msg.payload().unwrap_or_default()).map_err(|e| Poison {
@@ -333,8 +364,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
         let mut parsed: Vec<Parsed> = batch
             .into_iter()
             .map(|msg| {
-                let received_at = header_str(msg.headers(), header::RECEIVED_AT)
-                    .and_then(dlrflow_events::parse_timestamp);
+                let received_at = received_at(&msg);
                 Parsed {
                     result: parse(&msg),
                     msg,
@@ -441,18 +471,14 @@ fn batch_span(cfg: &Config, parsed: &[Parsed]) -> tracing::Span {
 }
 
 /// A written batch in the metrics: for each record the time from its
-/// receipt by the ingest (its `received-at`, else the record's timestamp) to
+/// receipt by the ingest (its record timestamp, or an earlier record's
+/// `received-at`) to
 /// now, its state committed (`dlrflow_state_received_to_committed_seconds`);
 /// and per partition the newest record time written, for the freshness.
 fn observe_written(parsed: &[Parsed], written: &mut HashMap<i32, DateTime<Utc>>) {
     let now = Utc::now();
     for r in parsed {
-        let Some(at) = r.received_at.or_else(|| {
-            r.msg
-                .timestamp()
-                .to_millis()
-                .and_then(DateTime::<Utc>::from_timestamp_millis)
-        }) else {
+        let Some(at) = r.received_at else {
             continue;
         };
         let age = (now - at).to_std().unwrap_or_default();
@@ -990,6 +1016,11 @@ async fn send_to_dlq(
             copy_headers(m.headers(), &extra)
         };
         let mut record = FutureRecord::<[u8], [u8]>::to(&cfg.kafka.dlq_topic).headers(headers);
+        // The raw record's timestamp is its receive time: kept, so a replay
+        // gives it back (the DLQ's retention counts from it too).
+        if let Some(t) = m.timestamp().to_millis() {
+            record = record.timestamp(t);
+        }
         if let Some(k) = m.key().filter(|k| k.len() <= MAX_ID_LEN * 4) {
             record = record.key(k);
         }
@@ -1007,14 +1038,12 @@ async fn send_to_dlq(
             }
             Err((e, _)) => anyhow::bail!("enqueueing to the DLQ: {e}"),
         };
-        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
         tracing::warn!(
             kind = poison.kind,
             error = %truncate(&error, 300),
             partition = m.partition(),
             offset = m.offset(),
-            message_id = key.map(|k| truncate(k, 128)).as_deref(),
-            event_id = header_str(m.headers(), header::INGEST_ID).map(|v| truncate(v, 64)).as_deref(),
+            message_id = key_message_id(m).map(|k| truncate(k, 128)).as_deref(),
             trace_id = header_str(m.headers(), header::TRACEPARENT).and_then(dlrflow_runtime::trace::trace_id),
             reference = item.dlq_reference,
             "poison record to the DLQ"
@@ -1050,4 +1079,92 @@ fn is_too_large(e: &rdkafka::error::KafkaError) -> bool {
         e.rdkafka_error_code(),
         Some(C::MessageSizeTooLarge | C::InvalidRecord | C::InvalidMessageSize)
     )
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::Timestamp;
+
+    const BODY: &str = r#"{"event_id":"f8a3b7c1-2e4d-4a9b-9d8f-7c6e5b4a3d2c","event_type":"sms.delivered","timestamp":"2026-05-27T10:15:08Z","message_id":"m1","data":{"recipient_phone":"+243998857000","delivered_at":"2026-05-27T10:15:08Z"}}"#;
+
+    fn msg(key: Option<&str>, headers: &[(&str, &str)], ts: Timestamp) -> OwnedMessage {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        OwnedMessage::new(
+            Some(BODY.as_bytes().to_vec()),
+            key.map(|k| k.as_bytes().to_vec()),
+            "raw".into(),
+            ts,
+            0,
+            7,
+            (!headers.is_empty()).then_some(h),
+        )
+    }
+
+    fn source_of(m: &OwnedMessage) -> String {
+        match parse(m).unwrap().0 {
+            Event::Recipient(u) => u.source,
+            Event::Message(m) => m.source,
+        }
+    }
+
+    #[test]
+    fn the_key_names_the_source_and_the_timestamp_is_the_receive_time() {
+        let m = msg(
+            Some("acme/lisoloo/m1"),
+            &[],
+            Timestamp::CreateTime(1_780_000_000_123),
+        );
+        assert_eq!(source_of(&m), "acme");
+        assert_eq!(
+            received_at(&m),
+            DateTime::<Utc>::from_timestamp_millis(1_780_000_000_123)
+        );
+        assert_eq!(key_message_id(&m), Some("m1"));
+    }
+
+    #[test]
+    fn records_of_an_earlier_ingest_are_read_from_their_headers() {
+        let m = msg(
+            Some("m1"),
+            &[
+                (header::SOURCE, "old-src"),
+                (header::PROVIDER, "lisoloo"),
+                (header::RECEIVED_AT, "2026-05-27T10:15:09.123456Z"),
+            ],
+            Timestamp::CreateTime(1),
+        );
+        assert_eq!(source_of(&m), "old-src");
+        assert_eq!(
+            received_at(&m),
+            dlrflow_events::parse_timestamp("2026-05-27T10:15:09.123456Z"),
+            "the µs header wins over the timestamp"
+        );
+        assert_eq!(key_message_id(&m), Some("m1"));
+    }
+
+    #[test]
+    fn a_record_without_an_origin_is_poison() {
+        for key in [None, Some("m1"), Some("/lisoloo/m1")] {
+            let p = parse(&msg(key, &[], Timestamp::NotAvailable)).unwrap_err();
+            assert_eq!(p.kind, "missing_origin", "{key:?}");
+        }
+        let p = parse(&msg(Some("acme/kannel/m1"), &[], Timestamp::NotAvailable)).unwrap_err();
+        assert_eq!(p.kind, "unknown_provider");
+        // One header of the earlier form alone does not count.
+        let p = parse(&msg(
+            None,
+            &[(header::SOURCE, "a")],
+            Timestamp::NotAvailable,
+        ))
+        .unwrap_err();
+        assert_eq!(p.kind, "missing_origin");
+    }
 }

@@ -1,8 +1,8 @@
 //! `dlrflow-state replay`: moves DLQ records back to the raw topic.
 //!
 //! It reads the DLQ in its own consumer group (`{kafka.group_id}-replay`),
-//! produces each record to the raw topic with its original key, value and
-//! headers (minus the DLQ's own), waits for the acknowledgements, and only
+//! produces each record to the raw topic with its original key, value,
+//! timestamp (the receive time) and headers (minus the DLQ's own), waits for the acknowledgements, and only
 //! then commits the DLQ offsets. A crash in between replays some records twice;
 //! the raw consumer dedupes them. A DLQ record that is a bounded reference
 //! (`dlq-form: reference`, a record too large to copy whole) is replayed from
@@ -124,6 +124,10 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
                 value: Some(from.as_str()),
             });
             let mut record = FutureRecord::<[u8], [u8]>::to(&cfg.kafka.raw_topic).headers(headers);
+            // The receive time (the raw record's timestamp) goes back with it.
+            if let Some(t) = m.timestamp().to_millis() {
+                record = record.timestamp(t);
+            }
             if let Some(k) = m.key() {
                 record = record.key(k);
             }

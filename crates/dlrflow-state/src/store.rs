@@ -84,7 +84,8 @@ pub struct Incoming<'a> {
     pub provider: &'a str,
     /// The exact record as text, stored in `delivery_events.raw`.
     pub raw: Option<&'a str>,
-    /// When the ingest received it (`received-at` header).
+    /// When the ingest received it (the record timestamp, or an earlier
+    /// record's `received-at` header).
     pub received_at: Option<DateTime<Utc>>,
     /// Its trace context (a valid W3C `traceparent`), carried on to the
     /// `dlrflow.delivery.v1` record of the change it makes.

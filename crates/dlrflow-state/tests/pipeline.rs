@@ -226,8 +226,18 @@ async fn poison_records_go_to_the_dlq_while_the_partition_moves_on_and_replay_re
     assert!(dlq[0].header("error").unwrap().contains("sms.bounced"));
     assert_eq!(dlq[0].header("original-topic"), Some(env.raw.as_str()));
     assert_eq!(dlq[0].header("original-offset"), Some("0"));
-    assert_eq!(dlq[0].header("source"), Some("lisoloo-main"));
-    assert_eq!(dlq[0].key.as_deref(), Some(records[0].key.as_bytes()));
+    // The raw record's key (its origin) and timestamp (its receive time) go
+    // with it.
+    let key = dlq[0].raw_key().unwrap();
+    assert_eq!(
+        (key.source, key.provider, key.message_id),
+        ("lisoloo-main", "lisoloo", records[0].key.as_str())
+    );
+    let received = dlrflow_testkit::read_topic(&env.brokers, &env.raw, 1, T, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(dlq[0].timestamp.is_some());
+    assert_eq!(dlq[0].timestamp, received[0].timestamp, "the receive time");
     assert_eq!(dlq[1].header("error-kind"), Some("not_json"));
 
     // Replay moves both back to the raw topic (they are still poison, so the
@@ -256,9 +266,9 @@ async fn poison_records_go_to_the_dlq_while_the_partition_moves_on_and_replay_re
         .filter(|r| r.header("replayed-from").is_some())
         .collect();
     assert_eq!(replayed.len(), 2);
-    assert!(replayed
-        .iter()
-        .all(|r| r.header("error").is_none() && r.header("provider") == Some("lisoloo")));
+    assert!(replayed.iter().all(|r| r.header("error").is_none()
+        && r.raw_key().is_some_and(|k| k.provider == "lisoloo")
+        && r.timestamp == received[0].timestamp));
     let dlq = dlrflow_testkit::read_topic(&env.brokers, &env.dlq, 4, T, Duration::from_millis(500))
         .await
         .unwrap();

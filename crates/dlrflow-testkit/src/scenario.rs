@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use dlrflow_runtime::kafka::header;
-use rdkafka::message::{Header, OwnedHeaders};
+use dlrflow_runtime::kafka::raw_key;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use uuid::Uuid;
@@ -185,7 +184,7 @@ pub fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
         .context("test producer")
 }
 
-/// Produces the records as dlrflow-ingest would (key, headers) and waits for
+/// Produces the records as dlrflow-ingest would (key, timestamp) and waits for
 /// every acknowledgement.
 pub async fn produce_raw(
     producer: &FutureProducer,
@@ -193,31 +192,17 @@ pub async fn produce_raw(
     records: &[RawRecord],
 ) -> anyhow::Result<()> {
     for chunk in records.chunks(5000) {
-        let received_at = ts(Utc::now());
+        let received_at = Utc::now().timestamp_millis();
+        let keys: Vec<String> = chunk
+            .iter()
+            .map(|r| raw_key::encode(&r.source, r.provider, Some(&r.key)))
+            .collect();
         let mut pending = Vec::with_capacity(chunk.len());
-        for r in chunk {
-            let ingest_id = Uuid::now_v7().to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: header::SOURCE,
-                    value: Some(r.source.as_str()),
-                })
-                .insert(Header {
-                    key: header::PROVIDER,
-                    value: Some(r.provider),
-                })
-                .insert(Header {
-                    key: header::RECEIVED_AT,
-                    value: Some(received_at.as_str()),
-                })
-                .insert(Header {
-                    key: header::INGEST_ID,
-                    value: Some(ingest_id.as_str()),
-                });
+        for (r, key) in chunk.iter().zip(&keys) {
             let record = FutureRecord::to(topic)
-                .key(&r.key)
+                .key(key)
                 .payload(&r.payload)
-                .headers(headers);
+                .timestamp(received_at);
             pending.push(producer.send(record, Duration::from_secs(30)));
         }
         for p in futures::future::join_all(pending).await {
