@@ -643,7 +643,48 @@ impl Pipeline {
         sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.ok()
     }
 
-    /// Waits until `dlrflow-state` applied at least `n` events (the fault
+    /// When each recipient's terminal Lisoloo event (`sms.delivered` /
+    /// `sms.failed`) first reached the raw topic: (message_id, recipient) →
+    /// the record timestamp, which the ingest sets to the receive time. Reads
+    /// the topic for `timeout`.
+    pub async fn terminal_received(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<HashMap<(String, String), chrono::DateTime<chrono::Utc>>> {
+        let records = read_topic(
+            &self.brokers,
+            &self.raw_topic,
+            usize::MAX,
+            timeout,
+            Duration::ZERO,
+        )
+        .await?;
+        let mut out: HashMap<(String, String), chrono::DateTime<chrono::Utc>> = HashMap::new();
+        for r in records {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.payload) else {
+                continue;
+            };
+            if !matches!(
+                v["event_type"].as_str(),
+                Some("sms.delivered" | "sms.failed")
+            ) {
+                continue;
+            }
+            let (Some(m), Some(p), Some(at)) = (
+                v["message_id"].as_str(),
+                v["data"]["recipient_phone"].as_str(),
+                r.timestamp
+                    .and_then(chrono::DateTime::from_timestamp_millis),
+            ) else {
+                continue;
+            };
+            let first = out.entry((m.to_owned(), p.to_owned())).or_insert(at);
+            *first = (*first).min(at);
+        }
+        Ok(out)
+    }
+
+    /// Waits until `dlrflow-state` applied at least `n` events (the fault    /// Waits until `dlrflow-state` applied at least `n` events (the fault
     /// injection point of a test).
     pub async fn wait_applied(&self, n: i64, timeout: Duration) -> anyhow::Result<i64> {
         let pool = self.pool().await?;
@@ -901,6 +942,41 @@ pub async fn verify_all(truth: &Truth, api: &str, wait: Duration) -> VerifyRepor
         "every recipient matches"
     );
     report
+}
+
+/// The reads of `reads` (200 answers) that a message did not need: every
+/// recipient of it in `truth` had its terminal event in the raw topic
+/// (`received`, see [`Pipeline::terminal_received`]) at least `slack`
+/// before the read — the answer was waiting in Kafka. `slack` is how far
+/// behind dlrflow-state's progress report may be at the read.
+pub fn reads_not_needed(
+    reads: &[ReadRecord],
+    truth: &Truth,
+    received: &HashMap<(String, String), chrono::DateTime<chrono::Utc>>,
+    slack: Duration,
+) -> Vec<String> {
+    let slack = chrono::Duration::from_std(slack).unwrap_or_default();
+    let mut recipients: HashMap<&str, Vec<&str>> = HashMap::new();
+    for r in &truth.recipients {
+        recipients
+            .entry(r.message_id.as_str())
+            .or_default()
+            .push(r.recipient.as_str());
+    }
+    reads
+        .iter()
+        .filter(|r| r.status == 200)
+        .filter(|r| {
+            recipients.get(r.message_id.as_str()).is_some_and(|rs| {
+                rs.iter().all(|p| {
+                    received
+                        .get(&(r.message_id.clone(), (*p).to_owned()))
+                        .is_some_and(|at| *at + slack <= r.at)
+                })
+            })
+        })
+        .map(|r| format!("{} at {}", r.message_id, r.at))
+        .collect()
 }
 
 /// The most reads (any status) inside any sliding `window` of the read log.

@@ -97,9 +97,18 @@ pub struct DlqReference {
 #[derive(Default)]
 pub struct StateContext {
     assigned: Mutex<HashSet<(String, i32)>>,
+    /// Partitions were assigned since the last progress report: the next
+    /// batch waits for one (see `run`).
+    unreported: std::sync::atomic::AtomicBool,
 }
 
 impl StateContext {
+    /// Whether partitions were assigned since the last call.
+    fn take_new_assignment(&self) -> bool {
+        self.unreported
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn is_assigned(&self, topic: &str, partition: i32) -> bool {
         self.assigned
             .lock()
@@ -136,6 +145,8 @@ impl ConsumerContext for StateContext {
                 for e in tpl.elements() {
                     a.insert((e.topic().to_owned(), e.partition()));
                 }
+                self.unreported
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "assigned");
                 metrics::counter!("dlrflow_state_rebalances_total", "kind" => "assign")
                     .increment(1);
@@ -344,15 +355,27 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
     // Per partition, the newest record time written to the state: the
     // freshness while the partition has lag.
     let mut written: HashMap<i32, DateTime<Utc>> = HashMap::new();
+    // Per partition, the offset after the last record of a finished batch
+    // (written or dead-lettered): how far the state is complete. The fetch
+    // position is further: fetched records may still wait in a batch.
+    let mut applied: HashMap<i32, i64> = HashMap::new();
     loop {
         p.health.tick();
         if lag_checked.elapsed() >= p.cfg.health.lag_check_interval {
             lag_checked = std::time::Instant::now();
-            observe_lag(&p, &written).await;
+            observe_lag(&p, &written, &applied).await;
         }
         let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
             break;
         };
+        if !batch.is_empty() && p.consumer.context().take_new_assignment() {
+            // New partitions report their progress (lag unknown until this
+            // process applied something) before their first batch is written:
+            // the reconciler never sees state it was not told may be
+            // incomplete, even when this process dies right after the batch.
+            lag_checked = std::time::Instant::now();
+            observe_lag(&p, &written, &applied).await;
+        }
         if batch.is_empty() {
             // Idle: mark what the last batch committed.
             if p.dedupe.has_pending() {
@@ -407,6 +430,10 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
         }
         p.health.batch_ok();
         observe_written(&parsed, &mut written);
+        for r in &parsed {
+            let next = applied.entry(r.msg.partition()).or_insert(0);
+            *next = (*next).max(r.msg.offset() + 1);
+        }
         store_offsets(&p.consumer, &parsed);
         tracing::debug!(
             records = parsed.len(),
@@ -496,21 +523,29 @@ fn observe_written(parsed: &[Parsed], written: &mut HashMap<i32, DateTime<Utc>>)
 /// the newest record written, which the first unwritten one is not older
 /// than; the time since the consumer started while nothing was written yet).
 /// The same bound goes to the `consumer_progress` table for the reconciler.
-async fn observe_lag(p: &Pipeline, written: &HashMap<i32, DateTime<Utc>>) {
+async fn observe_lag(
+    p: &Pipeline,
+    written: &HashMap<i32, DateTime<Utc>>,
+    applied: &HashMap<i32, i64>,
+) {
     let consumer = p.consumer.clone();
+    let applied = applied.clone();
     // Taken before the watermarks: a partition without lag then holds every
     // record received before this instant.
     let observed_at = Utc::now();
     let observed = tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_millis(500);
+        // The assigned partitions; how far each is complete is what this
+        // process applied, else (nothing applied here yet) where the group
+        // left off — never the fetch position, which counts records still
+        // waiting in a batch as done.
         let position = consumer.position().ok()?;
         let mut committed = None;
         let mut out = Vec::new();
         for e in position.elements() {
-            let at = match e.offset() {
-                Offset::Offset(o) => o,
-                // Nothing fetched yet: where the group left off.
-                _ => {
+            let at = match applied.get(&e.partition()) {
+                Some(&o) => o,
+                None => {
                     let c = committed.get_or_insert_with(|| consumer.committed(timeout).ok());
                     match c
                         .as_ref()
