@@ -33,6 +33,7 @@ BIN=${CARGO_TARGET_DIR:-$REPO/target}/debug
 RUN=demo_$(date +%Y%m%d_%H%M%S)
 RUN_DIR=$STACK/demo/$RUN
 RAW=demo.$RUN.raw
+STATUS=demo.$RUN.status
 DLQ=demo.$RUN.dlq
 DELIVERY=demo.$RUN.delivery
 
@@ -54,9 +55,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "3. topics of this run ($RAW, $DLQ, $DELIVERY)"
+step "3. topics of this run ($RAW, $STATUS, $DLQ, $DELIVERY)"
 TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
-for t in "$RAW" "$DLQ" "$DELIVERY"; do
+for t in "$RAW" "$STATUS" "$DLQ" "$DELIVERY"; do
   "$TANSU" topic create "$t" --partitions 6 --broker "tcp://$BROKERS" >>"$RUN_DIR/topics.log" 2>&1 \
     || die "creating topic $t failed; see $RUN_DIR/topics.log"
 done
@@ -79,6 +80,8 @@ export DLRFLOW_REDIS__URL=redis://127.0.0.1:${DLRFLOW_REDIS_PORT:-6379}
 export DLRFLOW_POSTGRES__URL=postgres://postgres@127.0.0.1:${DLRFLOW_PG_PORT:-5432}/dlrflow
 export DLRFLOW_POSTGRES__SCHEMA=$RUN
 export DLRFLOW_KAFKA__RAW_TOPIC=$RAW
+# The reconciler publishes each status answer here; the state applies it.
+export DLRFLOW_KAFKA__STATUS_TOPIC=$STATUS
 export DLRFLOW_SOURCES='[{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{username="demo",password="demo-password"}]},{name="arpoone",provider="arpoone",auth="basic",credentials=[{username="demo",password="demo-password"}]}]'
 
 DLRFLOW_HTTP__LISTEN=127.0.0.1:$INGEST_PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$INGEST_ADMIN_PORT \
@@ -152,7 +155,15 @@ READS=$(wc -l <"$RUN_DIR/reads.jsonl" 2>/dev/null || echo 0)
 echo "$READS reads; 429 answers: $(grep -c '"status":429' "$RUN_DIR/reads.jsonl" 2>/dev/null || true)"
 grep -i "reconcil" "$RUN_DIR/reconcile.log" | grep -iv "librdkafka" | tail -n 3 || true
 
-step "10. one message through the read API"
+step "10. the state is a function of the log: rebuild it from $RAW and $STATUS into a new schema and compare"
+set +e
+DLRFLOW_KAFKA__DLQ_TOPIC=$DLQ DLRFLOW_KAFKA__DELIVERY_TOPIC=$DELIVERY DLRFLOW_KAFKA__GROUP_ID=$RUN \
+  "$BIN/dlrflow-state" rebuild --into "${RUN}_rebuilt" --compare-with "$RUN" 2>>"$RUN_DIR/rebuild.log" | tail -n 5
+REBUILD=${PIPESTATUS[0]}
+set -e
+[ "$REBUILD" -eq 0 ] && echo "rebuild: no difference" || echo "rebuild: differences (exit $REBUILD); see above and $RUN_DIR/rebuild.log" >&2
+
+step "11. one message through the read API"
 ONE=$(grep -o '"message_id": *"[0-9a-f]*"' "$RUN_DIR/truth.json" | head -n 1 | grep -o '[0-9a-f]\{24\}' || true)
 if [ -n "$ONE" ]; then
   echo "curl -H 'Authorization: Bearer $READ_KEY' http://127.0.0.1:$STATE_PORT/v1/messages/$ONE"
@@ -170,4 +181,5 @@ if [ "$VERIFY" -eq 0 ]; then
 else
   echo "verify: differences found (exit $VERIFY)" >&2
 fi
-exit "$VERIFY"
+[ "$VERIFY" -eq 0 ] || exit "$VERIFY"
+exit "$REBUILD"

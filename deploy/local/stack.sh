@@ -20,7 +20,7 @@ PG_PORT=${DLRFLOW_PG_PORT:-5432}
 KAFKA_PORT=${DLRFLOW_KAFKA_PORT:-9092}
 TANSU_VERSION=0.6.0
 PARTITIONS=${DLRFLOW_PARTITIONS:-6}
-TOPICS=(dlrflow.webhooks.raw.v1 dlrflow.webhooks.dlq.v1 dlrflow.delivery.v1)
+TOPICS=(dlrflow.webhooks.raw.v1 dlrflow.status.v1 dlrflow.webhooks.dlq.v1 dlrflow.delivery.v1)
 DB_NAME=${DLRFLOW_DB_NAME:-dlrflow}
 STARTED=$STACK/started
 

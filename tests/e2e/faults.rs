@@ -108,6 +108,13 @@ async fn state_kill(name: &str, down: Duration) {
         .await
         .unwrap()
         .assert_clean();
+    // What the killed replica half-did (written, offsets not committed) was
+    // read again by another: the log still gives exactly the live state.
+    let (ok, out) = p.rebuild("rebuilt").await.unwrap();
+    assert!(
+        ok && out.contains(r#""differences":0"#),
+        "rebuild differs:\n{out}"
+    );
     p.finish().await;
 }
 

@@ -84,6 +84,33 @@ async fn withheld_terminal_events_are_recovered_within_the_read_budget() {
         "{max} reads within 60 s: over the gateway's budget"
     );
     assert_eq!(throttled, 0, "the reconciler never hit the gateway's 429");
+
+    // The state is a function of the log: the raw topic and the status
+    // answers, replayed into a new schema, give the live state exactly.
+    let pool = p.pool().await.unwrap();
+    let by_api: i64 = p
+        .count(
+            &pool,
+            "SELECT count(*) FROM delivery_events WHERE provider = 'status_api'",
+        )
+        .await
+        .unwrap();
+    assert!(by_api > 0, "status answers were applied by dlrflow-state");
+    let (ok, out) = p.rebuild("rebuilt").await.unwrap();
+    assert!(ok, "rebuild differs from the live state:\n{out}");
+    assert!(out.contains(r#""differences":0"#), "{out}");
+    // The comparison bites: one live row changed by hand is reported.
+    sqlx::query("UPDATE recipient_state SET carrier = 'tampered' WHERE recipient = (SELECT min(recipient) FROM recipient_state)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (ok, out) = p.rebuild("rebuilt2").await.unwrap();
+    assert!(!ok, "a tampered row must be a difference:\n{out}");
+    assert!(
+        out.contains("tampered") && out.contains(r#""differences":1"#),
+        "{out}"
+    );
+    pool.close().await;
     p.finish().await;
     server.shutdown().await;
 }

@@ -314,6 +314,8 @@ pub struct Pipeline {
     pub logs: PathBuf,
     pub brokers: String,
     pub raw_topic: String,
+    /// dlrflow-reconcile's answers, applied by dlrflow-state.
+    pub status_topic: String,
     pub dlq_topic: String,
     pub delivery_topic: String,
     pub group: String,
@@ -373,6 +375,7 @@ impl Pipeline {
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let p = Pipeline {
             raw_topic: format!("e2e.{short}.raw"),
+            status_topic: format!("e2e.{short}.status"),
             dlq_topic: format!("e2e.{short}.dlq"),
             delivery_topic: format!("e2e.{short}.delivery"),
             group: format!("e2e-{short}"),
@@ -391,7 +394,12 @@ impl Pipeline {
             kafka_settings: Vec::new(),
             extra_env: Vec::new(),
         };
-        for t in [&p.raw_topic, &p.dlq_topic, &p.delivery_topic] {
+        for t in [
+            &p.raw_topic,
+            &p.status_topic,
+            &p.dlq_topic,
+            &p.delivery_topic,
+        ] {
             create_topic(&p.brokers, t, PARTITIONS)
                 .await
                 .with_context(|| format!("creating topic {t}"))?;
@@ -407,7 +415,7 @@ impl Pipeline {
         if kind.public() {
             env.push(("DLRFLOW_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
         }
-        if matches!(kind, Kind::Ingest | Kind::State) {
+        if matches!(kind, Kind::Ingest | Kind::State | Kind::Reconcile) {
             // The documented form: DLRFLOW_KAFKA__SETTINGS__SASL_PASSWORD
             // sets `sasl.password`.
             for (k, v) in &self.kafka_settings {
@@ -464,6 +472,7 @@ impl Pipeline {
             let env = vec![
                 ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
                 ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw_topic.clone()),
+                ("DLRFLOW_KAFKA__STATUS_TOPIC", self.status_topic.clone()),
                 ("DLRFLOW_KAFKA__DLQ_TOPIC", self.dlq_topic.clone()),
                 ("DLRFLOW_KAFKA__DELIVERY_TOPIC", self.delivery_topic.clone()),
                 ("DLRFLOW_KAFKA__GROUP_ID", self.group.clone()),
@@ -521,6 +530,8 @@ impl Pipeline {
         );
         let env = vec![
             ("DLRFLOW_STATUS_API__BASE_URL", o.status_api.clone()),
+            ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
+            ("DLRFLOW_KAFKA__STATUS_TOPIC", self.status_topic.clone()),
             ("DLRFLOW_STATUS_API__API_KEY", STATUS_KEY.to_owned()),
             ("DLRFLOW_REDIS__URL", self.redis_url.clone()),
             ("DLRFLOW_REDIS__PREFIX", self.reconcile_prefix.clone()),
@@ -600,6 +611,44 @@ impl Pipeline {
         })
         .await;
         body.unwrap_or_else(|| panic!("{url}: {}", last.lock().unwrap()))
+    }
+
+    /// Runs `dlrflow-state rebuild --into {schema}_{suffix} --compare-with
+    /// {schema}` with `state-0`'s settings (bounded to 5 minutes): the state
+    /// rebuilt from the raw and status topics, compared row by row with the
+    /// live one. Returns whether it exited 0 and what it printed.
+    pub async fn rebuild(&self, suffix: &str) -> anyhow::Result<(bool, String)> {
+        let s = self
+            .services
+            .get("state-0")
+            .context("rebuild takes state-0's settings")?;
+        let bin = Kind::State.binary()?;
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args([
+            "rebuild",
+            "--into",
+            &format!("{}_{suffix}", self.schema),
+            "--compare-with",
+            &self.schema,
+            "--max-differences",
+            "20",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .envs(s.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+            .await
+            .context("rebuild did not finish within 5 minutes")??;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(self.logs.join(format!("rebuild-{suffix}.log")), &text)?;
+        Ok((out.status.success(), text))
     }
 
     /// SIGKILL `name` (it stays down until [`Pipeline::restart`]).
@@ -791,9 +840,19 @@ impl Pipeline {
             s.terminate(Duration::from_secs(5));
         }
         if let Ok(pool) = self.pool().await {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
-                .execute(&pool)
-                .await;
+            // The test's schema and those `rebuild` made beside it.
+            let schemas: Vec<String> = sqlx::query_scalar(
+                "SELECT nspname::text FROM pg_namespace WHERE nspname = $1 OR nspname LIKE $1 || '\\_%'",
+            )
+            .bind(&self.schema)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+            for schema in schemas {
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .execute(&pool)
+                    .await;
+            }
             pool.close().await;
         }
         let _ = delete_redis_prefix(&self.redis_url, &format!("e2e:{}:", self.short())).await;

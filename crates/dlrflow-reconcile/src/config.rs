@@ -25,6 +25,11 @@ auth_scheme = "Bearer"
 timeout_ms = 10000
 connect_timeout_ms = 2000
 
+[kafka]
+brokers = "127.0.0.1:9092"
+status_topic = "dlrflow.status.v1"
+produce_timeout_ms = 10000
+
 [budget]
 reads = 120
 window_ms = 60000
@@ -78,6 +83,22 @@ pub struct Config {
     /// Runs dlrflow-state's migrations, then ours, when `migrate`.
     pub postgres: PostgresSettings,
     pub reconcile: ReconcileConfig,
+    /// Where each status answer goes (dlrflow-state applies it from there).
+    pub kafka: ReconcileKafkaConfig,
+}
+
+/// `[kafka]`: the status topic's producer (`acks=all`, idempotent).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ReconcileKafkaConfig {
+    #[serde(flatten)]
+    pub client: dlrflow_runtime::kafka::KafkaConfig,
+    /// Each `GET /status` answer, exact bytes, key
+    /// `{source}/status_api/{message_id}`, timestamp the read time.
+    pub status_topic: String,
+    /// Longest wait for the broker's acknowledgement of an answer; past it
+    /// the job is retried later (the answer is read again).
+    #[serde(rename = "produce_timeout_ms", with = "dlrflow_runtime::settings::ms")]
+    pub produce_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -170,6 +191,13 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate("dlrflow-reconcile", false)?;
+        self.kafka.client.validate()?;
+        if self.kafka.status_topic.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "kafka.status_topic",
+                "must not be empty",
+            ));
+        }
         let api = &self.status_api;
         if !(api.base_url.starts_with("http://") || api.base_url.starts_with("https://")) {
             return Err(ConfigError::invalid(
@@ -319,6 +347,7 @@ impl Config {
     /// prints from now on (see [`crate::redact`]).
     pub fn register_secrets(&self) {
         crate::redact::register(self.status_api.api_key.expose_secret());
+        self.kafka.client.register_secrets();
         self.redis.register_secrets();
         self.postgres.register_secrets();
         crate::redact::register_url(&self.status_api.base_url);

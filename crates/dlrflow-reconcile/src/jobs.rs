@@ -182,11 +182,13 @@ WITH cand AS (
            min(coalesce(rs.reconcile_reason, 'conflict')) AS reason, min(rs.updated_at) AS since
       FROM recipient_state rs
       LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
+      LEFT JOIN messages m ON m.message_id = rs.message_id
      WHERE rs.needs_reconcile
        AND rs.source = ANY($1)
        AND (j.message_id IS NULL
             OR (j.done_at IS NOT NULL
-                AND (j.last_read_at IS NULL OR rs.updated_at > j.last_read_at
+                AND (j.last_read_at IS NULL
+                     OR rs.updated_at > greatest(j.last_read_at, m.status_applied_at)
                      OR j.last_read_at < now() - $2 * interval '1 millisecond')))
      GROUP BY rs.message_id
      ORDER BY min(rs.updated_at)
@@ -218,12 +220,15 @@ WITH cand AS (
 SELECT rs.message_id, min(rs.source) AS source, min(rs.updated_at) AS since
   FROM recipient_state rs
   LEFT JOIN reconcile_jobs j ON j.message_id = rs.message_id
+  LEFT JOIN messages m ON m.message_id = rs.message_id
  WHERE rs.source = ANY($1)
    AND rs.updated_at > greatest(now() - $3 * interval '1 millisecond',
                                 (SELECT at FROM reconcile_watermarks WHERE name = 'strict')
                                   - $2 * interval '1 millisecond' - interval '1 minute')
    AND (j.message_id IS NULL
-        OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR rs.updated_at > j.last_read_at)))
+        OR (j.done_at IS NOT NULL
+            AND (j.last_read_at IS NULL
+                 OR rs.updated_at > greatest(j.last_read_at, m.status_applied_at))))
  GROUP BY rs.message_id
 HAVING max(rs.updated_at) < now() - $2 * interval '1 millisecond'
  ORDER BY min(rs.updated_at)
@@ -572,43 +577,30 @@ UPDATE reconcile_jobs
     Ok(done == 1)
 }
 
-/// Finishes a job inside the transaction that wrote the read's answer.
-///
-/// `last_read_at` becomes the later of the claim time and the newest
-/// `updated_at` among the recipients the answer changed, so the write of the
-/// answer itself does not look like a new change to the strict trigger.
+/// Finishes a job whose answer the broker acknowledged. `last_read_at` is
+/// the read time; the recipient rows the answer changes when dlrflow-state
+/// applies it are known by `messages.status_applied_at`, so they are not
+/// taken for new changes (see the triggers).
 pub async fn complete(
-    tx: &mut Transaction<'_, Postgres>,
+    pool: &PgPool,
     job: &Job,
     owner: &str,
-    recipients: &[String],
+    read_at: DateTime<Utc>,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
         r#"
 UPDATE reconcile_jobs
    SET done_at = now(), reads = reads + 1, attempts = attempts + 1, last_error = NULL,
        lease_owner = NULL, lease_until = NULL, gave_up = false, failed = false,
-       last_read_at = greatest($3, (SELECT max(updated_at) FROM recipient_state
-                                     WHERE message_id = $1 AND recipient = ANY($4)))
+       last_read_at = greatest($3, $4)
  WHERE message_id = $1 AND lease_owner = $2"#,
     )
     .bind(&job.message_id)
     .bind(owner)
     .bind(job.claimed_at)
-    .bind(recipients)
-    .execute(&mut **tx)
+    .bind(read_at)
+    .execute(pool)
     .await?
     .rows_affected();
     Ok(done == 1)
-}
-
-/// Conflicts flagged on a message right now (to count the ones a read resolved).
-pub async fn conflicts(tx: &mut Transaction<'_, Postgres>, message_id: &str) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM recipient_state
-          WHERE message_id = $1 AND needs_reconcile AND reconcile_reason = 'conflict'",
-    )
-    .bind(message_id)
-    .fetch_one(&mut **tx)
-    .await
 }

@@ -6,8 +6,10 @@
 //! Redis that never allows more than `budget.reads` in any `budget.window_ms`),
 //! and the job table that makes each message read by one replica at a time,
 //! oldest first, with backoff. It must never exceed the budget, never write
-//! recipient state except through dlrflow-state's write path (so every change
-//! reaches the analytics stream), and never log the API key.
+//! recipient state (each answer goes to the status topic, which dlrflow-state
+//! applies through its one write path, so the state is a function of the
+//! log and every change reaches the analytics stream), and never log the
+//! API key.
 
 pub mod client;
 pub mod config;
@@ -49,6 +51,8 @@ pub(crate) struct Inner {
     pub(crate) pool: PgPool,
     pub(crate) limiter: Limiter,
     pub(crate) client: StatusClient,
+    /// Publishes each answer to `kafka.status_topic`.
+    pub(crate) producer: rdkafka::producer::FutureProducer,
     /// Names this replica in job leases.
     pub(crate) owner: String,
     pub(crate) key_id: String,
@@ -148,9 +152,13 @@ impl App {
             },
         );
         let client = StatusClient::new(&cfg).context("building the status API client")?;
-        let service = Service::bind("dlrflow-reconcile", &cfg.http)
+        let producer = store::create_producer(&cfg)?;
+        let mut service = Service::bind("dlrflow-reconcile", &cfg.http)
             .await?
             .with_scrub(redact::error_text);
+        // Answers not yet acknowledged at the end: their jobs are not closed
+        // either, and are read again after the restart.
+        service.flush_on_stop(producer.clone());
         dlrflow_runtime::telemetry::declare_backend_operations(&[
             ("postgres", "sweep"),
             ("postgres", "backlog"),
@@ -160,6 +168,8 @@ impl App {
             ("postgres", "retry_later"),
             ("postgres", "recheck"),
             ("postgres", "skip"),
+            ("postgres", "complete"),
+            ("kafka", "publish"),
             ("redis", "acquire"),
             ("redis", "refund"),
             ("redis", "pause"),
@@ -174,6 +184,7 @@ impl App {
                 pool,
                 limiter,
                 client,
+                producer,
                 owner,
                 key_id,
                 health: Mutex::new(Health::default()),
@@ -229,8 +240,8 @@ impl App {
 }
 
 /// `/readyz`: reads are allowed (no 401 holds them), PostgreSQL answers, the
-/// budget's Redis answers (without it no read can be granted), and the last
-/// sweep worked. Details: `key_id` and the budget used in the window.
+/// budget's Redis answers (without it no read can be granted), the broker
+/// answers and the status topic exists, and the last sweep worked. Details: `key_id` and the budget used in the window.
 fn readiness(state: AppState) -> ReadyCheck {
     ready_check(move || {
         let inner = state.inner.clone();
@@ -255,6 +266,28 @@ fn readiness(state: AppState) -> ReadyCheck {
                     inner.set_redis_error(Some(e.clone()));
                     r.problem(format!("Redis unreachable, status reads stopped: {e}"));
                 }
+            }
+            // An answer that cannot be published is a read wasted.
+            let kafka = {
+                let producer = inner.producer.clone();
+                let topic = inner.cfg.kafka.status_topic.clone();
+                tokio::task::spawn_blocking(move || {
+                    use rdkafka::producer::Producer as _;
+                    dlrflow_runtime::kafka::topic_ready(
+                        producer.client(),
+                        &topic,
+                        dlrflow_runtime::service::PROBE_TIMEOUT,
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+            };
+            if let Err(e) = kafka {
+                r.problem(format!(
+                    "Kafka: the status topic cannot take answers: {}",
+                    redact::error_text(&e)
+                ));
             }
             let sweep_error = inner
                 .health

@@ -1,15 +1,20 @@
-//! PostgreSQL: the pool, the migrations, and writing an authoritative answer.
+//! PostgreSQL (the pool, the migrations) and the status topic.
 //!
-//! Writing goes through dlrflow-state's write path (merge, recipient rows,
-//! `delivery_events`, the outbox to the analytics topic), so a reconciled
-//! change reaches `dlrflow.delivery.v1` like any webhook update.
+//! An answer is never written to the state from here: it is published to
+//! `kafka.status_topic`, and dlrflow-state applies it through its one write
+//! path (merge, recipient rows, `delivery_events`, the outbox to
+//! `dlrflow.delivery.v1`) like any webhook update, so the state can be
+//! rebuilt from the log.
 
 use anyhow::Context;
-use chrono::Utc;
-use dlrflow_events::DeliveryUpdate;
+use chrono::{DateTime, Utc};
+use dlrflow_events::Provider;
 use dlrflow_runtime::settings::PostgresSettings;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::migrate::Migrator;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 
 /// A pool whose connections use `postgres.schema` as their `search_path`
 /// (the schema is created if missing); errors never show a secret.
@@ -34,26 +39,97 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What writing one answer changed.
-#[derive(Debug, Clone, Default)]
-pub struct Written {
-    /// The recipients whose state changed.
-    pub changed: Vec<String>,
+/// Why an answer was not published.
+#[derive(Debug)]
+pub enum PublishError {
+    /// Not acknowledged within `kafka.produce_timeout_ms`, or the broker is
+    /// unreachable: read again later.
+    Transient(String),
+    /// The broker refuses this record whatever happens (too large, say).
+    Permanent(String),
 }
 
-/// Writes updates (the authoritative ones of an answer, or webhook updates in
-/// tests) through dlrflow-state's write path inside `tx`: merge, recipient
-/// rows, `delivery_events`, and the outbox to `dlrflow.delivery.v1`.
-pub async fn write_answer(
-    tx: &mut Transaction<'_, Postgres>,
-    updates: &[DeliveryUpdate],
-) -> anyhow::Result<Written> {
-    let applied = dlrflow_state::apply_updates(tx, updates, Utc::now())
-        .await
-        .context("writing through dlrflow-state")?;
-    Ok(Written {
-        changed: applied.into_iter().map(|a| a.state.recipient).collect(),
-    })
+/// An idempotent `acks=all` producer for `kafka.status_topic`. Records never
+/// time out inside librdkafka (`message.timeout.ms = 0`: a timed-out record
+/// makes an idempotent producer bump its epoch, which the local broker cannot
+/// handle); the caller bounds its wait with `kafka.produce_timeout_ms`.
+pub fn create_producer(cfg: &crate::Config) -> anyhow::Result<FutureProducer> {
+    cfg.kafka
+        .client
+        .client_config(&[
+            ("client.id", "dlrflow-reconcile".to_owned()),
+            ("enable.idempotence", "true".into()),
+            ("acks", "all".into()),
+            ("linger.ms", "0".into()),
+            ("message.timeout.ms", "0".into()),
+            ("retry.backoff.ms", "50".into()),
+            ("reconnect.backoff.ms", "50".into()),
+            ("reconnect.backoff.max.ms", "1000".into()),
+        ])
+        .create()
+        .map_err(|e| anyhow::anyhow!(crate::redact::error_text(&e.to_string())))
+        .context("creating the Kafka producer (kafka.*)")
+}
+
+/// Publishes one status answer: key `{source}/status_api/{message_id}`, the
+/// exact bytes the API sent, the read time as the record timestamp, and the
+/// trace context (`traceparent`, `tracestate`) when spans are exported.
+/// Returns once the broker acknowledged it.
+pub(crate) async fn publish_answer(
+    inner: &crate::Inner,
+    job: &crate::jobs::Job,
+    body: &[u8],
+    read_at: DateTime<Utc>,
+    trace: Option<(String, Option<String>)>,
+) -> Result<(), PublishError> {
+    use dlrflow_runtime::kafka::{header, raw_key};
+    let cfg = &inner.cfg.kafka;
+    let key = raw_key::encode(
+        &job.source,
+        Provider::StatusApi.as_str(),
+        Some(&job.message_id),
+    );
+    let mut record = FutureRecord::<str, [u8]>::to(&cfg.status_topic)
+        .key(&key)
+        .payload(body)
+        .timestamp(read_at.timestamp_millis());
+    if let Some((traceparent, tracestate)) = &trace {
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: header::TRACEPARENT,
+            value: Some(traceparent.as_str()),
+        });
+        if let Some(ts) = tracestate {
+            headers = headers.insert(Header {
+                key: header::TRACESTATE,
+                value: Some(ts.as_str()),
+            });
+        }
+        record = record.headers(headers);
+    }
+    let delivery = match inner.producer.send_result(record) {
+        Ok(d) => d,
+        Err((e, _)) => return Err(classify_kafka(&e)),
+    };
+    match tokio::time::timeout(cfg.produce_timeout, delivery).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err((e, _)))) => Err(classify_kafka(&e)),
+        Ok(Err(_)) => Err(PublishError::Transient("the producer went away".into())),
+        Err(_) => Err(PublishError::Transient(format!(
+            "no acknowledgement from the broker within {} ms (kafka.produce_timeout_ms)",
+            cfg.produce_timeout.as_millis()
+        ))),
+    }
+}
+
+fn classify_kafka(e: &KafkaError) -> PublishError {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let text = crate::redact::error_text(&e.to_string());
+    match e.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::InvalidRecord | C::InvalidMessage) => {
+            PublishError::Permanent(text)
+        }
+        _ => PublishError::Transient(text),
+    }
 }
 
 /// Whether retrying the same write can succeed.

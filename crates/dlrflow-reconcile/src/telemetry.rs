@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use crate::jobs::{Backlog, Swept};
 use crate::redact;
-use crate::store::ErrorClass;
 
 pub(crate) fn read(outcome: &'static str) {
     metrics::counter!("dlrflow_reconcile_reads_total", "outcome" => outcome).increment(1);
@@ -71,12 +70,9 @@ pub(crate) fn backlog(b: &Backlog) {
     metrics::gauge!("dlrflow_reconcile_oldest_stuck_age_seconds").set(b.oldest_stuck_secs);
 }
 
-pub(crate) fn written(changed: usize, conflicts_resolved: i64) {
-    metrics::counter!("dlrflow_reconcile_recipients_changed_total").increment(changed as u64);
-    if conflicts_resolved > 0 {
-        metrics::counter!("dlrflow_reconcile_conflicts_resolved_total")
-            .increment(conflicts_resolved as u64);
-    }
+/// An answer is in the status topic (acknowledged) and its job closed.
+pub(crate) fn published() {
+    metrics::counter!("dlrflow_reconcile_answers_published_total").increment(1);
 }
 
 pub(crate) fn rate_limited(pause: Duration) {
@@ -134,29 +130,13 @@ pub(crate) fn budget_reset(hold: Duration) {
     metrics::counter!("dlrflow_reconcile_budget_resets_total").increment(1);
 }
 
-/// Writing an answer failed; `error` is already scrubbed and bounded.
-pub(crate) fn write_error(class: ErrorClass, reason: &str, error: &str, retrying: bool) {
-    if retrying {
-        tracing::warn!(
-            class = class.as_str(),
-            reason,
-            error,
-            "writing the answer failed; retrying"
-        );
-    } else {
-        tracing::error!(
-            class = class.as_str(),
-            reason,
-            error,
-            "writing the answer failed"
-        );
-    }
-    metrics::counter!(
-        "dlrflow_reconcile_write_errors_total",
-        "class" => class.as_str(),
-        "reason" => reason.to_owned()
-    )
-    .increment(1);
+/// Publishing an answer failed for now; `error` is already scrubbed.
+pub(crate) fn publish_error(error: &str) {
+    tracing::warn!(
+        error,
+        "publishing the answer failed; the message is read again later"
+    );
+    dlrflow_runtime::telemetry::backend_error("kafka", "publish");
 }
 
 pub(crate) fn job_failed(message_id: &str, reason: &str, error: &str) {
@@ -164,7 +144,7 @@ pub(crate) fn job_failed(message_id: &str, reason: &str, error: &str) {
         message_id,
         reason,
         error,
-        "the answer can never be written: job marked failed, the others go on"
+        "the answer can never be published: job marked failed, the others go on"
     );
     metrics::counter!("dlrflow_reconcile_jobs_failed_total", "reason" => reason.to_owned())
         .increment(1);

@@ -13,7 +13,6 @@ use crate::client::Read;
 use crate::jobs::{self, Job, SweepParams};
 use crate::limiter::Acquire;
 use crate::redact;
-use crate::store::ErrorClass;
 use crate::telemetry;
 use crate::Inner;
 
@@ -251,26 +250,31 @@ async fn process(
         ))
         .await;
     telemetry::read(read.outcome());
+    let read_at = chrono::DateTime::<Utc>::from_timestamp_millis(Utc::now().timestamp_millis())
+        .unwrap_or_else(Utc::now);
     let backoff = jitter(r.backoff(u32::try_from(job.attempts).unwrap_or(0).saturating_add(1)));
     let failure = match read {
-        Read::Ok(body) => match parse_status_response(&job.source, &body, Utc::now()) {
+        // The read time, as the status record's timestamp (ms) will say it.
+        Read::Ok(body) => match parse_status_response(&job.source, &body, read_at) {
             Ok(snapshot) if snapshot.message_id != job.message_id => Some(format!(
                 "the answer is about message `{}`",
                 snapshot.message_id
             )),
-            Ok(snapshot) => match write_with_retries(inner, owner, &job, &snapshot, shutdown)
+            Ok(_) => match publish(inner, owner, &job, &body, read_at)
                 .instrument(tracing::info_span!(
-                    "write",
-                    otel.kind = "client",
-                    db.system = "postgresql"
+                    "publish",
+                    otel.kind = "producer",
+                    messaging.system = "kafka",
+                    messaging.destination.name = inner.cfg.kafka.status_topic.as_str()
                 ))
                 .await
             {
-                Written::Done => None,
-                Written::Transient(e) => Some(format!("write failed: {e}")),
-                Written::Permanent { reason, error } => {
-                    let error =
-                        redact::error_text(&format!("permanent write error ({reason}): {error}"));
+                Published::Done => None,
+                Published::Transient(e) => Some(format!("publishing the answer failed: {e}")),
+                Published::Permanent { reason, error } => {
+                    let error = redact::error_text(&format!(
+                        "the answer can never be published ({reason}): {error}"
+                    ));
                     telemetry::job_failed(&job.message_id, &reason, &error);
                     if let Err(e) = jobs::fail(&inner.pool, &job, owner, &error).await {
                         // The lease ends and the job comes back: no worse than a retry.
@@ -373,72 +377,52 @@ async fn needed(inner: &Inner, owner: &str, job: &Job, grant: Option<&str>) -> b
     false
 }
 
-/// How writing an answer ended.
-enum Written {
+/// How publishing an answer ended.
+enum Published {
     Done,
-    /// Still failing after the retries in place: read again later.
+    /// Not acknowledged in time, or refused for now: read again later.
     Transient(String),
-    /// Can never succeed: the job is marked failed.
+    /// Can never succeed (the broker refuses the record itself): the job is
+    /// marked failed.
     Permanent {
         reason: String,
         error: String,
     },
 }
 
-/// Transient write failures retried in place (the answer is kept, no second
-/// read spends budget): after 200, 400 and 800 ms (± 20 %).
-const WRITE_RETRIES: u32 = 3;
-
-async fn write_with_retries(
+/// Publishes the answer (exact bytes) to `kafka.status_topic` and waits for
+/// the broker's `acks=all` acknowledgement; only then is the job closed.
+/// dlrflow-state applies it from there like any other record, so the state
+/// stays a function of the log.
+async fn publish(
     inner: &Inner,
     owner: &str,
     job: &Job,
-    snapshot: &dlrflow_events::StatusSnapshot,
-    shutdown: &CancellationToken,
-) -> Written {
-    let mut attempt = 0;
-    loop {
-        let Err(e) = write(inner, owner, job, snapshot).await else {
-            return Written::Done;
-        };
-        let (class, reason) = crate::store::classify(&e);
-        let error = redact::error_text(&format!("{e:#}"));
-        let retry = class == ErrorClass::Transient && attempt < WRITE_RETRIES;
-        telemetry::write_error(class, &reason, &error, retry);
-        match class {
-            ErrorClass::Permanent => return Written::Permanent { reason, error },
-            ErrorClass::Transient if !retry => return Written::Transient(error),
-            ErrorClass::Transient => {
-                if !nap(jitter(Duration::from_millis(200 << attempt)), shutdown).await {
-                    return Written::Transient(error);
-                }
-                attempt += 1;
+    body: &[u8],
+    read_at: chrono::DateTime<Utc>,
+) -> Published {
+    let trace = dlrflow_runtime::otel::inject(&tracing::Span::current());
+    match crate::store::publish_answer(inner, job, body, read_at, trace).await {
+        Ok(()) => {}
+        Err(crate::store::PublishError::Permanent(e)) => {
+            return Published::Permanent {
+                reason: "record_refused".to_owned(),
+                error: e,
             }
         }
+        Err(crate::store::PublishError::Transient(e)) => {
+            telemetry::publish_error(&e);
+            return Published::Transient(e);
+        }
     }
-}
-
-/// Writes the answer and closes the job in one transaction.
-async fn write(
-    inner: &Inner,
-    owner: &str,
-    job: &Job,
-    snapshot: &dlrflow_events::StatusSnapshot,
-) -> anyhow::Result<()> {
-    let mut tx = inner.pool.begin().await?;
-    let before = jobs::conflicts(&mut tx, &job.message_id).await?;
-    let written = crate::store::write_answer(&mut tx, &snapshot.recipients).await?;
-    let after = jobs::conflicts(&mut tx, &job.message_id).await?;
-    let still_ours = jobs::complete(&mut tx, job, owner, &written.changed).await?;
-    tx.commit().await?;
-    if !still_ours {
-        tracing::warn!("the lease expired during the read; the answer was written anyway");
+    match jobs::complete(&inner.pool, job, owner, read_at).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("the lease expired during the read; the answer was published anyway")
+        }
+        // The answer is in the log: a job left open is read again at worst.
+        Err(e) => telemetry::db_error("complete", &e),
     }
-    telemetry::written(written.changed.len(), before.saturating_sub(after));
-    tracing::debug!(
-        changed = written.changed.len(),
-        recipients = snapshot.recipients.len(),
-        "answer written"
-    );
-    Ok(())
+    telemetry::published();
+    Published::Done
 }

@@ -136,8 +136,13 @@ async fn a_redis_outage_stops_reads_which_resume_within_the_budget() {
 /// failure (40001). The refused job is closed as failed with its error
 /// bounded, is not read again, and holds up no one; the flaky one is written
 /// after retries in place, without a second read; the others are fixed.
+/// The reconciler only publishes; writing is dlrflow-state's. An answer
+/// PostgreSQL refuses for one message goes to the DLQ (the others are
+/// written), a transient failure is retried by the state's consumer, and
+/// neither costs the budget a second read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_permanent_write_error_fails_only_its_job_and_a_transient_one_is_retried() {
+async fn an_answer_the_state_refuses_is_dead_lettered_and_a_transient_write_retried_without_a_second_read(
+) {
     let server = StatusServer::start(120, Duration::from_secs(60)).await;
     let db = TestDb::new().await;
     let ids = stuck_messages(&db, &server, 4).await;
@@ -167,7 +172,7 @@ END $$"#
     }
     let app = spawn(test_config(&server, &db)).await;
 
-    let others_fixed = wait_for(Duration::from_secs(20), || async {
+    let others_fixed = wait_for(Duration::from_secs(30), || async {
         let n = db
             .count("SELECT count(*) FROM recipient_state WHERE status = 'delivered'")
             .await;
@@ -175,24 +180,38 @@ END $$"#
     })
     .await;
     assert!(others_fixed.is_some(), "{:?}", server.log());
-    let failed = wait_for(Duration::from_secs(10), || async {
-        sqlx::query_as::<_, (bool, Option<String>)>(
-            "SELECT failed, last_error FROM reconcile_jobs WHERE message_id = $1 AND done_at IS NOT NULL",
-        )
-        .bind(bad)
-        .fetch_optional(&db.pool)
-        .await
-        .unwrap()
-    })
-    .await;
-    let (is_failed, error) = failed.expect("the refused job was not closed");
-    assert!(is_failed);
-    let error = error.unwrap_or_default();
-    assert!(error.contains("22023"), "{error}");
+    // The refused answer is in the DLQ, named as a record of the status topic.
+    let status_topic = format!("{}.status", db.topics);
+    let dlq = dlrflow_testkit::read_topic(
+        &dlrflow_testkit::test_brokers(),
+        &format!("{}.dlq", db.topics),
+        1,
+        Duration::from_secs(20),
+        Duration::from_millis(500),
+    )
+    .await
+    .unwrap();
+    assert_eq!(dlq.len(), 1, "one DLQ record: {dlq:?}");
+    let header = |name: &str| {
+        dlq[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(
+        header("original-topic").as_deref(),
+        Some(status_topic.as_str())
+    );
     assert!(
-        error.len() <= 1024,
-        "unbounded error: {} bytes",
-        error.len()
+        header("error").unwrap_or_default().contains("refused"),
+        "{:?}",
+        header("error")
+    );
+    let raw_key = dlq[0].raw_key().expect("the answer's key");
+    assert_eq!(
+        (raw_key.provider, raw_key.message_id),
+        ("status_api", bad.as_str())
     );
     // A quiet period of several sweeps (200 ms each): no job is read again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -213,19 +232,18 @@ END $$"#
     assert_eq!(db.status_of(flaky, PHONE).await.unwrap().0, "delivered");
     let metrics = metrics(app.addr).await;
     assert!(
-        metrics.contains(r#"dlrflow_reconcile_jobs_failed_total{reason="22023"} 1"#),
+        metrics.contains("dlrflow_reconcile_answers_published_total 4"),
         "{metrics}"
     );
+    // Counted at each attempt of the batch (the transient failure retried it).
     assert!(
-        metrics.contains(
-            r#"dlrflow_reconcile_write_errors_total{class="transient",reason="40001"} 2"#
-        ),
+        dlrflow_testkit::metric_sum(&metrics, "dlrflow_state_records_refused_total") >= 1.0,
         "{metrics}"
     );
     let (code, body) = readyz(app.addr).await;
     assert_eq!(
         code, 200,
-        "one refused job does not make the replica unready: {body}"
+        "one refused answer does not make the replica unready: {body}"
     );
     app.stop().await;
     db.drop().await;

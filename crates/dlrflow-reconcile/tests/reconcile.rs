@@ -138,7 +138,7 @@ async fn a_delivered_failed_conflict_is_resolved_to_the_api_answer() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("dlrflow_reconcile_conflicts_resolved_total"),
+        metrics.contains("dlrflow_reconcile_answers_published_total 1"),
         "{metrics}"
     );
     app.stop().await;

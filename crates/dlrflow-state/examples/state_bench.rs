@@ -137,7 +137,7 @@ async fn run(
 /// Topics `{id}.raw|dlq|delivery` on the broker, and a configuration of an
 /// in-process replica on them with its own schema, group and Redis prefix.
 async fn bench_config(args: &Args, brokers: &str, id: &str) -> anyhow::Result<Config> {
-    for t in ["raw", "dlq", "delivery"] {
+    for t in ["raw", "status", "dlq", "delivery"] {
         create_topic(brokers, &format!("{id}.{t}"), args.partitions).await?;
     }
     let mut cfg = Config::defaults();
@@ -145,6 +145,7 @@ async fn bench_config(args: &Args, brokers: &str, id: &str) -> anyhow::Result<Co
     cfg.http.admin_listen = "127.0.0.1:0".parse()?;
     cfg.kafka.client.brokers = brokers.to_owned();
     cfg.kafka.raw_topic = format!("{id}.raw");
+    cfg.kafka.status_topic = format!("{id}.status");
     cfg.kafka.dlq_topic = format!("{id}.dlq");
     cfg.kafka.delivery_topic = format!("{id}.delivery");
     cfg.kafka.group_id = format!("{id}-group");

@@ -21,6 +21,7 @@ shutdown_grace_ms = 10000
 [kafka]
 brokers = "127.0.0.1:9092"
 raw_topic = "dlrflow.webhooks.raw.v1"
+status_topic = "dlrflow.status.v1"
 dlq_topic = "dlrflow.webhooks.dlq.v1"
 delivery_topic = "dlrflow.delivery.v1"
 group_id = "dlrflow-state"
@@ -93,6 +94,9 @@ pub struct StateKafkaConfig {
     #[serde(flatten)]
     pub client: KafkaConfig,
     pub raw_topic: String,
+    /// dlrflow-reconcile's status-API answers, applied as authoritative
+    /// updates beside the raw topic (the state is a function of both).
+    pub status_topic: String,
     pub dlq_topic: String,
     pub delivery_topic: String,
     pub group_id: String,
@@ -175,6 +179,7 @@ impl Config {
         self.api.validate()?;
         for (name, value) in [
             ("kafka.raw_topic", &self.kafka.raw_topic),
+            ("kafka.status_topic", &self.kafka.status_topic),
             ("kafka.dlq_topic", &self.kafka.dlq_topic),
             ("kafka.delivery_topic", &self.kafka.delivery_topic),
             ("kafka.group_id", &self.kafka.group_id),
@@ -182,6 +187,14 @@ impl Config {
             if value.trim().is_empty() {
                 return Err(ConfigError::invalid(name, "must not be empty"));
             }
+        }
+        if self.kafka.status_topic == self.kafka.raw_topic
+            || self.kafka.status_topic == self.kafka.dlq_topic
+        {
+            return Err(ConfigError::invalid(
+                "kafka.status_topic",
+                "must differ from kafka.raw_topic and kafka.dlq_topic",
+            ));
         }
         if self.kafka.raw_topic == self.kafka.dlq_topic {
             return Err(ConfigError::invalid(

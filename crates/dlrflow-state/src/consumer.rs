@@ -190,8 +190,13 @@ pub fn create_consumer(cfg: &Config) -> anyhow::Result<StateConsumer> {
         .create_with_context(StateContext::default())
         .context("creating the Kafka consumer")?;
     consumer
-        .subscribe(&[&cfg.kafka.raw_topic])
-        .with_context(|| format!("subscribing to kafka.raw_topic = {}", cfg.kafka.raw_topic))?;
+        .subscribe(&[&cfg.kafka.raw_topic, &cfg.kafka.status_topic])
+        .with_context(|| {
+            format!(
+                "subscribing to kafka.raw_topic = {} and kafka.status_topic = {}",
+                cfg.kafka.raw_topic, cfg.kafka.status_topic
+            )
+        })?;
     Ok(consumer)
 }
 
@@ -236,10 +241,15 @@ pub struct Poison {
     pub error: String,
 }
 
-/// One parsed (or poison) record of a batch.
+/// One parsed (or poison) update of a batch: a raw record, or one
+/// recipient of a status answer (which makes one per recipient, each with a
+/// copy of the record).
 struct Parsed {
     msg: OwnedMessage,
     result: Result<(Event, Provider), Poison>,
+    /// What `delivery_events.raw` keeps when not the record's bytes: the
+    /// update of one recipient of a status answer, as JSON.
+    raw: Option<String>,
     received_at: Option<DateTime<Utc>>,
     dlq_done: bool,
     /// The broker refused the whole record: send the bounded reference.
@@ -292,6 +302,13 @@ pub fn parse(msg: &OwnedMessage) -> Result<(Event, Provider), Poison> {
         kind: "unknown_provider",
         error: format!("unknown provider `{}`", truncate(provider_name, 64)),
     })?;
+    if provider == Provider::StatusApi {
+        // Only dlrflow-reconcile writes status answers, to its own topic.
+        return Err(Poison {
+            kind: "status_answer_on_raw_topic",
+            error: "a status-API answer belongs on kafka.status_topic".to_owned(),
+        });
+    }
     let mut event =
         parse_record(provider, source, msg.payload().unwrap_or_default()).map_err(|e| Poison {
             kind: e.kind(),
@@ -299,6 +316,85 @@ pub fn parse(msg: &OwnedMessage) -> Result<(Event, Provider), Poison> {
         })?;
     validate(&mut event)?;
     Ok((event, provider))
+}
+
+/// Parses and validates one record of the status topic (written by
+/// dlrflow-reconcile: key `{source}/status_api/{message_id}`, value the
+/// status API's exact answer, timestamp the read time): one authoritative
+/// update per recipient, each with its JSON for `delivery_events.raw`. The
+/// read time comes from the record, so a replay makes the same updates
+/// (and the same dedupe keys).
+pub fn parse_status(msg: &OwnedMessage) -> Result<Vec<(Event, String)>, Poison> {
+    let key = msg
+        .key()
+        .and_then(raw_key::decode)
+        .filter(|k| k.provider == Provider::StatusApi.as_str())
+        .ok_or_else(|| Poison {
+            kind: "missing_origin",
+            error: "a status record's key is not `{source}/status_api/{message_id}`".to_owned(),
+        })?;
+    let read_at = msg
+        .timestamp()
+        .to_millis()
+        .and_then(DateTime::<Utc>::from_timestamp_millis)
+        .ok_or_else(|| Poison {
+            kind: "missing_timestamp",
+            error: "a status record without a timestamp (the read time)".to_owned(),
+        })?;
+    let snapshot = dlrflow_events::parse_status_response(
+        key.source,
+        msg.payload().unwrap_or_default(),
+        read_at,
+    )
+    .map_err(|e| Poison {
+        kind: e.kind(),
+        error: truncate(&e.to_string(), ERROR_BOUND).into_owned(),
+    })?;
+    if snapshot.message_id != key.message_id {
+        return Err(Poison {
+            kind: "invalid_value",
+            error: format!(
+                "the answer is about message `{}`, the key names `{}`",
+                truncate(&snapshot.message_id, 128),
+                truncate(key.message_id, 128)
+            ),
+        });
+    }
+    snapshot
+        .recipients
+        .into_iter()
+        .map(|u| {
+            let raw = serde_json::to_string(&u).unwrap_or_default();
+            let mut event = Event::Recipient(u);
+            validate(&mut event)?;
+            Ok((event, raw))
+        })
+        .collect()
+}
+
+/// The updates of one record: one for a raw record (or its poison), one per
+/// recipient for a status answer (none for an answer without recipients).
+fn expand(msg: OwnedMessage, status_topic: &str) -> Vec<Parsed> {
+    let received_at = received_at(&msg);
+    let one = |msg, result, raw| Parsed {
+        msg,
+        result,
+        raw,
+        received_at,
+        dlq_done: false,
+        dlq_reference: false,
+    };
+    if msg.topic() != status_topic {
+        let result = parse(&msg);
+        return vec![one(msg, result, None)];
+    }
+    match parse_status(&msg) {
+        Err(poison) => vec![one(msg, Err(poison), None)],
+        Ok(updates) => updates
+            .into_iter()
+            .map(|(event, raw)| one(msg.clone(), Ok((event, Provider::StatusApi)), Some(raw)))
+            .collect(),
+    }
 }
 
 /// Checks what PostgreSQL would refuse in the keys (NUL characters, keys too
@@ -384,18 +480,10 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             }
             continue;
         }
+        let offsets = last_offsets(&batch);
         let mut parsed: Vec<Parsed> = batch
             .into_iter()
-            .map(|msg| {
-                let received_at = received_at(&msg);
-                Parsed {
-                    result: parse(&msg),
-                    msg,
-                    received_at,
-                    dlq_done: false,
-                    dlq_reference: false,
-                }
-            })
+            .flat_map(|msg| expand(msg, &p.cfg.kafka.status_topic))
             .collect();
         let span = batch_span(&p.cfg, &parsed);
         let mut backoff = batch_cfg.retry_initial;
@@ -429,12 +517,14 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             break;
         }
         p.health.batch_ok();
-        observe_written(&parsed, &mut written);
-        for r in &parsed {
-            let next = applied.entry(r.msg.partition()).or_insert(0);
-            *next = (*next).max(r.msg.offset() + 1);
+        observe_written(&p.cfg, &parsed, &mut written);
+        for ((topic, partition), offset) in &offsets {
+            if *topic == p.cfg.kafka.raw_topic {
+                let next = applied.entry(*partition).or_insert(0);
+                *next = (*next).max(offset + 1);
+            }
         }
-        store_offsets(&p.consumer, &parsed);
+        store_offsets(&p.consumer, &offsets);
         tracing::debug!(
             records = parsed.len(),
             ms = started.elapsed().as_millis() as u64,
@@ -502,9 +592,12 @@ fn batch_span(cfg: &Config, parsed: &[Parsed]) -> tracing::Span {
 /// `received-at`) to
 /// now, its state committed (`dlrflow_state_received_to_committed_seconds`);
 /// and per partition the newest record time written, for the freshness.
-fn observe_written(parsed: &[Parsed], written: &mut HashMap<i32, DateTime<Utc>>) {
+fn observe_written(cfg: &Config, parsed: &[Parsed], written: &mut HashMap<i32, DateTime<Utc>>) {
     let now = Utc::now();
-    for r in parsed {
+    for r in parsed
+        .iter()
+        .filter(|r| r.msg.topic() == cfg.kafka.raw_topic)
+    {
         let Some(at) = r.received_at else {
             continue;
         };
@@ -530,6 +623,7 @@ async fn observe_lag(
 ) {
     let consumer = p.consumer.clone();
     let applied = applied.clone();
+    let raw_topic = p.cfg.kafka.raw_topic.clone();
     // Taken before the watermarks: a partition without lag then holds every
     // record received before this instant.
     let observed_at = Utc::now();
@@ -542,7 +636,13 @@ async fn observe_lag(
         let position = consumer.position().ok()?;
         let mut committed = None;
         let mut out = Vec::new();
-        for e in position.elements() {
+        // The raw topic's partitions: the status topic's answers are not
+        // what the reconciler waits for.
+        for e in position
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == raw_topic)
+        {
             let at = match applied.get(&e.partition()) {
                 Some(&o) => o,
                 None => {
@@ -701,23 +801,28 @@ async fn collect(
     Some(batch)
 }
 
-/// Stores `offset + 1` of the last record per partition still assigned.
-fn store_offsets(consumer: &StateConsumer, parsed: &[Parsed]) {
-    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for p in parsed {
+/// The offset of the last record per topic and partition of `batch`.
+fn last_offsets(batch: &[OwnedMessage]) -> BTreeMap<(String, i32), i64> {
+    let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for m in batch {
         let e = last
-            .entry((p.msg.topic(), p.msg.partition()))
-            .or_insert(p.msg.offset());
-        *e = (*e).max(p.msg.offset());
+            .entry((m.topic().to_owned(), m.partition()))
+            .or_insert(m.offset());
+        *e = (*e).max(m.offset());
     }
+    last
+}
+
+/// Stores `offset + 1` of the last record per partition still assigned.
+fn store_offsets(consumer: &StateConsumer, last: &BTreeMap<(String, i32), i64>) {
     let ctx = consumer.context();
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in last {
-        if !ctx.is_assigned(topic, partition) {
+        if !ctx.is_assigned(topic, *partition) {
             continue;
         }
         if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(offset + 1))
+            .add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
             .is_err()
         {
             continue;
@@ -821,6 +926,7 @@ pub async fn dispose(pool: &PgPool, msgs: Vec<OwnedMessage>) -> anyhow::Result<V
         .into_iter()
         .map(|msg| Parsed {
             result: parse(&msg),
+            raw: None,
             received_at: None,
             msg,
             dlq_done: false,
@@ -845,6 +951,31 @@ pub async fn dispose(pool: &PgPool, msgs: Vec<OwnedMessage>) -> anyhow::Result<V
         .into_iter()
         .map(|d| d.expect("every record has a disposition"))
         .collect())
+}
+
+/// What `rebuild` does with a run of records of the raw and status topics:
+/// expands and writes them through the one write path exactly as the
+/// consumer does, minus Redis (PostgreSQL decides every duplicate) and the
+/// DLQ (what the consumer would dead-letter is only counted). Returns the
+/// updates written and the dead ones; an error means a backend failed.
+pub async fn apply_log(
+    pool: &PgPool,
+    msgs: Vec<OwnedMessage>,
+    status_topic: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let parsed: Vec<Parsed> = msgs
+        .into_iter()
+        .flat_map(|m| expand(m, status_topic))
+        .collect();
+    let todo: Vec<usize> = (0..parsed.len())
+        .filter(|&i| parsed[i].result.is_ok())
+        .collect();
+    let poison = (parsed.len() - todo.len()) as u64;
+    let written = write_isolating(pool, &parsed, todo).await?;
+    Ok((
+        written.committed.len() as u64,
+        poison + written.rejected.len() as u64,
+    ))
 }
 
 /// What [`write_isolating`] did.
@@ -883,10 +1014,12 @@ async fn write_isolating(
                 Some(Incoming {
                     event: ev,
                     provider: provider.as_str(),
-                    raw: parsed[i]
-                        .msg
-                        .payload()
-                        .and_then(|b| std::str::from_utf8(b).ok()),
+                    raw: parsed[i].raw.as_deref().or_else(|| {
+                        parsed[i]
+                            .msg
+                            .payload()
+                            .and_then(|b| std::str::from_utf8(b).ok())
+                    }),
                     received_at: parsed[i].received_at,
                     traceparent: header_str(parsed[i].msg.headers(), header::TRACEPARENT)
                         .and_then(dlrflow_runtime::trace::valid_traceparent),

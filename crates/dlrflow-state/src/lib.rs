@@ -19,6 +19,7 @@ pub mod config;
 pub mod consumer;
 pub mod dedupe;
 pub mod health;
+pub mod rebuild;
 pub mod record;
 pub mod replay;
 pub mod store;

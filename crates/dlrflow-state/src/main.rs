@@ -22,6 +22,21 @@ enum Command {
         #[arg(long = "source", required = true)]
         sources: Vec<String>,
     },
+    /// Rebuild the state from the log: replay the raw and status topics from
+    /// their first retained record into a new schema; with --compare-with,
+    /// compare recipient and message state row by row with another schema
+    /// (the live one), print every difference and exit 1 on any.
+    Rebuild {
+        /// The new schema (created; must not hold state yet).
+        #[arg(long)]
+        into: String,
+        /// The schema to compare with (e.g. the live `postgres.schema`).
+        #[arg(long)]
+        compare_with: Option<String>,
+        /// Print at most this many differences per table.
+        #[arg(long, default_value_t = 50)]
+        max_differences: i64,
+    },
     /// Move DLQ records back to the raw topic.
     Replay {
         /// Stop after this many records.
@@ -69,6 +84,32 @@ async fn run(cli: Cli<Command>) -> anyhow::Result<()> {
                 .await
                 .context("running migrations")?;
             tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Rebuild {
+            into,
+            compare_with,
+            max_differences,
+        } => {
+            let cfg = load()?;
+            cfg.register_secrets();
+            let rebuilt = dlrflow_state::rebuild::rebuild(&cfg, &into).await?;
+            println!("{}", serde_json::json!({"rebuilt": into, "log": rebuilt}));
+            let Some(other) = compare_with else {
+                return Ok(());
+            };
+            let (differences, total) =
+                dlrflow_state::rebuild::compare(&cfg, &into, &other, max_differences).await?;
+            for d in &differences {
+                println!("{}", serde_json::json!({"difference": d}));
+            }
+            println!(
+                "{}",
+                serde_json::json!({"compared": [into, other], "differences": total})
+            );
+            if total > 0 {
+                anyhow::bail!("{total} rows differ between {into} and {other}");
+            }
             Ok(())
         }
         Command::Replay { max, idle_secs } => {

@@ -106,6 +106,16 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
         }
         let mut pending = Vec::with_capacity(chunk.len());
         for (m, original) in chunk.iter().zip(&originals) {
+            // A status answer goes back to the status topic, everything else
+            // to the raw topic.
+            let topic =
+                if dlrflow_runtime::kafka::header_str(m.headers(), dlq_header::ORIGINAL_TOPIC)
+                    == Some(cfg.kafka.status_topic.as_str())
+                {
+                    &cfg.kafka.status_topic
+                } else {
+                    &cfg.kafka.raw_topic
+                };
             let m = original.as_ref().unwrap_or(m);
             let mut headers = OwnedHeaders::new();
             if let Some(h) = m.headers() {
@@ -123,7 +133,7 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
                 key: "replayed-from",
                 value: Some(from.as_str()),
             });
-            let mut record = FutureRecord::<[u8], [u8]>::to(&cfg.kafka.raw_topic).headers(headers);
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
             // The receive time (the raw record's timestamp) goes back with it.
             if let Some(t) = m.timestamp().to_millis() {
                 record = record.timestamp(t);

@@ -185,8 +185,35 @@ pub async fn apply_batch(
         write_messages(tx, &message_updates).await?;
     }
     record_events(tx, items, &fresh, &result.outcomes).await?;
+    mark_status_applied(tx, items, &fresh).await?;
     write_outbox(tx, items, &fresh, &result).await?;
     Ok(result)
+}
+
+/// Sets `messages.status_applied_at` (the transaction time) for the messages
+/// a status-API answer in `fresh` was applied to: dlrflow-reconcile then
+/// knows the rows that answer changed were its own read, not new news.
+async fn mark_status_applied(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+    fresh: &[usize],
+) -> Result<(), StoreError> {
+    let ids: BTreeSet<&str> = fresh
+        .iter()
+        .filter_map(|&i| match items[i].event {
+            Event::Recipient(u) if u.authoritative => Some(u.message_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = ids.into_iter().collect();
+    sqlx::query("UPDATE messages SET status_applied_at = now() WHERE message_id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// The message and recipient an input is about ("" for a message-level one),

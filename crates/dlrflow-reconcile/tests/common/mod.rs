@@ -224,10 +224,12 @@ async fn status(
     resp
 }
 
-/// A fresh schema in the `dlrflow` database.
+/// A fresh schema in the `dlrflow` database, and the test's own topics
+/// (`{topics}.raw`, `.status`, `.dlq`, `.delivery`) on the test broker.
 pub struct TestDb {
     pub cfg: PostgresSettings,
     pub pool: PgPool,
+    pub topics: String,
 }
 
 pub use dlrflow_testkit::{test_postgres_url as database_url, test_redis_url as redis_url};
@@ -256,7 +258,17 @@ impl TestDb {
         };
         let pool = dlrflow_reconcile::store::connect(&cfg).await.unwrap();
         dlrflow_reconcile::store::migrate(&pool).await.unwrap();
-        TestDb { cfg, pool }
+        let topics = format!("rt.{}", cfg.schema.as_deref().unwrap_or_default());
+        for t in ["raw", "status", "dlq", "delivery"] {
+            dlrflow_testkit::create_topic(
+                &dlrflow_testkit::test_brokers(),
+                &format!("{topics}.{t}"),
+                2,
+            )
+            .await
+            .unwrap();
+        }
+        TestDb { cfg, pool, topics }
     }
 
     /// Drops the schema (best effort).
@@ -283,10 +295,11 @@ impl TestDb {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
 
-    /// Writes webhook updates through dlrflow-state's write path.
+    /// Writes webhook updates through dlrflow-state's write path (what its
+    /// consumer would have made of them).
     pub async fn seed(&self, updates: &[DeliveryUpdate]) {
         let mut tx = self.pool.begin().await.unwrap();
-        dlrflow_reconcile::store::write_answer(&mut tx, updates)
+        dlrflow_state::apply_updates(&mut tx, updates, Utc::now())
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -344,40 +357,77 @@ pub fn test_config(server: &StatusServer, db: &TestDb) -> Config {
     c.reconcile.backoff_initial_ms = 300;
     c.reconcile.backoff_max_ms = 2000;
     c.reconcile.lease_ms = 60_000;
+    c.kafka.client.brokers = dlrflow_testkit::test_brokers();
+    c.kafka.status_topic = format!("{}.status", db.topics);
     c
 }
 
-/// A running reconciler.
+/// The dlrflow-state that applies the reconciler's answers: the same schema,
+/// the status topic of `cfg`, the test's other topics beside it.
+pub fn state_config(cfg: &Config) -> dlrflow_state::Config {
+    let base = cfg
+        .kafka
+        .status_topic
+        .strip_suffix(".status")
+        .expect("a test status topic ends in .status")
+        .to_owned();
+    let mut s = dlrflow_state::Config::defaults();
+    s.http.listen = Some("127.0.0.1:0".parse().unwrap());
+    s.http.admin_listen = "127.0.0.1:0".parse().unwrap();
+    s.http.shutdown_grace = Duration::from_secs(5);
+    s.kafka.client.brokers = cfg.kafka.client.brokers.clone();
+    s.kafka.raw_topic = format!("{base}.raw");
+    s.kafka.status_topic = cfg.kafka.status_topic.clone();
+    s.kafka.dlq_topic = format!("{base}.dlq");
+    s.kafka.delivery_topic = format!("{base}.delivery");
+    s.kafka.group_id = format!("{base}.state");
+    s.redis.conn.url = Secret::new(redis_url());
+    s.redis.conn.prefix = format!("{base}:state:");
+    s.postgres = cfg.postgres.clone();
+    s.postgres.max_connections = 4;
+    s.postgres.migrate = false;
+    s.batch.retry_max = Duration::from_secs(1);
+    s.outbox.idle_poll = Duration::from_millis(20);
+    s
+}
+
+/// A running reconciler, with the dlrflow-state that applies its answers.
 pub struct Running {
     pub state: AppState,
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("reconciler stops within 15 s")
-            .unwrap()
-            .unwrap();
+        for (what, task) in [("reconciler", self.task), ("state", self.consumer)] {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .unwrap_or_else(|_| panic!("{what} stops within 15 s"))
+                .unwrap()
+                .unwrap();
+        }
     }
 }
 
 pub async fn spawn(cfg: Config) -> Running {
     dlrflow_runtime::telemetry::init_test_logs();
+    let state_app = dlrflow_state::App::build(state_config(&cfg)).await.unwrap();
     let app = App::build(cfg).await.unwrap();
     let addr = app.service().admin_addr();
     let state = app.state();
     let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(state_app.run(shutdown.clone()));
     let task = tokio::spawn(app.run(shutdown.clone()));
     Running {
         state,
         addr,
         shutdown,
         task,
+        consumer,
     }
 }
 

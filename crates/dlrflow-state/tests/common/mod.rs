@@ -41,6 +41,7 @@ pub fn api_client() -> reqwest::Client {
 pub struct Env {
     pub brokers: String,
     pub raw: String,
+    pub status: String,
     pub dlq: String,
     pub delivery: String,
     pub group: String,
@@ -55,6 +56,7 @@ impl Env {
         let id = unique_name("st");
         let env = Env {
             raw: format!("{id}.raw"),
+            status: format!("{id}.status"),
             dlq: format!("{id}.dlq"),
             delivery: format!("{id}.delivery"),
             group: format!("{id}-group"),
@@ -66,6 +68,9 @@ impl Env {
             .await
             .unwrap();
         create_topic(&env.brokers, &env.dlq, 1).await.unwrap();
+        create_topic(&env.brokers, &env.status, partitions)
+            .await
+            .unwrap();
         create_topic(&env.brokers, &env.delivery, partitions)
             .await
             .unwrap();
@@ -79,6 +84,7 @@ impl Env {
         cfg.http.shutdown_grace = Duration::from_secs(5);
         cfg.kafka.client.brokers = self.brokers.clone();
         cfg.kafka.raw_topic = self.raw.clone();
+        cfg.kafka.status_topic = self.status.clone();
         cfg.kafka.dlq_topic = self.dlq.clone();
         cfg.kafka.delivery_topic = self.delivery.clone();
         cfg.kafka.group_id = self.group.clone();
@@ -99,6 +105,7 @@ impl Env {
             ("DLRFLOW_HTTP__ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
             ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
             ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw.clone()),
+            ("DLRFLOW_KAFKA__STATUS_TOPIC", self.status.clone()),
             ("DLRFLOW_KAFKA__DLQ_TOPIC", self.dlq.clone()),
             ("DLRFLOW_KAFKA__DELIVERY_TOPIC", self.delivery.clone()),
             ("DLRFLOW_KAFKA__GROUP_ID", self.group.clone()),
