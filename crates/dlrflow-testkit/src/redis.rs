@@ -139,7 +139,8 @@ impl RedisCluster {
 
     /// A cluster that speaks TLS only, clients and cluster bus alike, with a
     /// certificate of `ca` for `localhost` and `127.0.0.1` (the address the
-    /// nodes announce); clients need no certificate of their own.
+    /// nodes announce) that is also a client's (the bus verifies the peers');
+    /// clients need no certificate of their own.
     pub fn with_tls(masters: usize, ca: &crate::tls::TestCa) -> RedisCluster {
         Self::start_with(masters, Some(ca))
     }
@@ -148,7 +149,7 @@ impl RedisCluster {
         assert!(masters >= 1, "a cluster needs a primary");
         let dir = std::env::temp_dir().join(unique_name("dlrflow-redis-cluster"));
         std::fs::create_dir_all(&dir).unwrap();
-        let tls = ca.map(|ca| (ca.issue().write(&dir), ca.write_ca(&dir)));
+        let tls = ca.map(|ca| (ca.issue_peer().write(&dir), ca.write_ca(&dir)));
         let mut cluster = RedisCluster {
             ports: Vec::new(),
             dir,
@@ -199,21 +200,35 @@ impl RedisCluster {
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        let out = cluster
+        // `--cluster create` waits for the nodes to meet on the bus, without
+        // a limit of its own: it gets until the deadline.
+        let out_file = cluster.dir.join("cluster-create.log");
+        let out = std::fs::File::create(&out_file).expect("a log file");
+        let mut create = cluster
             .cli()
             .args(["--cluster", "create"])
             .args(&nodes)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
+            .stdout(out.try_clone().expect("a log file"))
+            .stderr(out)
+            .spawn()
             .expect("redis-cli is installed");
-        if !out.status.success() {
+        let status = loop {
+            if let Some(status) = create.try_wait().expect("waiting for redis-cli") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = create.kill();
+                let _ = create.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if !status.is_some_and(|s| s.success()) {
+            let output = std::fs::read_to_string(&out_file).unwrap_or_default();
             cluster.fail_after(
                 Instant::now(),
-                &format!(
-                    "redis-cli --cluster create: {}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
+                &format!("redis-cli --cluster create ({status:?}): {output}"),
             );
         }
         for port in cluster.ports.clone() {
