@@ -1,7 +1,8 @@
 //! Dedupe on a Redis Cluster (`redis.cluster = true`): a private cluster of
 //! three primaries, started by the test. The dedupe keys carry no hash tag
 //! and spread over every node; the check and the marks still work, and the
-//! `dlrflow-state` binary runs on the cluster with its Redis fast path.
+//! `dlrflow-state` binary runs on the cluster with its Redis fast path and
+//! reports a lost primary on `/readyz`.
 
 mod common;
 
@@ -131,7 +132,7 @@ impl Proc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_service_dedupes_through_a_cluster_and_is_ready() {
-    let cluster = RedisCluster::start(3);
+    let mut cluster = RedisCluster::start(3);
     let env = Env::new(3).await;
     let pool = env.pool().await;
     let admin_port = free_port();
@@ -211,6 +212,25 @@ async fn the_state_service_dedupes_through_a_cluster_and_is_ready() {
         metric_sum(&scrape(&admin).await, "dlrflow_state_redis_degraded"),
         0.0
     );
+
+    // One primary gone: the readiness ping of every primary fails, so the
+    // service says it is degraded (Redis is a cache), and stays ready.
+    cluster.kill_node(2);
+    let degraded = wait_for(Duration::from_secs(30), || {
+        let admin = admin.clone();
+        async move {
+            let ready = reqwest::get(format!("{admin}/readyz")).await.ok()?;
+            let status = ready.status();
+            let body: serde_json::Value = ready.json().await.ok()?;
+            let redis = body["degraded"]
+                .as_array()?
+                .iter()
+                .any(|d| d.as_str().is_some_and(|d| d.starts_with("redis")));
+            (status == 200 && redis).then_some(body)
+        }
+    })
+    .await;
+    assert!(degraded.is_some(), "/readyz never said Redis is degraded");
 
     proc.terminate();
     env.drop_schema().await;

@@ -306,6 +306,13 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Kills the node on `ports[i]` (SIGKILL): its slots have no primary
+    /// any more (the cluster has no replicas).
+    pub fn kill_node(&mut self, i: usize) {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
+    }
+
     /// The CA certificate file clients of a TLS cluster verify it with.
     pub fn ca_file(&self) -> Option<&std::path::Path> {
         self.ca_file.as_deref()
