@@ -856,6 +856,9 @@ impl Pipeline {
             pool.close().await;
         }
         let _ = delete_redis_prefix(&self.redis_url, &format!("e2e:{}:", self.short())).await;
+        // The reconciler's budget keys start with their hash tag's brace:
+        // `{e2e:…:reconcile:<key_id>}:reads`.
+        let _ = delete_redis_prefix(&self.redis_url, &format!("{{e2e:{}:", self.short())).await;
         self.finished = true;
     }
 

@@ -39,6 +39,8 @@ unauthorized_hold_secs = 3600
 
 [redis]
 url = "redis://127.0.0.1:6379"
+# true: url is one node of a Redis Cluster
+cluster = false
 prefix = "dlrflow:reconcile"
 connect_timeout_ms = 1000
 response_timeout_ms = 2000

@@ -1,6 +1,8 @@
 //! The status-API budget shared by every replica: a sliding-window log in Redis.
 //!
-//! Each API key has three Redis keys under `{prefix}:{key_id}:`
+//! Each API key has three Redis keys `{<prefix>:<key_id>}:…` (the braces are
+//! part of the key: a hash tag, so a Redis Cluster keeps the four keys of a
+//! budget in one slot, as its scripts need; see "Keys" below)
 //!
 //! * `reads` — a sorted set holding one member per granted read, scored by the
 //!   Redis server's clock (`TIME`, microseconds);
@@ -30,7 +32,10 @@
 //! `(x − margin, x + window)`, an interval shorter than `W`, so at most `N`.
 //! What the proof assumes: one Redis primary whose clock does not jump forward
 //! (a backward jump only makes the limiter stricter), and the network delay to
-//! the gateway below half the margin.
+//! the gateway below half the margin. On a Redis Cluster that primary is the
+//! owner of the budget's slot (see "Keys"); a failover to a replica that had
+//! not yet received the last grants forgets them, as a failover of a single
+//! replicated Redis would.
 //!
 //! ## When Redis forgets
 //!
@@ -46,10 +51,31 @@
 //! (the limiter's whole window), after which no grant made before the loss
 //! can be in any window. While Redis cannot be reached there are no grants
 //! at all: the workers stop reading, and resume when it answers.
+//!
+//! ## Keys
+//!
+//! `{dlrflow:reconcile:3f2a…}:reads`, `…:paused`, `…:unauthorized`,
+//! `…:epoch`: the part in braces is the budget's [`Limiter::name`], and the
+//! hash tag that puts all four in one slot of a Redis Cluster (a script over
+//! keys of different slots fails with `CROSSSLOT`). One budget is one slot,
+//! so one node: its load is one key's reads, 120 a minute by default.
+//!
+//! Before the cluster support the keys were `<prefix>:<key_id>:reads` etc.,
+//! without braces. The new names do not see the old keys: the first replica
+//! of the new version finds no `epoch`, the budget's row in PostgreSQL says
+//! it was used before, so it holds every grant for the reset hold (one
+//! limiter window) as after a lost log, and the window then starts afresh.
+//! A replica of the old version still reading after the first new one
+//! started counts on the old keys beside the new ones (up to twice the
+//! budget in a window): stop every old replica before the first new one
+//! starts (scale to 0, or a `Recreate` rollout). The old keys expire by their
+//! TTLs (`reads` after a window; `unauthorized` after its hold: a 401
+//! marker set just before the upgrade is forgotten, the next read finds out
+//! again).
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use dlrflow_runtime::settings::RedisConnection;
 use redis::Script;
 
 /// Grant, or wait, or stop.
@@ -123,10 +149,22 @@ end
 return 1
 "#;
 
+/// Counts the grants inside the window at the Redis time of the node that
+/// holds the log (on a cluster, `TIME` sent alone could be answered by
+/// another node, with another clock).
+const IN_WINDOW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+return redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%.0f', now - tonumber(ARGV[1])), '+inf')
+"#;
+
 /// The budget of one API key.
 #[derive(Clone)]
 pub struct Limiter {
-    redis: ConnectionManager,
+    redis: RedisConnection,
+    /// `{prefix}:{key_id}`: what `jobs::first_use` records, and the keys'
+    /// hash tag.
+    name: String,
     keys: [String; 4],
     limit: u32,
     window_us: u64,
@@ -135,6 +173,7 @@ pub struct Limiter {
     acquire: Script,
     pause: Script,
     initialize: Script,
+    in_window: Script,
 }
 
 /// How a [`Limiter`] counts.
@@ -153,16 +192,19 @@ pub struct LimiterSettings {
 }
 
 impl Limiter {
-    pub fn new(redis: ConnectionManager, s: &LimiterSettings) -> Self {
-        let base = format!("{}:{}", s.prefix, s.key_id);
+    pub fn new(redis: RedisConnection, s: &LimiterSettings) -> Self {
+        let name = format!("{}:{}", s.prefix, s.key_id);
+        // The hash tag: every key of the budget in one cluster slot.
+        let tag = format!("{{{name}}}");
         Limiter {
             redis,
             keys: [
-                format!("{base}:reads"),
-                format!("{base}:paused"),
-                format!("{base}:unauthorized"),
-                format!("{base}:epoch"),
+                format!("{tag}:reads"),
+                format!("{tag}:paused"),
+                format!("{tag}:unauthorized"),
+                format!("{tag}:epoch"),
             ],
+            name,
             limit: s.limit,
             window_us: u64::try_from(s.window.as_micros()).unwrap_or(u64::MAX),
             unauthorized_hold: s.unauthorized_hold,
@@ -170,6 +212,7 @@ impl Limiter {
             acquire: Script::new(ACQUIRE),
             pause: Script::new(PAUSE),
             initialize: Script::new(INITIALIZE),
+            in_window: Script::new(IN_WINDOW),
         }
     }
 
@@ -237,8 +280,16 @@ impl Limiter {
     }
 
     /// Names the budget (`{prefix}:{key_id}`): what `jobs::first_use` records.
+    /// The same before and after the keys got their hash tag, so an upgrade
+    /// is seen as a lost log, not as a first use (see "Keys").
     pub fn name(&self) -> &str {
-        self.keys[0].trim_end_matches(":reads")
+        &self.name
+    }
+
+    /// The budget's Redis keys: `reads`, `paused`, `unauthorized`, `epoch`
+    /// (for operators' tools and tests).
+    pub fn keys(&self) -> &[String; 4] {
+        &self.keys
     }
 
     /// A 429 with `Retry-After`: every replica waits at least `for_`.
@@ -279,14 +330,10 @@ impl Limiter {
     /// Grants currently inside the window (for `/readyz` and tests).
     pub async fn in_window(&self) -> redis::RedisResult<u64> {
         let mut conn = self.redis.clone();
-        let (now_s, now_us): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
-        let now = now_s * 1_000_000 + now_us;
-        let min = now - i64::try_from(self.window_us).unwrap_or(i64::MAX);
-        redis::cmd("ZCOUNT")
-            .arg(&self.keys[0])
-            .arg(format!("({min}"))
-            .arg("+inf")
-            .query_async(&mut conn)
+        self.in_window
+            .key(&self.keys[0])
+            .arg(self.window_us)
+            .invoke_async(&mut conn)
             .await
     }
 

@@ -1,31 +1,66 @@
 //! The shared limiter's property against real Redis: no interval of the
 //! window's length holds more grants than the budget, whatever the parameters
-//! and however many callers race.
+//! and however many callers race. Every test runs twice: on the shared Redis,
+//! and on a private three-primary Redis Cluster (`redis.cluster = true`),
+//! where the budget's scripts only work because its keys share a hash tag.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use dlrflow_reconcile::limiter::{Acquire, Limiter, LimiterSettings};
-use dlrflow_testkit::unique_name;
+use dlrflow_runtime::settings::{RedisConnection, RedisSettings};
+use dlrflow_testkit::{unique_name, RedisCluster};
+
+/// Where a test's budgets live.
+enum Target {
+    /// The shared test Redis (`DLRFLOW_TEST_REDIS_URL`), one server.
+    Shared,
+    /// A private cluster of three primaries, gone with the test.
+    Cluster(RedisCluster),
+}
+
+impl Target {
+    fn cluster() -> Target {
+        Target::Cluster(RedisCluster::start(3))
+    }
+
+    /// `[redis]` as the reconciler would have it for this target.
+    fn settings(&self) -> RedisSettings {
+        let mut redis = dlrflow_reconcile::Config::defaults().redis;
+        match self {
+            Target::Shared => redis.url = common::redis_url().into(),
+            Target::Cluster(c) => {
+                redis.url = c.url().into();
+                redis.cluster = true;
+            }
+        }
+        redis.validate().unwrap();
+        redis
+    }
+
+    /// A connection of its own (each limiter has one, like a replica).
+    async fn connect(&self) -> RedisConnection {
+        self.settings().connect().await.unwrap()
+    }
+}
 
 /// A limiter on a new budget (`prefix` is fresh): initialized as a first use.
-async fn limiter(prefix: &str, limit: u32, window: Duration) -> Limiter {
-    let l = limiter_with_hold(prefix, limit, window, Duration::from_secs(60)).await;
+async fn limiter(t: &Target, prefix: &str, limit: u32, window: Duration) -> Limiter {
+    let l = limiter_with_hold(t, prefix, limit, window, Duration::from_secs(60)).await;
     l.initialize(false, "test").await.unwrap();
     l
 }
 
 /// A limiter, not initialized; `reset_hold` after a lost log.
 async fn limiter_with_hold(
+    t: &Target,
     prefix: &str,
     limit: u32,
     window: Duration,
     reset_hold: Duration,
 ) -> Limiter {
-    let mut redis = dlrflow_reconcile::Config::defaults().redis;
-    redis.url = common::redis_url().into();
-    let conn = redis.connect().await.unwrap();
+    let conn = t.connect().await;
     Limiter::new(
         conn,
         &LimiterSettings {
@@ -55,11 +90,17 @@ fn max_in_window(mut grants: Vec<i64>, window_us: i64) -> usize {
 
 /// `callers` tasks (each with its own Redis connection, like replicas) hammer
 /// one budget for `run`; returns every grant's Redis time.
-async fn hammer(limit: u32, window: Duration, callers: usize, run: Duration) -> Vec<i64> {
+async fn hammer(
+    t: &Target,
+    limit: u32,
+    window: Duration,
+    callers: usize,
+    run: Duration,
+) -> Vec<i64> {
     let prefix = unique_name("dlrflow-test-limiter");
     let mut tasks = Vec::new();
     for c in 0..callers {
-        let l = limiter(&prefix, limit, window).await;
+        let l = limiter(t, &prefix, limit, window).await;
         tasks.push(tokio::spawn(async move {
             let end = Instant::now() + run;
             let mut grants = Vec::new();
@@ -87,10 +128,19 @@ async fn hammer(limit: u32, window: Duration, callers: usize, run: Duration) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_window_ever_holds_more_than_the_budget() {
+    budget_is_never_exceeded(&Target::Shared).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_window_ever_holds_more_than_the_budget_on_a_cluster() {
+    budget_is_never_exceeded(&Target::cluster()).await;
+}
+
+async fn budget_is_never_exceeded(t: &Target) {
     for (limit, window_ms, callers) in [(10u32, 300u64, 8usize), (1, 50, 4), (25, 700, 12)] {
         let window = Duration::from_millis(window_ms);
         let run = Duration::from_millis(window_ms * 4 + 100);
-        let grants = hammer(limit, window, callers, run).await;
+        let grants = hammer(t, limit, window, callers, run).await;
         let w = i64::try_from(window.as_micros()).unwrap();
         let worst = max_in_window(grants.clone(), w);
         assert!(
@@ -110,9 +160,18 @@ async fn no_window_ever_holds_more_than_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_stops_grants_and_a_401_marker_stops_them_until_it_is_gone() {
+    pause_and_unauthorized(&Target::Shared).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_stops_grants_and_a_401_marker_stops_them_until_it_is_gone_on_a_cluster() {
+    pause_and_unauthorized(&Target::cluster()).await;
+}
+
+async fn pause_and_unauthorized(t: &Target) {
     let prefix = unique_name("dlrflow-test-limiter");
-    let a = limiter(&prefix, 100, Duration::from_secs(60)).await;
-    let b = limiter(&prefix, 100, Duration::from_secs(60)).await;
+    let a = limiter(t, &prefix, 100, Duration::from_secs(60)).await;
+    let b = limiter(t, &prefix, 100, Duration::from_secs(60)).await;
     assert!(matches!(
         a.acquire("1").await.unwrap(),
         Acquire::Granted { left: 99, .. }
@@ -144,13 +203,18 @@ async fn a_pause_stops_grants_and_a_401_marker_stops_them_until_it_is_gone() {
     );
     assert_eq!(a.in_window().await.unwrap(), 2);
     // Clean up the marker (its TTL would too).
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(format!("{prefix}:k:unauthorized"))
+    let mut conn = t.connect().await;
+    let deleted: u64 = redis::cmd("DEL")
+        .arg(&a.keys()[2])
         .query_async(&mut conn)
         .await
         .unwrap();
+    assert_eq!(deleted, 1, "the 401 marker is {}", a.keys()[2]);
+    assert_eq!(b.unauthorized_reason().await.unwrap(), None);
+    assert!(matches!(
+        b.acquire("5").await.unwrap(),
+        Acquire::Granted { left: 97, .. }
+    ));
 }
 
 /// A Redis that lost the limiter's keys (restarted empty, flushed) has
@@ -160,10 +224,30 @@ async fn a_pause_stops_grants_and_a_401_marker_stops_them_until_it_is_gone() {
 /// Redis is never flushed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_log_holds_every_grant_for_the_reset_hold() {
+    lost_log(&Target::Shared).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_log_holds_every_grant_for_the_reset_hold_on_a_cluster() {
+    lost_log(&Target::cluster()).await;
+}
+
+async fn lost_log(t: &Target) {
     let prefix = unique_name("dlrflow-test-limiter");
     let hold = Duration::from_millis(600);
-    let a = limiter_with_hold(&prefix, 3, Duration::from_secs(60), hold).await;
+    let a = limiter_with_hold(t, &prefix, 3, Duration::from_secs(60), hold).await;
+    // The budget's name (what PostgreSQL records) has no braces; its keys
+    // carry it as their hash tag.
     assert_eq!(a.name(), format!("{prefix}:k"));
+    assert_eq!(
+        a.keys(),
+        &[
+            format!("{{{prefix}:k}}:reads"),
+            format!("{{{prefix}:k}}:paused"),
+            format!("{{{prefix}:k}}:unauthorized"),
+            format!("{{{prefix}:k}}:epoch"),
+        ]
+    );
     // A new budget: nothing granted before it is initialized, then at once.
     assert_eq!(a.acquire("0").await.unwrap(), Acquire::Uninitialized);
     assert_eq!(a.initialize(false, "e1").await.unwrap(), Duration::ZERO);
@@ -175,22 +259,24 @@ async fn a_lost_log_holds_every_grant_for_the_reset_hold() {
         a.acquire("4").await.unwrap(),
         Acquire::Wait { paused: false, .. }
     ));
-    // Redis forgets everything about this budget.
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(keys.iter().any(|k| k.ends_with(":epoch")), "{keys:?}");
+    // Redis forgets everything about this budget: its log and its epoch are
+    // there, then gone.
+    let mut conn = t.connect().await;
+    for key in [&a.keys()[0], &a.keys()[3]] {
+        let there: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(there, "{key}");
+    }
     let _: () = redis::cmd("DEL")
-        .arg(&keys)
+        .arg(a.keys())
         .query_async(&mut conn)
         .await
         .unwrap();
     // The empty log would grant 3 more at once: it grants nothing instead.
-    let b = limiter_with_hold(&prefix, 3, Duration::from_secs(60), hold).await;
+    let b = limiter_with_hold(t, &prefix, 3, Duration::from_secs(60), hold).await;
     assert_eq!(b.acquire("5").await.unwrap(), Acquire::Uninitialized);
     assert_eq!(a.acquire("6").await.unwrap(), Acquire::Uninitialized);
     // Both learn it is a lost log; one of them starts the hold.

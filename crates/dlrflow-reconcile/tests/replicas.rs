@@ -6,7 +6,9 @@
 //! 500 ms safety margin, so the limiter counts 100 per 2.5 s. The status server
 //! enforces 100 per any 2 s with 429s. Asserted: the server's log has no 2 s
 //! window with more than 100 reads and no 429, every message was read exactly
-//! once, and every message ends in its true terminal state.
+//! once, and every message ends in its true terminal state. The same again
+//! with the budget on a private three-primary Redis Cluster
+//! (`redis.cluster = true`).
 
 mod common;
 
@@ -15,10 +17,22 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use common::*;
 use dlrflow_events::Status;
-use dlrflow_testkit::{unique_name, wait_for};
+use dlrflow_testkit::{unique_name, wait_for, RedisCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_drain_a_backlog_of_1000_within_the_shared_budget() {
+    drain_a_backlog_of_1000(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_drain_a_backlog_of_1000_within_the_budget_on_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    drain_a_backlog_of_1000(Some(&cluster)).await;
+}
+
+/// The scenario above; the budget on `cluster` if there is one, else on the
+/// shared Redis.
+async fn drain_a_backlog_of_1000(cluster: Option<&RedisCluster>) {
     const MESSAGES: usize = 1000;
     let window = Duration::from_secs(2);
     let server = StatusServer::start(100, window).await;
@@ -42,10 +56,21 @@ async fn three_replicas_drain_a_backlog_of_1000_within_the_shared_budget() {
 
     let mut cfg = test_config(&server, &db);
     cfg.budget.safety_margin_ms = 500;
+    if let Some(cluster) = cluster {
+        cfg.redis.url = cluster.url().into();
+        cfg.redis.cluster = true;
+    }
     let started = Instant::now();
     let mut replicas = Vec::new();
     for _ in 0..3 {
         replicas.push(spawn(cfg.clone()).await);
+    }
+    // Ready: the budget's Redis (each replica's cluster connection) answers
+    // and reports the budget.
+    for r in &replicas {
+        let (code, body) = readyz(r.addr).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["budget"]["limit"], 100, "{body}");
     }
     let drained = wait_for(Duration::from_secs(90), || async {
         let open = db

@@ -391,6 +391,63 @@ pub struct RedisSettings {
     /// server's certificate. Unset, the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// `url` names one node of a Redis Cluster (any node: the client learns
+    /// the others and the slot map from it, and follows `MOVED`/`ASK`).
+    /// Off: `url` is one Redis server (or a proxy in front of several).
+    #[serde(default)]
+    pub cluster: bool,
+}
+
+/// A connection to the `[redis]` server or cluster, for every command,
+/// pipeline and script (`ConnectionLike`). Both kinds reconnect by
+/// themselves and are cheap to clone (one shared multiplexed connection).
+///
+/// On a cluster a command is sent to the node that owns its key's slot, a
+/// script's keys must all share one slot (a hash tag, `{…}`), `MGET`/`DEL`
+/// over several slots are split by the client, and a pipeline must stay in
+/// one slot: code that pipelines keys of different slots asks
+/// [`RedisConnection::is_cluster`] and sends them another way.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl RedisConnection {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConnection::Cluster(_))
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConnection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl RedisSettings {
@@ -415,6 +472,9 @@ impl RedisSettings {
                 ));
             }
         }
+        if self.cluster {
+            self.validate_cluster()?;
+        }
         for (key, d) in [
             ("redis.connect_timeout_ms", self.connect_timeout),
             ("redis.response_timeout_ms", self.response_timeout),
@@ -422,6 +482,33 @@ impl RedisSettings {
             if d.is_zero() {
                 return Err(ConfigError::invalid(key, "must be positive"));
             }
+        }
+        Ok(())
+    }
+
+    /// What a cluster refuses: databases other than 0, and braces in the
+    /// prefix (a `{…}` there would be the hash tag of every key: all of
+    /// them on one node, and the limiter's own tags ignored).
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        use redis::IntoConnectionInfo;
+        let info = self
+            .url
+            .expose_secret()
+            .into_connection_info()
+            .map_err(|_| ConfigError::invalid("redis.url", "is not a redis:// or rediss:// URL"))?;
+        if info.redis.db != 0 {
+            return Err(ConfigError::invalid(
+                "redis.url",
+                "names a database other than 0: a Redis Cluster has only database 0 \
+                 (redis.cluster = true)",
+            ));
+        }
+        if self.prefix.contains(['{', '}']) {
+            return Err(ConfigError::invalid(
+                "redis.prefix",
+                "must not hold '{' or '}' with redis.cluster = true: dlrflow sets the \
+                 keys' hash tags itself",
+            ));
         }
         Ok(())
     }
@@ -451,9 +538,17 @@ impl RedisSettings {
         }
     }
 
-    /// A connection that reconnects by itself. Its error never holds the
-    /// URL's password.
-    pub async fn connect(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
+    /// A connection that reconnects by itself: to the server, or with
+    /// `cluster` to the cluster `url` is a node of. Its error never holds
+    /// the URL's password.
+    pub async fn connect(&self) -> anyhow::Result<RedisConnection> {
+        if self.cluster {
+            return self.connect_cluster().await.map(RedisConnection::Cluster);
+        }
+        self.connect_single().await.map(RedisConnection::Single)
+    }
+
+    async fn connect_single(&self) -> anyhow::Result<redis::aio::ConnectionManager> {
         let scrub =
             |e: redis::RedisError| anyhow::anyhow!("{}", crate::redact::scrub(&e.to_string()));
         let client = self.client()?;
@@ -469,6 +564,36 @@ impl RedisSettings {
             .await
             .map_err(scrub)
     }
+
+    /// The cluster client: `url` is the first node it asks for the slot
+    /// map; the password, user and TLS of `url` (with `ca_file`'s roots)
+    /// apply to every node. The connection refreshes the slot map itself
+    /// (on `MOVED`, on a node lost).
+    async fn connect_cluster(&self) -> anyhow::Result<redis::cluster_async::ClusterConnection> {
+        install_crypto();
+        let scrub =
+            |e: redis::RedisError| anyhow::anyhow!("{}", crate::redact::scrub(&e.to_string()));
+        let mut builder = redis::cluster::ClusterClientBuilder::new([self.url.expose_secret()])
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.response_timeout)
+            // Redirects count as retries: room for a MOVED, an ASK (a slot
+            // being moved) and one retry after a failure, all within 500 ms
+            // of waiting. As for one server, a failed command is not retried
+            // for long: its caller falls back (PostgreSQL, or no grant).
+            .retries(3)
+            .min_retry_wait(100)
+            .max_retry_wait(500);
+        if let Some(ca) = &self.ca_file {
+            let root = std::fs::read(ca)
+                .map_err(|e| anyhow::anyhow!("redis.ca_file {}: {e}", ca.display()))?;
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root),
+            });
+        }
+        let client = builder.build().map_err(scrub)?;
+        client.get_async_connection().await.map_err(scrub)
+    }
 }
 
 #[cfg(test)]
@@ -481,6 +606,42 @@ mod tests {
         assert_eq!(format!("{s:?}"), MASK);
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"***\"");
         assert_eq!(s.expose_secret(), "postgres://u:hunter2@h/db");
+    }
+
+    #[test]
+    fn a_cluster_refuses_a_database_and_braces_in_the_prefix() {
+        let redis = |url: &str, prefix: &str, cluster: bool| -> RedisSettings {
+            serde_json::from_value(serde_json::json!({
+                "url": url, "prefix": prefix, "cluster": cluster,
+                "connect_timeout_ms": 1000, "response_timeout_ms": 1000,
+            }))
+            .unwrap()
+        };
+        redis("redis://h:7000", "dlrflow:", true)
+            .validate()
+            .unwrap();
+        redis("redis://h:7000/0", "dlrflow:", true)
+            .validate()
+            .unwrap();
+        // One server may use another database, and braces in its prefix.
+        redis("redis://h:6379/3", "{x}:", false).validate().unwrap();
+        let err = redis("redis://:pw@h:7000/3", "dlrflow:", true)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.url") && !err.contains("pw"), "{err}");
+        let err = redis("redis://h:7000", "dl{rflow}:", true)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.prefix"), "{err}");
+        // Off unless set: the key is optional in a file.
+        let off: RedisSettings = serde_json::from_value(serde_json::json!({
+            "url": "redis://h", "prefix": "p",
+            "connect_timeout_ms": 1, "response_timeout_ms": 1,
+        }))
+        .unwrap();
+        assert!(!off.cluster);
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn redis_settings(url: String, ca_file: Option<PathBuf>) -> RedisSettings {
         connect_timeout: std::time::Duration::from_secs(2),
         response_timeout: std::time::Duration::from_secs(2),
         ca_file,
+        cluster: false,
     }
 }
 
@@ -108,4 +109,51 @@ async fn rediss_with_a_ca_file() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("redis.ca_file"), "{err}");
+}
+
+/// `redis.cluster = true` over TLS: a three-primary cluster that speaks TLS
+/// only (clients and cluster bus), every node with a certificate of a private
+/// authority for the address it announces. The client follows the slot map
+/// to every node with `redis.ca_file`'s roots, and refuses another CA's.
+#[tokio::test]
+async fn rediss_cluster_with_a_ca_file() {
+    let (ca, other) = (TestCa::new("redis-cluster"), TestCa::new("other"));
+    let cluster = dlrflow_testkit::RedisCluster::with_tls(3, &ca);
+    assert!(cluster.url().starts_with("rediss://"));
+    let ca_file = cluster.ca_file().map(std::path::Path::to_path_buf);
+
+    let mut s = redis_settings(cluster.url(), ca_file);
+    s.cluster = true;
+    s.validate().unwrap();
+    let mut conn = s
+        .connect()
+        .await
+        .expect("rediss:// cluster with the right CA");
+    assert!(conn.is_cluster());
+    // Keys of many slots: every primary is reached over TLS.
+    for i in 0..30 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(i)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    let values: Vec<i64> = redis::cmd("MGET")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(values, (0..30).collect::<Vec<i64>>());
+    let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    assert_eq!(pong, "PONG");
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut wrong = redis_settings(cluster.url(), Some(other.write_ca(other_dir.path())));
+    wrong.cluster = true;
+    assert!(
+        wrong.connect().await.is_err(),
+        "a cluster with another CA's certificates"
+    );
 }

@@ -34,7 +34,7 @@ use crate::access::Caller;
 #[derive(Clone)]
 pub struct ApiState {
     pub pool: PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: dlrflow_runtime::settings::RedisConnection,
     /// Metadata-only client for `/readyz`.
     pub kafka: Arc<BaseConsumer>,
     pub raw_topic: String,

@@ -36,6 +36,8 @@ retry_max_ms = 5000
 
 [redis]
 url = "redis://127.0.0.1:6379"
+# true: url is one node of a Redis Cluster
+cluster = false
 prefix = "dlrflow:"
 ttl_secs = 604800
 connect_timeout_ms = 2000

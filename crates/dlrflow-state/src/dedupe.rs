@@ -7,6 +7,15 @@
 //! One round trip per batch: the keys committed by the previous batch are set
 //! in the same pipeline that checks the current batch's keys.
 //!
+//! On a Redis Cluster (`redis.cluster = true`) the keys stay as they are,
+//! without a hash tag: they spread over every slot, so over every primary
+//! (one tag for all would put the whole dedupe load on one node). The client
+//! cannot send a pipeline over several slots, so a round trip is two steps
+//! there: the marks as single `SET`s sent together (each to its node, over
+//! the one multiplexed connection per node), then one `MGET`, which the
+//! client splits by slot and puts back in order. Nothing needs atomicity
+//! across keys: each key is a cache entry of its own.
+//!
 //! Redis down is not the pipeline down: a failed round trip makes the caller
 //! treat every key as unseen (PostgreSQL decides), and Redis is left alone
 //! for [`RETRY_AFTER`] so a dead server costs no time per batch. Marks that
@@ -15,12 +24,15 @@
 
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use dlrflow_runtime::settings::RedisConnection;
 
 /// How long Redis is skipped after a failed round trip.
 pub const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// The most marks kept while Redis is unreachable.
 pub const MAX_PENDING: usize = 200_000;
+
+/// On a cluster, the most marks sent at once (each is its own command).
+const MARKS_IN_FLIGHT: usize = 2_000;
 
 /// Why a check did not reach Redis.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +44,7 @@ pub enum DedupeError {
 }
 
 pub struct Dedupe {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     ttl_secs: u64,
     /// Keys committed to PostgreSQL but not yet marked in Redis.
@@ -54,7 +66,7 @@ impl Dedupe {
         })
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConnection {
         self.conn.clone()
     }
 
@@ -78,6 +90,9 @@ impl Dedupe {
     }
 
     async fn round_trip(&mut self, keys: &[&str]) -> redis::RedisResult<Vec<bool>> {
+        if self.conn.is_cluster() {
+            return self.round_trip_cluster(keys).await;
+        }
         let mut pipe = redis::pipe();
         for k in &self.pending_marks {
             pipe.cmd("SET")
@@ -96,6 +111,31 @@ impl Dedupe {
         pipe.cmd("MGET").arg(&full);
         let (found,): (Vec<Option<String>>,) = pipe.query_async(&mut self.conn).await?;
         self.pending_marks.clear();
+        Ok(found.into_iter().map(|v| v.is_some()).collect())
+    }
+
+    /// [`Self::round_trip`] on a cluster: the marks first (so a key marked
+    /// by the previous batch is seen by this one's check), then the check.
+    async fn round_trip_cluster(&mut self, keys: &[&str]) -> redis::RedisResult<Vec<bool>> {
+        // In bounded rounds: after an outage up to MAX_PENDING marks wait.
+        for chunk in self.pending_marks.chunks(MARKS_IN_FLIGHT) {
+            let marks = chunk.iter().map(|k| {
+                let mut conn = self.conn.clone();
+                let mut set = redis::cmd("SET");
+                set.arg(k).arg(1).arg("EX").arg(self.ttl_secs);
+                async move { set.query_async::<()>(&mut conn).await }
+            });
+            futures::future::try_join_all(marks).await?;
+        }
+        self.pending_marks.clear();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        let found: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&full)
+            .query_async(&mut self.conn)
+            .await?;
         Ok(found.into_iter().map(|v| v.is_some()).collect())
     }
 

@@ -1,8 +1,9 @@
 //! What the tests of every crate, the end-to-end suite and the benchmarks
 //! share, and nothing a service runs: the test broker's topics, private
-//! brokers and Redis instances that a test may kill, the test PostgreSQL,
-//! bounded waiting, and deterministic Lisoloo scenarios with their expected
-//! state. Used only as a dev-dependency (the architecture test checks it).
+//! brokers, Redis instances and Redis Clusters that a test may kill, the
+//! test PostgreSQL, bounded waiting, and deterministic Lisoloo scenarios with
+//! their expected state. Used only as a dev-dependency (the architecture test
+//! checks it).
 
 mod broker;
 mod kafka;
@@ -16,7 +17,7 @@ pub use broker::{index_tansu_headers, tansu_binary, tansu_command, PrivateBroker
 pub use dlrflow_runtime::kafka::{read_topic, read_topic_with, Record};
 pub use kafka::{create_topic, create_topic_with, test_brokers, unique_name};
 pub use postgres::PrivatePostgres;
-pub use redis::{test_redis_url, PrivateRedis};
+pub use redis::{test_redis_url, PrivateRedis, RedisCluster};
 pub use wait::wait_for;
 
 /// `GET {base}/metrics` (a service's admin listener, `http://host:port`) as

@@ -66,6 +66,24 @@ impl TestCa {
 
     /// A server certificate for `names` (DNS names or IP addresses).
     pub fn issue_for(&self, names: &[&str]) -> Issued {
+        self.issue_with(names, vec![ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// A certificate for `localhost` and `127.0.0.1` that is a server's and
+    /// a client's too: the nodes of a TLS Redis Cluster present theirs to
+    /// each other on the cluster bus, where the peer verifies it as a
+    /// client's.
+    pub fn issue_peer(&self) -> Issued {
+        self.issue_with(
+            &["localhost", "127.0.0.1"],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn issue_with(&self, names: &[&str], usages: Vec<ExtendedKeyUsagePurpose>) -> Issued {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("valid names");
         params.distinguished_name.push(
@@ -77,7 +95,7 @@ impl TestCa {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = usages;
         let key = KeyPair::generate().expect("server key");
         let cert = params
             .signed_by(&key, &self.issuer)
