@@ -319,6 +319,22 @@ def compose_schema():
         return json.load(f)
 
 
+def compose_secs(duration):
+    """Whole seconds of a Compose duration such as `25s` or `1m30s`."""
+    secs, number = 0, ""
+    units = {"h": 3600, "m": 60, "s": 1}
+    for ch in str(duration):
+        if ch.isdigit():
+            number += ch
+        elif ch in units and number:
+            secs, number = secs + int(number) * units[ch], ""
+        else:
+            raise ValueError(f"duration {duration!r}: use whole h, m and s")
+    if number:
+        raise ValueError(f"duration {duration!r}: a number without a unit")
+    return secs
+
+
 def check_compose(path, out):
     with open(path, encoding="utf-8") as f:
         doc = yaml.safe_load(f)
@@ -328,6 +344,7 @@ def check_compose(path, out):
     validator = jsonschema.Draft201909Validator(schema)
     for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
         problem(path, f"{'.'.join(str(p) for p in e.path)}: {e.message}")
+    schemas = {}
     for name, svc in (doc.get("services") or {}).items():
         argv = svc.get("command")
         if isinstance(argv, str):
@@ -342,16 +359,20 @@ def check_compose(path, out):
                 problem(f"{path} {name}", f"{k} uses $ interpolation, which the check cannot resolve")
         # `$$` is a literal `$`.
         env = {k: str(v).replace("$$", "$") for k, v in env.items()}
+        if "DLRFLOW_POSTGRES__URL" in env:
+            schemas[name] = env.get("DLRFLOW_POSTGRES__SCHEMA")
         out.append(
             {
                 "origin": f"{path} service {name}",
                 "kind": "compose",
                 "argv": argv,
                 "env": env,
-                "termination_grace_secs": None,
+                "termination_grace_secs": compose_secs(svc.get("stop_grace_period", "10s")),
                 "prestop_secs": 0,
             }
         )
+    if len(set(schemas.values())) > 1:
+        problem(path, f"the services use different PostgreSQL schemas: {schemas}")
 
 
 # ---------------------------------------------------------------------------
