@@ -301,8 +301,11 @@ def validate_k8s(label, docs):
         except kubernetes_validate.ValidationError as e:
             path = ".".join(str(p) for p in e.path)
             problem(f"{src} ({label}) {kn(doc)}", f"{path}: {e.message}")
-        except (kubernetes_validate.SchemaNotFoundError, KeyError, TypeError) as e:
-            problem(f"{src} ({label}) {kn(doc)}", f"no Kubernetes {K8S_VERSION} schema: {e}")
+        except (kubernetes_validate.SchemaNotFoundError, KeyError, TypeError):
+            problem(
+                f"{src} ({label}) {kn(doc)}",
+                f"no Kubernetes {K8S_VERSION} schema for kind {doc.get('kind')!r} of {doc.get('apiVersion')!r}",
+            )
 
 
 # ---------------------------------------------------------------------------
