@@ -15,7 +15,9 @@ the Python packages) and by tests/e2e/deploy.rs.
   replicas are at most the raw topic's partitions, each state pod's
   kafka.instance_id is its own name, every secretKeyRef names a key of the
   example Secret, every probe is on the admin listener's port, every
-  service that uses PostgreSQL uses the same schema.
+  service that uses PostgreSQL uses the same schema; and what only the
+  cluster would find: selectors that select no pod, a Service's named
+  targetPort its pods lack, an autoscaler's missing target.
 
 With --env-out FILE it writes, for every container that runs a dlrflow
 binary (in the base, the rendered overlay and docker-compose.yml), the
@@ -284,6 +286,43 @@ def check_pods(label, docs, secrets, partitions, out):
         problem(label, f"the services use different PostgreSQL schemas: {schemas}")
 
 
+def check_selectors(label, docs):
+    """What the API server or the controllers would only find at run time:
+    a workload's selector that misses its own pods, a Service, a
+    PodDisruptionBudget or a NetworkPolicy that selects no pod, an
+    autoscaler whose target does not exist."""
+    pods = []
+    for _, doc in docs:
+        if pod_spec(doc) is not None:
+            labels = doc["spec"]["template"].get("metadata", {}).get("labels", {})
+            names = {p.get("name") for c in containers(doc) for p in c.get("ports", [])}
+            pods.append((labels, names))
+            sel = doc["spec"].get("selector", {}).get("matchLabels")
+            if doc["kind"] != "Job" and not (sel and sel.items() <= labels.items()):
+                problem(f"{label} {kn(doc)}", f"selector {sel} does not match its pods' labels {labels}")
+    for _, doc in docs:
+        spec = doc.get("spec", {})
+        sel = None
+        if doc["kind"] == "Service":
+            sel = spec.get("selector")
+        elif doc["kind"] in ("PodDisruptionBudget", "NetworkPolicy"):
+            sel = (spec.get("selector") or spec.get("podSelector") or {}).get("matchLabels")
+        elif doc["kind"] == "HorizontalPodAutoscaler":
+            ref = spec["scaleTargetRef"]
+            if not any(kn(d) == f"{ref['kind']}/{ref['name']}" for _, d in docs):
+                problem(f"{label} {kn(doc)}", f"scales {ref['kind']}/{ref['name']}, which is not there")
+            continue
+        else:
+            continue
+        selected = [names for labels, names in pods if sel and sel.items() <= labels.items()]
+        if not selected:
+            problem(f"{label} {kn(doc)}", f"selector {sel} selects no pod")
+        for port in spec.get("ports", []) if doc["kind"] == "Service" else []:
+            target = port.get("targetPort")
+            if isinstance(target, str) and not all(target in names for names in selected):
+                problem(f"{label} {kn(doc)}", f"targetPort {target!r} is not a port of its pods")
+
+
 def topics_partitions(docs):
     for _, doc in docs:
         if kn(doc) == "Job/dlrflow-topics":
@@ -423,6 +462,7 @@ def main():
         for _, doc in docs:
             counted[doc.get("kind")] = counted.get(doc.get("kind"), 0) + 1
         check_pods(label, docs, secrets, topics_partitions(docs), envs)
+        check_selectors(label, docs)
     check_compose("docker-compose.yml", envs)
 
     if args.env_out:
