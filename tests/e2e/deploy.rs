@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use dlrflow_e2e::{binary, target_dir, workspace_root};
+use std::sync::OnceLock;
+
+use dlrflow_e2e::{profile_dir, target_dir, workspace_root};
 use serde_json::Value;
 
 /// A container (or compose service) that runs a dlrflow binary, as
@@ -100,10 +102,72 @@ fn containers(test: &str) -> Vec<Container> {
     list
 }
 
+/// The newest modification time of the sources the binaries are built
+/// from: every file under `crates/`, `Cargo.toml`, `Cargo.lock`.
+fn newest_source() -> std::time::SystemTime {
+    fn walk(dir: &Path, newest: &mut std::time::SystemTime) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                *newest = (*newest).max(modified);
+            }
+        }
+    }
+    let root = workspace_root();
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    walk(&root.join("crates"), &mut newest);
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(modified) = std::fs::metadata(root.join(file)).and_then(|m| m.modified()) {
+            newest = newest.max(modified);
+        }
+    }
+    newest
+}
+
+/// The path of a service binary. The suite's own build (`cargo nextest run
+/// --workspace --all-targets`) has just built every binary; only when one
+/// is missing or older than a source (a test run alone, after an edit) are
+/// they built here, as deploy/docker/Dockerfile builds the image's: every
+/// binary of the workspace in one cargo invocation, once per process.
+/// (Not `cargo build -p <one>` per binary: under cargo's per-invocation
+/// feature unification each such build rebuilds the dependencies the
+/// previous one built with other features, minutes each on 2 shared
+/// cores.) `DLRFLOW_E2E_NO_BUILD=1` uses whatever binary exists.
+fn service_binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let newest = newest_source();
+        let fresh = ["dlrflow-ingest", "dlrflow-state", "dlrflow-reconcile"]
+            .iter()
+            .all(|bin| {
+                std::fs::metadata(profile_dir().join(bin))
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|built| built >= newest)
+            });
+        if fresh || std::env::var_os("DLRFLOW_E2E_NO_BUILD").is_some() {
+            return;
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "-q", "--workspace", "--bins"])
+            .env("CARGO_TARGET_DIR", target_dir());
+        if profile_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    let path = profile_dir().join(name);
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}
+
 /// `<binary> config` with exactly `env` (nothing inherited).
 fn config(bin: &str, env: &BTreeMap<String, String>) -> Output {
-    let path = binary(bin, bin).expect("building the binary");
-    Command::new(path)
+    Command::new(service_binary(bin))
         .arg("config")
         .env_clear()
         .envs(env)
@@ -166,7 +230,10 @@ fn manifests_and_the_compose_file_are_valid_against_their_schemas() {
         "Job",
         "Service",
     ] {
-        assert!(text.contains(&format!(" {kind}")), "no {kind} checked: {text}");
+        assert!(
+            text.contains(&format!(" {kind}")),
+            "no {kind} checked: {text}"
+        );
     }
     assert!(
         text.contains("valid against the Compose Specification: docker-compose.yml"),
@@ -186,73 +253,83 @@ fn manifests_and_the_compose_file_are_valid_against_their_schemas() {
     }
 }
 
+/// One test, so one process and one build of the binaries for the checks
+/// that run them (see [`service_binary`]).
 #[test]
-fn every_dlrflow_variable_is_a_setting_of_the_binary_it_is_given_to() {
-    let all = containers("variables");
+fn every_container_environment_is_a_configuration_of_its_binary() {
+    let all = containers("environments");
     // base and overlay: migrate, ingest, state, reconcile; compose: the same four.
     assert_eq!(all.len(), 12, "{all:#?}");
+    let mut services = 0;
     for c in &all {
         let bin = c.argv[0].as_str();
-        let out = config(bin, &c.env);
-        assert!(
-            out.status.success(),
-            "{}: `{bin} config` refuses its environment: {}",
-            c.origin,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cfg: Value = serde_json::from_slice(&out.stdout).expect("config prints JSON");
-        let unread = unread_vars(&c.env, &cfg);
-        assert!(
-            unread.is_empty(),
-            "{}: {unread:?} are not settings of {bin}",
-            c.origin
-        );
+        let cfg = effective_config(c);
+        every_variable_is_a_setting(c, &cfg);
+        if c.argv.get(1).map(String::as_str) == Some("serve") {
+            services += 1;
+            the_grace_outlasts_the_drain(c, &cfg);
+        }
+        eprintln!("ok: {} ({bin})", c.origin);
     }
-}
-
-#[test]
-fn every_service_gets_more_time_to_stop_than_its_drain_takes() {
-    let services: Vec<Container> = containers("grace")
-        .into_iter()
-        .filter(|c| c.argv.get(1).map(String::as_str) == Some("serve"))
-        .collect();
-    assert_eq!(services.len(), 9, "{services:#?}");
-    for c in &services {
-        let bin = c.argv[0].as_str();
-        let out = config(bin, &c.env);
-        assert!(out.status.success(), "{}", c.origin);
-        let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let grace_ms = cfg["http"]["shutdown_grace_ms"]
-            .as_u64()
-            .expect("http.shutdown_grace_ms");
-        let drain_ms = c.prestop_secs * 1000 + grace_ms * (1 + producers(bin));
-        assert!(
-            c.termination_grace_secs * 1000 > drain_ms,
-            "{}: {} s to stop, but the preStop pause and the drain take up to {drain_ms} ms",
-            c.origin,
-            c.termination_grace_secs
-        );
-    }
-}
-
-#[test]
-fn a_misspelled_variable_is_refused() {
-    let all = containers("misspelled");
+    assert_eq!(services, 9, "{all:#?}");
     let ingest = all
         .iter()
         .find(|c| c.argv[0] == "dlrflow-ingest" && c.origin.contains("(base)"))
         .expect("the base's ingest");
-    let good = config("dlrflow-ingest", &ingest.env);
-    assert!(good.status.success());
-    // A nested name: the binary refuses it and names it.
+    a_misspelled_variable_is_refused(ingest);
+}
+
+/// `<binary> config` with the container's environment: it must load.
+fn effective_config(c: &Container) -> Value {
+    let bin = c.argv[0].as_str();
+    let out = config(bin, &c.env);
+    assert!(
+        out.status.success(),
+        "{}: `{bin} config` refuses its environment: {}",
+        c.origin,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("config prints JSON")
+}
+
+/// Every variable the container sets shows in the effective configuration.
+fn every_variable_is_a_setting(c: &Container, cfg: &Value) {
+    let unread = unread_vars(&c.env, cfg);
+    assert!(
+        unread.is_empty(),
+        "{}: {unread:?} are not settings of {}",
+        c.origin,
+        c.argv[0]
+    );
+}
+
+/// The termination grace (Kubernetes) or stop grace period (compose) is
+/// above the preStop pause plus the drain of the effective
+/// `http.shutdown_grace_ms`: the tasks' drain, then each producer's flush,
+/// each within the grace.
+fn the_grace_outlasts_the_drain(c: &Container, cfg: &Value) {
+    let grace_ms = cfg["http"]["shutdown_grace_ms"]
+        .as_u64()
+        .expect("http.shutdown_grace_ms");
+    let drain_ms = c.prestop_secs * 1000 + grace_ms * (1 + producers(&c.argv[0]));
+    assert!(
+        c.termination_grace_secs * 1000 > drain_ms,
+        "{}: {} s to stop, but the preStop pause and the drain take up to {drain_ms} ms",
+        c.origin,
+        c.termination_grace_secs
+    );
+}
+
+/// The checks above bite: a misspelled nested name is refused by the
+/// binary itself, naming it; a misspelled top-level name (which the binary
+/// leaves to other tools) is found by [`unread_vars`].
+fn a_misspelled_variable_is_refused(ingest: &Container) {
     let mut env = ingest.env.clone();
     env.insert("DLRFLOW_HTTP__ADMIN_LISTNE".into(), "0.0.0.0:9080".into());
     let out = config("dlrflow-ingest", &env);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a misspelled variable was accepted");
     assert!(stderr.contains("http.admin_listne"), "{stderr}");
-    // A top-level name: the binary leaves it to other tools; the test's own
-    // check finds it.
     let mut env = ingest.env.clone();
     env.insert("DLRFLOW_SOURCSE".into(), "[]".into());
     let out = config("dlrflow-ingest", &env);
