@@ -20,7 +20,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
 use std::sync::OnceLock;
 
 use dlrflow_e2e::{profile_dir, target_dir, workspace_root};
