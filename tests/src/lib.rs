@@ -453,6 +453,11 @@ impl Pipeline {
 
     /// Starts `dlrflow-ingest` as `ingest` and waits for `/readyz`.
     pub async fn start_ingest(&mut self) -> anyhow::Result<()> {
+        self.start_ingest_named("ingest").await
+    }
+
+    /// Starts one more `dlrflow-ingest` replica as `name` (its own port).
+    pub async fn start_ingest_named(&mut self, name: &str) -> anyhow::Result<()> {
         let sources = format!(
             r#"[{{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}},{{name="arpoone",provider="arpoone",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}},{{name="lisoloo-b",provider="lisoloo",auth="basic",credentials=[{{username="{USERNAME}",password="{PASSWORD}"}}]}}]"#
         );
@@ -461,8 +466,8 @@ impl Pipeline {
             ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw_topic.clone()),
             ("DLRFLOW_SOURCES", sources),
         ];
-        self.add("ingest", Kind::Ingest, env);
-        self.launch("ingest").await
+        self.add(name, Kind::Ingest, env);
+        self.launch(name).await
     }
 
     /// Starts `n` `dlrflow-state` replicas named `state-0` … (the first alone,
@@ -519,6 +524,16 @@ impl Pipeline {
 
     /// Starts `dlrflow-reconcile` as `reconcile` and waits for `/readyz`.
     pub async fn start_reconcile(&mut self, o: &ReconcileOptions) -> anyhow::Result<()> {
+        self.start_reconcile_named("reconcile", o).await
+    }
+
+    /// Starts one more `dlrflow-reconcile` replica as `name`; every replica
+    /// shares the Redis budget.
+    pub async fn start_reconcile_named(
+        &mut self,
+        name: &str,
+        o: &ReconcileOptions,
+    ) -> anyhow::Result<()> {
         let d = o.deadline_secs.to_string();
         let sources = format!(
             "[{}]",
@@ -552,8 +567,8 @@ impl Pipeline {
             ("DLRFLOW_RECONCILE__BACKOFF_MAX_MS", "5000".into()),
             ("DLRFLOW_HTTP__SHUTDOWN_GRACE_MS", "3000".into()),
         ];
-        self.add("reconcile", Kind::Reconcile, env);
-        self.launch("reconcile").await
+        self.add(name, Kind::Reconcile, env);
+        self.launch(name).await
     }
 
     /// The ingest, one state replica, and a reconciler for the `lisoloo`
@@ -574,6 +589,11 @@ impl Pipeline {
     /// The ingest's base URL (what the gateway posts to).
     pub fn ingest_url(&self) -> String {
         self.services["ingest"].url()
+    }
+
+    /// The base URL of the ingest replica `name`.
+    pub fn url_of(&self, name: &str) -> String {
+        self.services[name].url()
     }
 
     /// The read API of replica `state-i`.
@@ -1077,5 +1097,56 @@ impl Drop for Timer {
             self.name,
             self.started.elapsed().as_secs_f64()
         );
+    }
+}
+
+/// A round-robin TCP balancer in front of several ingest replicas, as a
+/// load balancer would be: each new connection goes to the next backend
+/// that accepts it (a dead one is skipped). Stops with the test.
+pub struct RoundRobin {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RoundRobin {
+    /// Listens on a free 127.0.0.1 port for `backends` (`host:port`).
+    pub async fn start(backends: Vec<String>) -> anyhow::Result<RoundRobin> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let backends = std::sync::Arc::new(backends);
+        let task = tokio::spawn(async move {
+            let mut next = 0usize;
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let backends = backends.clone();
+                let first = next;
+                next = next.wrapping_add(1);
+                tokio::spawn(async move {
+                    for i in 0..backends.len() {
+                        let b = &backends[(first + i) % backends.len()];
+                        let connect = tokio::net::TcpStream::connect(b.as_str());
+                        if let Ok(Ok(mut upstream)) =
+                            tokio::time::timeout(Duration::from_secs(1), connect).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(RoundRobin { addr, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
