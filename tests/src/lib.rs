@@ -671,6 +671,21 @@ impl Pipeline {
         Ok((out.status.success(), text))
     }
 
+    /// What the log promises after a run: the analytics topic is clean
+    /// ([`Analytics::assert_clean`]) and the state rebuilt from the raw and
+    /// status topics equals the live one row by row.
+    pub async fn assert_log_is_the_truth(&self) {
+        self.analytics(Duration::from_secs(120))
+            .await
+            .unwrap()
+            .assert_clean();
+        let (ok, out) = self.rebuild("rebuilt").await.unwrap();
+        assert!(
+            ok && out.contains(r#""differences":0"#),
+            "rebuild differs:\n{out}"
+        );
+    }
+
     /// SIGKILL `name` (it stays down until [`Pipeline::restart`]).
     pub fn kill9(&mut self, name: &str) {
         if let Some(s) = self.services.get_mut(name) {

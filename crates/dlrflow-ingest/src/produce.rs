@@ -172,18 +172,7 @@ impl Producer {
 
     /// Whether the broker answers and the raw topic exists.
     pub async fn ready(&self) -> Result<usize, String> {
-        let kafka = self.kafka.clone();
-        let topic = self.topic.clone();
-        tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer as _;
-            dlrflow_runtime::kafka::topic_ready(
-                kafka.client(),
-                &topic,
-                dlrflow_runtime::service::PROBE_TIMEOUT,
-            )
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        dlrflow_runtime::kafka::producer_topic_ready(&self.kafka, &self.topic).await
     }
 }
 

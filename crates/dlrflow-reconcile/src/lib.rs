@@ -268,21 +268,11 @@ fn readiness(state: AppState) -> ReadyCheck {
                 }
             }
             // An answer that cannot be published is a read wasted.
-            let kafka = {
-                let producer = inner.producer.clone();
-                let topic = inner.cfg.kafka.status_topic.clone();
-                tokio::task::spawn_blocking(move || {
-                    use rdkafka::producer::Producer as _;
-                    dlrflow_runtime::kafka::topic_ready(
-                        producer.client(),
-                        &topic,
-                        dlrflow_runtime::service::PROBE_TIMEOUT,
-                    )
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r)
-            };
+            let kafka = dlrflow_runtime::kafka::producer_topic_ready(
+                &inner.producer,
+                &inner.cfg.kafka.status_topic,
+            )
+            .await;
             if let Err(e) = kafka {
                 r.problem(format!(
                     "Kafka: the status topic cannot take answers: {}",

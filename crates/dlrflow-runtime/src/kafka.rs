@@ -242,6 +242,22 @@ pub fn topic_ready<C: ClientContext>(
     Ok(t.partitions().len())
 }
 
+/// [`topic_ready`] for a producer, off the async runtime, within
+/// [`crate::service::PROBE_TIMEOUT`]: what a readiness check asks.
+pub async fn producer_topic_ready(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+) -> Result<usize, String> {
+    use rdkafka::producer::Producer as _;
+    let producer = producer.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        topic_ready(producer.client(), &topic, crate::service::PROBE_TIMEOUT)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 /// Reads a UTF-8 header value by name.
 pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a str> {
     let headers = headers?;
