@@ -78,6 +78,9 @@ pub(crate) struct Health {
     pub(crate) sweep_error: Option<String>,
     /// The limiter's Redis failed the last request (workers cannot get budget).
     pub(crate) redis_error: Option<String>,
+    /// The last answer could not be published: no read is made until the
+    /// broker takes records again (a read whose answer is lost is wasted).
+    pub(crate) publish_error: Option<String>,
 }
 
 impl Inner {
@@ -107,6 +110,29 @@ impl Inner {
         }
         telemetry::redis_up(error.is_none());
         h.redis_error = error;
+    }
+
+    pub(crate) fn publish_error(&self) -> Option<String> {
+        self.health
+            .lock()
+            .expect("health lock")
+            .publish_error
+            .clone()
+    }
+
+    /// Records whether the last answer was published (one warning when
+    /// publishing starts failing, one line when it works again).
+    pub(crate) fn set_publish_error(&self, error: Option<String>) {
+        let mut h = self.health.lock().expect("health lock");
+        match (&h.publish_error, &error) {
+            (None, Some(e)) => tracing::warn!(
+                error = %e,
+                "status answers cannot be published: status reads pause until the broker takes records"
+            ),
+            (Some(_), None) => tracing::info!("status answers are published again: reads resume"),
+            _ => {}
+        }
+        h.publish_error = error;
     }
 
     /// Carries out a fault injected for `task`, if any (tests only).
@@ -277,6 +303,10 @@ fn readiness(state: AppState) -> ReadyCheck {
                 r.problem(format!(
                     "Kafka: the status topic cannot take answers: {}",
                     redact::error_text(&e)
+                ));
+            } else if let Some(e) = inner.publish_error() {
+                r.problem(format!(
+                    "the last status answer could not be published, reads paused: {e}"
                 ));
             }
             let sweep_error = inner

@@ -91,6 +91,22 @@ pub(crate) async fn worker(
             }
             continue;
         }
+        if inner.publish_error().is_some() {
+            // The last answer was lost to the broker: no job is claimed (and
+            // no read spent) until the status topic answers again.
+            let probe = dlrflow_runtime::kafka::producer_topic_ready(
+                &inner.producer,
+                &inner.cfg.kafka.status_topic,
+            )
+            .await;
+            if probe.is_err() {
+                if !nap(jitter(Duration::from_secs(1)), &shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+            inner.set_publish_error(None);
+        }
         let job = match jobs::claim(&inner.pool, &owner, &r.sources, r.lease()).await {
             Ok(Some(job)) => job,
             Ok(None) => {
@@ -412,9 +428,11 @@ async fn publish(
         }
         Err(crate::store::PublishError::Transient(e)) => {
             telemetry::publish_error(&e);
+            inner.set_publish_error(Some(e.clone()));
             return Published::Transient(e);
         }
     }
+    inner.set_publish_error(None);
     match jobs::complete(&inner.pool, job, owner, read_at).await {
         Ok(true) => {}
         Ok(false) => {

@@ -248,3 +248,78 @@ END $$"#
     app.stop().await;
     db.drop().await;
 }
+
+/// The broker (a private Tansu) dies before the reconciler's first answer:
+/// that answer is not acknowledged within `kafka.produce_timeout_ms`, the
+/// job is retried later, and no more reads are spent while the status topic
+/// cannot take answers (`/readyz` says why). When the broker is back, reads
+/// resume by themselves and every message ends in its true state, applied
+/// by dlrflow-state from the status topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_pauses_reads_and_loses_no_answer() {
+    const MESSAGES: usize = 6;
+    const WORKERS: usize = 2;
+    let server = StatusServer::start(120, Duration::from_secs(60)).await;
+    let db = TestDb::new().await;
+    let mut broker = dlrflow_testkit::PrivateBroker::start().unwrap();
+    for t in ["raw", "status", "dlq", "delivery"] {
+        dlrflow_testkit::create_topic(&broker.brokers(), &format!("{}.{t}", db.topics), 2)
+            .await
+            .unwrap();
+    }
+    let ids = stuck_messages(&db, &server, MESSAGES).await;
+    let mut cfg = test_config(&server, &db);
+    cfg.kafka.client.brokers = broker.brokers();
+    cfg.kafka.produce_timeout = Duration::from_secs(2);
+    cfg.reconcile.concurrency = WORKERS;
+    broker.kill9();
+    let app = spawn(cfg).await;
+
+    // The first reads (at most one per worker) find no broker for their
+    // answers; then reads pause.
+    let paused = wait_for(Duration::from_secs(20), || async {
+        let (code, body) = readyz(app.addr).await;
+        (code == 503 && body.to_string().contains("status topic")).then_some(body)
+    })
+    .await;
+    assert!(paused.is_some(), "/readyz never named the status topic");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = server.log().len();
+    assert!(
+        (1..=WORKERS).contains(&during),
+        "{during} reads while answers could not be published (at most one per worker)"
+    );
+
+    broker.restart().unwrap();
+    let fixed = wait_for(Duration::from_secs(60), || async {
+        let n = db
+            .count("SELECT count(*) FROM recipient_state WHERE status = 'delivered'")
+            .await;
+        (n == MESSAGES as i64).then_some(())
+    })
+    .await;
+    assert!(
+        fixed.is_some(),
+        "not every answer was applied: {:?}",
+        server.log()
+    );
+    let reads = server.log().len();
+    assert!(
+        reads <= MESSAGES + during,
+        "{reads} reads for {MESSAGES} messages: only the lost answers are read again"
+    );
+    for id in &ids {
+        assert!(server.reads_of(id) >= 1);
+    }
+    let ready = wait_for(Duration::from_secs(20), || async {
+        (readyz(app.addr).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "/readyz did not recover: {:?}",
+        readyz(app.addr).await
+    );
+    app.stop().await;
+    db.drop().await;
+}
