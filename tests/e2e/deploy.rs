@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use dlrflow_e2e::{profile_dir, target_dir, workspace_root};
+use dlrflow_e2e::{newest_source, profile_dir, target_dir, workspace_root};
 use serde_json::Value;
 
 /// A container (or compose service) that runs a dlrflow binary, as
@@ -99,30 +99,6 @@ fn containers(test: &str) -> Vec<Container> {
         .collect();
     let _ = std::fs::remove_dir_all(dir);
     list
-}
-
-/// The newest modification time of the sources the binaries are built
-/// from: every file under `crates/`, `Cargo.toml`, `Cargo.lock`.
-fn newest_source() -> std::time::SystemTime {
-    fn walk(dir: &Path, newest: &mut std::time::SystemTime) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, newest);
-            } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
-                *newest = (*newest).max(modified);
-            }
-        }
-    }
-    let root = workspace_root();
-    let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    walk(&root.join("crates"), &mut newest);
-    for file in ["Cargo.toml", "Cargo.lock"] {
-        if let Ok(modified) = std::fs::metadata(root.join(file)).and_then(|m| m.modified()) {
-            newest = newest.max(modified);
-        }
-    }
-    newest
 }
 
 /// The path of a service binary. The suite's own build (`cargo nextest run

@@ -82,7 +82,17 @@ pub fn binary(pkg: &str, name: &str) -> anyhow::Result<PathBuf> {
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let path = profile_dir().join(name);
     let no_build = std::env::var_os("DLRFLOW_E2E_NO_BUILD").is_some();
-    if no_build || built.iter().any(|b| b == name) {
+    // The suite's own build (`cargo nextest run --workspace --all-targets`)
+    // has just built every binary: a binary newer than every source is
+    // used as it is. (`cargo build -p <one>` would rebuild the dependencies
+    // that build unified with other features: minutes on 2 shared cores,
+    // paid inside the first tests' time limit.)
+    let fresh = || {
+        std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at >= newest_source())
+    };
+    if no_build || built.iter().any(|b| b == name) || fresh() {
         ensure!(path.is_file(), "{} is missing", path.display());
         return Ok(path);
     }
@@ -103,6 +113,30 @@ pub fn binary(pkg: &str, name: &str) -> anyhow::Result<PathBuf> {
     );
     built.push(name.to_owned());
     Ok(path)
+}
+
+/// The newest modification time of what the binaries are built from:
+/// every file under `crates/`, `Cargo.toml`, `Cargo.lock`.
+pub fn newest_source() -> std::time::SystemTime {
+    fn walk(dir: &Path, newest: &mut std::time::SystemTime) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                *newest = (*newest).max(modified);
+            }
+        }
+    }
+    let root = workspace_root();
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    walk(&root.join("crates"), &mut newest);
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(modified) = std::fs::metadata(root.join(file)).and_then(|m| m.modified()) {
+            newest = newest.max(modified);
+        }
+    }
+    newest
 }
 
 use dlrflow_testkit::kill_with_this_process as watchdog;

@@ -319,7 +319,10 @@ async fn claim_messages(
 type Current = HashMap<(String, String), (RecipientState, i64)>;
 /// The recipients a batch changed, by (message, recipient).
 type Touched = BTreeSet<(String, String)>;
-/// The source and provider a new recipient row gets.
+/// The source and provider a new recipient row gets. A row a status-API
+/// answer creates takes its message's gateway provider (`lisoloo`,
+/// `arpoone`), not `status_api`, so the row says the same whichever came
+/// first, the answer or the webhooks (and a rebuild from the log agrees).
 type SourceOf<'a> = HashMap<(&'a str, &'a str), (&'a str, &'a str)>;
 
 /// Loads, and locks, the rows of the recipients the fresh inputs are about.
@@ -611,10 +614,19 @@ async fn write_recipients(
         "INSERT INTO recipient_state (message_id, recipient, source, provider, status, queued_at, processing_at, \
             sent_at, delivered_at, failed_at, carrier, error_code, error_message, retryable, segments, \
             last_event_at, needs_reconcile, reconcile_reason, version) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
+         SELECT mid, rcp, src, \
+            CASE WHEN prov = 'status_api' \
+                 THEN coalesce((SELECT m.provider FROM messages m \
+                                 WHERE m.message_id = u.mid AND m.provider <> 'status_api'), prov) \
+                 ELSE prov END, \
+            st, q, pr, se, de, fa, ca, co, me, re, sg, la, ne, rs, ve \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
             $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[], \
             $13::text[], $14::bool[], $15::int4[], $16::timestamptz[], $17::bool[], $18::text[], $19::int8[]) \
+            AS u(mid, rcp, src, prov, st, q, pr, se, de, fa, ca, co, me, re, sg, la, ne, rs, ve) \
          ON CONFLICT (message_id, recipient) DO UPDATE SET \
+            provider = CASE WHEN recipient_state.provider = 'status_api' THEN EXCLUDED.provider \
+                            ELSE recipient_state.provider END, \
             status = EXCLUDED.status, queued_at = EXCLUDED.queued_at, processing_at = EXCLUDED.processing_at, \
             sent_at = EXCLUDED.sent_at, delivered_at = EXCLUDED.delivered_at, failed_at = EXCLUDED.failed_at, \
             carrier = EXCLUDED.carrier, error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message, \
