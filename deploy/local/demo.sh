@@ -80,8 +80,6 @@ export DLRFLOW_REDIS__URL=redis://127.0.0.1:${DLRFLOW_REDIS_PORT:-6379}
 export DLRFLOW_POSTGRES__URL=postgres://postgres@127.0.0.1:${DLRFLOW_PG_PORT:-5432}/dlrflow
 export DLRFLOW_POSTGRES__SCHEMA=$RUN
 export DLRFLOW_KAFKA__RAW_TOPIC=$RAW
-# The reconciler publishes each status answer here; the state applies it.
-export DLRFLOW_KAFKA__STATUS_TOPIC=$STATUS
 export DLRFLOW_SOURCES='[{name="lisoloo",provider="lisoloo",auth="basic",credentials=[{username="demo",password="demo-password"}]},{name="arpoone",provider="arpoone",auth="basic",credentials=[{username="demo",password="demo-password"}]}]'
 
 DLRFLOW_HTTP__LISTEN=127.0.0.1:$INGEST_PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$INGEST_ADMIN_PORT \
@@ -96,14 +94,15 @@ READ_KEY_SHA256=$(printf %s "$READ_KEY" | sha256sum | cut -d' ' -f1)
 DLRFLOW_HTTP__LISTEN=127.0.0.1:$STATE_PORT DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$STATE_ADMIN_PORT \
 DLRFLOW_API__KEYS="[{id=\"demo\",sha256=\"$READ_KEY_SHA256\",sources=[\"*\"]}]" \
 DLRFLOW_KAFKA__DLQ_TOPIC=$DLQ DLRFLOW_KAFKA__DELIVERY_TOPIC=$DELIVERY DLRFLOW_KAFKA__GROUP_ID=$RUN \
-DLRFLOW_REDIS__PREFIX="dlrflow:$RUN:" \
+DLRFLOW_KAFKA__STATUS_TOPIC=$STATUS DLRFLOW_REDIS__PREFIX="dlrflow:$RUN:" \
   "$BIN/dlrflow-state" serve >"$RUN_DIR/state.log" 2>&1 &
 pids+=($!)
 wait_ready state "$STATE_ADMIN_PORT" "$RUN_DIR/state.log"
 
 # Short deadlines so the demo shows the reconciler at work within a minute;
 # the read budget is the gateway's real one (120 reads per minute).
-DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$RECONCILE_ADMIN_PORT \
+# The reconciler publishes each status answer to $STATUS; the state applies it.
+DLRFLOW_HTTP__ADMIN_LISTEN=127.0.0.1:$RECONCILE_ADMIN_PORT DLRFLOW_KAFKA__STATUS_TOPIC=$STATUS \
 DLRFLOW_STATUS_API__BASE_URL=http://127.0.0.1:$STATUS_PORT DLRFLOW_STATUS_API__API_KEY=$STATUS_KEY \
 DLRFLOW_REDIS__PREFIX="dlrflow:$RUN:reconcile" DLRFLOW_RECONCILE__SOURCES='["lisoloo"]' \
 DLRFLOW_RECONCILE__DEADLINE_QUEUED_SECS=5 DLRFLOW_RECONCILE__DEADLINE_PROCESSING_SECS=5 \
@@ -158,7 +157,7 @@ grep -i "reconcil" "$RUN_DIR/reconcile.log" | grep -iv "librdkafka" | tail -n 3 
 step "10. the state is a function of the log: rebuild it from $RAW and $STATUS into a new schema and compare"
 set +e
 DLRFLOW_KAFKA__DLQ_TOPIC=$DLQ DLRFLOW_KAFKA__DELIVERY_TOPIC=$DELIVERY DLRFLOW_KAFKA__GROUP_ID=$RUN \
-  "$BIN/dlrflow-state" rebuild --into "${RUN}_rebuilt" --compare-with "$RUN" 2>>"$RUN_DIR/rebuild.log" | tail -n 5
+DLRFLOW_KAFKA__STATUS_TOPIC=$STATUS "$BIN/dlrflow-state" rebuild --into "${RUN}_rebuilt" --compare-with "$RUN" 2>>"$RUN_DIR/rebuild.log" | tail -n 5
 REBUILD=${PIPESTATUS[0]}
 set -e
 [ "$REBUILD" -eq 0 ] && echo "rebuild: no difference" || echo "rebuild: differences (exit $REBUILD); see above and $RUN_DIR/rebuild.log" >&2
