@@ -173,6 +173,15 @@ if [ -n "$ONE" ]; then
   fi
 fi
 
+step "12. the operator page: http://127.0.0.1:$STATE_ADMIN_PORT/console (sign in with the read key above)"
+PAGE=$(curl -sS -b "dlrflow_console=$READ_KEY" "http://127.0.0.1:$STATE_ADMIN_PORT/console" || true)
+for k in messages recipients delivered failed; do
+  printf '%s: %s  ' "$k" "$(printf '%s' "$PAGE" | grep -o "data-k=\"$k\">[0-9]*" | head -n 1 | grep -o '[0-9]*$')"
+done
+echo
+echo "(saved to $RUN_DIR/console.html)"
+printf '%s' "$PAGE" >"$RUN_DIR/console.html"
+
 step "done"
 echo "logs, truth and read log: $RUN_DIR"
 if [ "$VERIFY" -eq 0 ]; then

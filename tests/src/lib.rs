@@ -11,6 +11,7 @@
 //! a test is allowed to stop; it must never stop, flush or drop anything shared
 //! (no `FLUSHALL`, never the broker on 9092).
 
+pub mod browser;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use std::io::Write;

@@ -149,6 +149,7 @@ pub struct Service {
     work: CancellationToken,
     tasks: Tasks,
     producers: Vec<FutureProducer>,
+    admin_routes: Option<Router>,
 }
 
 impl Service {
@@ -189,6 +190,7 @@ impl Service {
             tasks: Tasks::new(work.clone()),
             work,
             producers: Vec::new(),
+            admin_routes: None,
         })
     }
 
@@ -229,6 +231,13 @@ impl Service {
         self.tasks.spawn(name, fut);
     }
 
+    /// Serves `routes` on the admin listener beside the operational ones
+    /// (e.g. an operator page): never on the public listener.
+    pub fn with_admin_routes(mut self, routes: Router) -> Self {
+        self.admin_routes = Some(routes);
+        self
+    }
+
     /// Flushes `producer` at the end of the shutdown, within the grace.
     pub fn flush_on_stop(&mut self, producer: FutureProducer) {
         self.producers.push(producer);
@@ -261,7 +270,10 @@ impl Service {
             let work = self.work.clone();
             self.tasks.spawn("tls reload", tls.watch(work));
         }
-        let ops = ops_routes(ready, self.lifecycle.clone(), self.producers.clone());
+        let mut ops = ops_routes(ready, self.lifecycle.clone(), self.producers.clone());
+        if let Some(extra) = self.admin_routes.take() {
+            ops = ops.merge(extra);
+        }
         let public_addr = self.public_addr();
         let (admin_addr, admin) = self.admin;
         match self.public {
@@ -541,9 +553,19 @@ mod tests {
             "/own",
             get(|| async { Json(serde_json::json!({"own": true})) }),
         );
+        let svc = svc.with_admin_routes(Router::new().route(
+            "/operator",
+            get(|| async { Json(serde_json::json!({"operator": true})) }),
+        ));
         let ready = ready_check(|| async { Readiness::default() });
         let run = tokio::spawn(svc.run(routes, ready, shutdown.clone()));
         assert_eq!(get_json(public, "/own").await.0, 200);
+        assert_eq!(get_json(admin, "/operator").await.0, 200);
+        assert_eq!(
+            status(public, "/operator").await,
+            404,
+            "admin routes on the public port"
+        );
         assert_eq!(get_json(admin, "/readyz").await.0, 200);
         assert_eq!(get_json(admin, "/healthz").await.0, 200);
         for path in ["/healthz", "/readyz", "/metrics"] {

@@ -59,6 +59,14 @@ requests_per_sec = 200
 burst = 400
 page_size = 1000
 
+[console]
+enabled = true
+window_hours = 24
+stuck_after_secs = 600
+list_limit = 50
+dlq_per_partition = 20
+status_budget_per_minute = 120
+
 [outbox]
 batch_size = 1000
 idle_poll_ms = 50
@@ -76,6 +84,34 @@ pub struct Config {
     pub health: HealthConfig,
     /// The read API's keys, rate and page size.
     pub api: ApiConfig,
+    /// The operator page on the admin listener.
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the operator page (`/console` on `http.admin_listen`; see
+/// `crate::console`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve the page (it needs a read API key with `sources = ["*"]`).
+    pub enabled: bool,
+    /// The funnel's default window: the last this many hours.
+    pub window_hours: u32,
+    /// A non-terminal recipient silent this long is listed as stuck.
+    pub stuck_after_secs: u64,
+    /// At most this many stuck recipients and open jobs are listed.
+    pub list_limit: i64,
+    /// The newest this many DLQ records of each partition are listed.
+    pub dlq_per_partition: i64,
+    /// The status API's reads per minute (`../shared/status-api.md`), shown
+    /// beside the reads in use.
+    pub status_budget_per_minute: u32,
+}
+
+impl ConsoleConfig {
+    pub fn stuck_after(&self) -> Duration {
+        Duration::from_secs(self.stuck_after_secs)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -179,6 +215,22 @@ impl Config {
         self.postgres.validate(2)?;
         self.redis.conn.validate()?;
         self.api.validate()?;
+        for (name, ok) in [
+            ("console.window_hours", self.console.window_hours > 0),
+            ("console.list_limit", self.console.list_limit > 0),
+            (
+                "console.dlq_per_partition",
+                self.console.dlq_per_partition > 0,
+            ),
+            (
+                "console.status_budget_per_minute",
+                self.console.status_budget_per_minute > 0,
+            ),
+        ] {
+            if !ok {
+                return Err(ConfigError::invalid(name, "must be at least 1"));
+            }
+        }
         for (name, value) in [
             ("kafka.raw_topic", &self.kafka.raw_topic),
             ("kafka.status_topic", &self.kafka.status_topic),

@@ -872,9 +872,11 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
     };
     let mut todo = Vec::with_capacity(good.len());
     let mut redis_dupes = 0u64;
+    let mut dropped: Vec<usize> = Vec::new();
     for (&i, seen) in good.iter().zip(&seen) {
         if *seen {
             redis_dupes += 1;
+            dropped.push(i);
         } else {
             todo.push(i);
         }
@@ -893,6 +895,14 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
         ))
         .await
         .inspect_err(|_| dlrflow_runtime::telemetry::backend_error("postgres", "write_batch"))?;
+    dropped.extend(
+        written
+            .committed
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Duplicate))
+            .map(|&(i, _)| i),
+    );
+    count_dropped(&p.pool, parsed, &dropped).await;
     p.dedupe.committed(written.committed.iter().map(|&(i, _)| {
         parsed[i]
             .result
@@ -906,6 +916,43 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
         send_to_dlq(&p.producer, &p.cfg, parsed).await?;
     }
     Ok(())
+}
+
+/// Adds the duplicates a batch dropped to `dropped_copies` (for the
+/// operator page), one statement per batch. Best effort: the state is
+/// already committed, so a failure is logged and counted, never retried.
+async fn count_dropped(pool: &PgPool, parsed: &[Parsed], dropped: &[usize]) {
+    if dropped.is_empty() {
+        return;
+    }
+    let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for &i in dropped {
+        if let Ok((ev, _)) = &parsed[i].result {
+            let key = match ev {
+                Event::Recipient(u) => (u.message_id.as_str(), u.recipient.as_str()),
+                Event::Message(m) => (m.message_id.as_str(), ""),
+            };
+            *counts.entry(key).or_default() += 1;
+        }
+    }
+    let (ids, rest): (Vec<&str>, Vec<(&str, i64)>) =
+        counts.iter().map(|(&(m, r), &n)| (m, (r, n))).unzip();
+    let (recipients, copies): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
+    let done = sqlx::query(
+        "INSERT INTO dropped_copies (message_id, recipient, copies, last_at) \
+         SELECT m, r, n, now() FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(m, r, n) \
+         ON CONFLICT (message_id, recipient) DO UPDATE \
+            SET copies = dropped_copies.copies + excluded.copies, last_at = excluded.last_at",
+    )
+    .bind(&ids)
+    .bind(&recipients)
+    .bind(&copies)
+    .execute(pool)
+    .await;
+    if let Err(e) = done {
+        metrics::counter!("dlrflow_state_dropped_copies_errors_total").increment(1);
+        tracing::warn!(error = %e, "counting dropped duplicates for the operator page");
+    }
 }
 
 /// Where one record of [`dispose`] ended.

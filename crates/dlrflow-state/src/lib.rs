@@ -16,6 +16,7 @@ pub mod access;
 pub mod analytics;
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod consumer;
 pub mod dedupe;
 pub mod health;
@@ -150,8 +151,18 @@ impl App {
             relay.await;
             Ok(())
         });
+        let producer = self.pipeline.producer.clone();
         service.spawn("consumer", consumer::run(self.pipeline, work));
         let ready = api::readiness(self.api.clone(), relay_health);
+        if self.cfg.console.enabled {
+            service = service.with_admin_routes(console::router(console::ConsoleState {
+                pool: self.api.pool.clone(),
+                redis: self.api.redis.clone(),
+                access: self.api.access.clone(),
+                cfg: Arc::new(self.cfg.clone()),
+                producer,
+            }));
+        }
         service.run(api::router(self.api), ready, shutdown).await
     }
 }

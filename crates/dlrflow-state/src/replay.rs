@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -106,47 +106,11 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
         }
         let mut pending = Vec::with_capacity(chunk.len());
         for (m, original) in chunk.iter().zip(&originals) {
-            // A status answer goes back to the status topic, everything else
-            // to the raw topic.
-            let topic =
-                if dlrflow_runtime::kafka::header_str(m.headers(), dlq_header::ORIGINAL_TOPIC)
-                    == Some(cfg.kafka.status_topic.as_str())
-                {
-                    &cfg.kafka.status_topic
-                } else {
-                    &cfg.kafka.raw_topic
-                };
-            let m = original.as_ref().unwrap_or(m);
-            let mut headers = OwnedHeaders::new();
-            if let Some(h) = m.headers() {
-                for h in h.iter() {
-                    if !dlq_header::ALL.contains(&h.key) {
-                        headers = headers.insert(Header {
-                            key: h.key,
-                            value: h.value,
-                        });
-                    }
-                }
-            }
-            let from = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
-            headers = headers.insert(Header {
-                key: "replayed-from",
-                value: Some(from.as_str()),
-            });
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-            // The receive time (the raw record's timestamp) goes back with it.
-            if let Some(t) = m.timestamp().to_millis() {
-                record = record.timestamp(t);
-            }
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            if let Some(v) = m.payload() {
-                record = record.payload(v);
-            }
+            let (topic, record) = back_to_origin(cfg, m, original.as_ref());
+            let record = record.record(topic);
             let fut = producer
                 .send_result(record)
-                .map_err(|(e, _)| anyhow::anyhow!("enqueueing to the raw topic: {e}"))?;
+                .map_err(|(e, _)| anyhow::anyhow!("enqueueing to {topic}: {e}"))?;
             pending.push(fut);
         }
         for fut in pending {
@@ -175,13 +139,138 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<usize>
 }
 
 /// The raw record a DLQ reference points at, checked against its hash.
-async fn fetch_referenced(
-    cfg: &Config,
-    m: &rdkafka::message::OwnedMessage,
-) -> anyhow::Result<rdkafka::message::OwnedMessage> {
+async fn fetch_referenced(cfg: &Config, m: &OwnedMessage) -> anyhow::Result<OwnedMessage> {
     use sha2::Digest;
     let r: crate::consumer::DlqReference = serde_json::from_slice(m.payload().unwrap_or_default())
         .with_context(|| format!("DLQ reference at {}/{}", m.partition(), m.offset()))?;
+    let fetched = fetch_at(cfg, &r.topic, r.partition, r.offset).await?;
+    let hash = hex::encode(sha2::Sha256::digest(fetched.payload().unwrap_or_default()));
+    anyhow::ensure!(
+        hash == r.sha256,
+        "{}/{}/{} does not match the DLQ reference's hash",
+        r.topic,
+        r.partition,
+        r.offset
+    );
+    Ok(fetched)
+}
+
+/// A DLQ record on its way back: the topic it came from (the status topic
+/// for a status answer, else the raw topic) and what to send there.
+struct Outgoing {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    timestamp: Option<i64>,
+    headers: OwnedHeaders,
+}
+
+impl Outgoing {
+    fn record<'a>(&'a self, topic: &'a str) -> FutureRecord<'a, [u8], [u8]> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(self.headers.clone());
+        // The receive time (the raw record's timestamp) goes back with it.
+        if let Some(t) = self.timestamp {
+            record = record.timestamp(t);
+        }
+        if let Some(k) = &self.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &self.payload {
+            record = record.payload(v.as_slice());
+        }
+        record
+    }
+}
+
+/// Where DLQ record `dlq` goes back to, and what is sent: the original's
+/// key, value, timestamp and headers (`original` when `dlq` is a reference
+/// to it), minus the DLQ's own headers, plus `replayed-from`.
+fn back_to_origin<'c>(
+    cfg: &'c Config,
+    dlq: &OwnedMessage,
+    original: Option<&OwnedMessage>,
+) -> (&'c str, Outgoing) {
+    let topic = if dlrflow_runtime::kafka::header_str(dlq.headers(), dlq_header::ORIGINAL_TOPIC)
+        == Some(cfg.kafka.status_topic.as_str())
+    {
+        &cfg.kafka.status_topic
+    } else {
+        &cfg.kafka.raw_topic
+    };
+    let m = original.unwrap_or(dlq);
+    let mut headers = OwnedHeaders::new();
+    if let Some(h) = m.headers() {
+        for h in h.iter() {
+            if !dlq_header::ALL.contains(&h.key) {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+    }
+    let from = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+    headers = headers.insert(Header {
+        key: "replayed-from",
+        value: Some(from.as_str()),
+    });
+    (
+        topic,
+        Outgoing {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            timestamp: m.timestamp().to_millis(),
+            headers,
+        },
+    )
+}
+
+/// What [`replay_one`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayedOne {
+    /// The topic the record went back to.
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Sends the one DLQ record at `partition`/`offset` back to the topic it
+/// came from and waits for the acknowledgement (the operator page's
+/// action). It does not move the replay group's offsets: a later
+/// `dlrflow-state replay` sends it once more, which the consumer dedupes.
+pub async fn replay_one(
+    cfg: &Config,
+    producer: &rdkafka::producer::FutureProducer,
+    partition: i32,
+    offset: i64,
+) -> anyhow::Result<ReplayedOne> {
+    let dlq = fetch_at(cfg, &cfg.kafka.dlq_topic, partition, offset).await?;
+    let original = if crate::consumer::is_reference(&dlq) {
+        Some(fetch_referenced(cfg, &dlq).await?)
+    } else {
+        None
+    };
+    let (topic, out) = back_to_origin(cfg, &dlq, original.as_ref());
+    let fut = producer
+        .send_result(out.record(topic))
+        .map_err(|(e, _)| anyhow::anyhow!("enqueueing to {topic}: {e}"))?;
+    match tokio::time::timeout(cfg.kafka.produce_timeout, fut).await {
+        Ok(Ok(Ok(d))) => Ok(ReplayedOne {
+            topic: topic.to_owned(),
+            partition: d.partition,
+            offset: d.offset,
+        }),
+        Ok(Ok(Err((e, _)))) => anyhow::bail!("producing to {topic}: {e}"),
+        _ => anyhow::bail!("no acknowledgement from {topic}"),
+    }
+}
+
+/// The record at `topic`/`partition`/`offset`, which must still be there.
+async fn fetch_at(
+    cfg: &Config,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> anyhow::Result<OwnedMessage> {
     let consumer: StreamConsumer = cfg
         .kafka
         .client
@@ -191,35 +280,19 @@ async fn fetch_referenced(
             ("enable.auto.commit", "false".into()),
         ])
         .create()
-        .context("creating the raw-topic reader")?;
+        .with_context(|| format!("creating a reader of {topic}"))?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.offset))?;
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     consumer.assign(&tpl)?;
     let fetched = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
         .await
-        .with_context(|| {
-            format!(
-                "no record at {}/{}/{} within 30 s",
-                r.topic, r.partition, r.offset
-            )
-        })?
-        .context("reading the raw topic")?
+        .with_context(|| format!("no record at {topic}/{partition}/{offset} within 30 s"))?
+        .with_context(|| format!("reading {topic}"))?
         .detach();
     anyhow::ensure!(
-        fetched.offset() == r.offset,
-        "{}/{}/{} is gone (retention?); the next record is at offset {}",
-        r.topic,
-        r.partition,
-        r.offset,
+        fetched.offset() == offset,
+        "{topic}/{partition}/{offset} is gone (retention?); the next record is at offset {}",
         fetched.offset()
-    );
-    let hash = hex::encode(sha2::Sha256::digest(fetched.payload().unwrap_or_default()));
-    anyhow::ensure!(
-        hash == r.sha256,
-        "{}/{}/{} does not match the DLQ reference's hash",
-        r.topic,
-        r.partition,
-        r.offset
     );
     Ok(fetched)
 }
