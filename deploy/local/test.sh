@@ -7,6 +7,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 
 deploy/local/stack.sh up
+# Headless Chromium for the operator page's browser test (installed once).
+deploy/local/browser.sh >/dev/null
 
 export DLRFLOW_TEST_KAFKA_BROKERS=${DLRFLOW_TEST_KAFKA_BROKERS:-127.0.0.1:9092}
 export DLRFLOW_TEST_REDIS_URL=${DLRFLOW_TEST_REDIS_URL:-redis://127.0.0.1:6379}
