@@ -323,3 +323,69 @@ async fn a_broker_outage_pauses_reads_and_loses_no_answer() {
     app.stop().await;
     db.drop().await;
 }
+
+/// An answer the broker can never take (bigger than the producer's
+/// `message.max.bytes`: librdkafka refuses it for good, as it would a
+/// record the broker calls invalid) fails its job once — done, `failed`,
+/// the error kept, the status API read once — and the reconciler goes on
+/// with the other jobs, whose answers are published and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_broker_refuses_for_good_fails_its_job_and_the_others_go_on() {
+    let server = StatusServer::start(120, Duration::from_secs(60)).await;
+    let db = TestDb::new().await;
+    let small = stuck_messages(&db, &server, 3).await;
+    // 80 recipients: an answer of several KB, over the 2,000 bytes allowed.
+    let big = unique_name("m");
+    let phones: Vec<String> = (0..80).map(|i| format!("+2439900{i:05}")).collect();
+    let truth: Vec<(String, Status)> = phones
+        .iter()
+        .map(|p| (p.clone(), Status::Delivered))
+        .collect();
+    server.set_truth(&big, &truth);
+    let updates: Vec<_> = phones
+        .iter()
+        .map(|p| webhook(&big, p, Status::Sent, ago(3 * 3600)))
+        .collect();
+    db.seed(&updates).await;
+    let mut cfg = test_config(&server, &db);
+    cfg.kafka
+        .client
+        .settings
+        .insert("message.max.bytes".into(), "2000".into());
+    let app = spawn(cfg).await;
+
+    let failed = wait_for(Duration::from_secs(60), || async {
+        let n = db
+            .count(&format!(
+                "SELECT count(*) FROM reconcile_jobs WHERE message_id = '{big}' \
+                  AND failed AND done_at IS NOT NULL AND last_error ILIKE '%size%'"
+            ))
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(
+        failed.is_some(),
+        "the job of the oversized answer is not failed with its error"
+    );
+    let fixed = wait_for(Duration::from_secs(60), || async {
+        let n = db
+            .count("SELECT count(*) FROM recipient_state WHERE status = 'delivered'")
+            .await;
+        (n == small.len() as i64).then_some(())
+    })
+    .await;
+    assert!(fixed.is_some(), "the other answers were not applied");
+    // Failed, not retried: a second look finds the same single read.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        server.reads_of(&big),
+        1,
+        "the refused answer was read again"
+    );
+    for id in &small {
+        assert_eq!(server.reads_of(id), 1);
+    }
+    app.stop().await;
+    db.drop().await;
+}
