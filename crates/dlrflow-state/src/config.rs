@@ -66,6 +66,7 @@ stuck_after_secs = 600
 list_limit = 50
 dlq_per_partition = 20
 status_budget_per_minute = 120
+query_timeout_ms = 5000
 
 [outbox]
 batch_size = 1000
@@ -106,11 +107,18 @@ pub struct ConsoleConfig {
     /// The status API's reads per minute (`../shared/status-api.md`), shown
     /// beside the reads in use.
     pub status_budget_per_minute: u32,
+    /// The funnel's and the stuck list's queries are cancelled after this
+    /// long (the page then says to narrow the window).
+    pub query_timeout_ms: u64,
 }
 
 impl ConsoleConfig {
     pub fn stuck_after(&self) -> Duration {
         Duration::from_secs(self.stuck_after_secs)
+    }
+
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_timeout_ms)
     }
 }
 
@@ -217,6 +225,10 @@ impl Config {
         self.api.validate()?;
         for (name, ok) in [
             ("console.window_hours", self.console.window_hours > 0),
+            (
+                "console.query_timeout_ms",
+                self.console.query_timeout_ms > 0,
+            ),
             ("console.list_limit", self.console.list_limit > 0),
             (
                 "console.dlq_per_partition",

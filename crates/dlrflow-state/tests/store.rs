@@ -177,3 +177,66 @@ fn config_errors_name_the_setting() {
         .to_string()
         .contains("kafka.dlq_topic"));
 }
+
+/// The operator page's funnel counts over a window of `recipient_state`;
+/// a window too large to count within `console.query_timeout_ms` is
+/// cancelled by PostgreSQL and the page says what to do, instead of holding
+/// a connection of the state's pool for as long as the count takes.
+#[tokio::test]
+async fn the_console_funnel_counts_a_window_and_a_slow_count_is_cancelled() {
+    use dlrflow_state::console::data::{explain, funnel};
+    use std::time::Duration;
+    let schema = dlrflow_testkit::unique_name("console").replace('-', "_");
+    let cfg = PostgresSettings {
+        schema: Some(schema.clone()),
+        ..PostgresSettings::with_url(pg_base())
+    };
+    let pool = cfg.connect().await.unwrap();
+    migrate(&pool).await.unwrap();
+    // 300,000 recipients of 100,000 messages in the last hour, every fifth failed.
+    sqlx::query(
+        "INSERT INTO messages (message_id, source, provider, total_recipients) \
+         SELECT 'm' || i, 'lisoloo', 'lisoloo', 3 FROM generate_series(1, 100000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO recipient_state (message_id, recipient, source, provider, status, last_event_at, created_at) \
+         SELECT 'm' || (i % 100000 + 1), '+243' || i, 'lisoloo', 'lisoloo', \
+                CASE WHEN i % 5 = 0 THEN 'failed' ELSE 'delivered' END, now(), \
+                now() - (i % 3600) * interval '1 second' \
+           FROM generate_series(1, 300000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+    let to = Utc::now() + chrono::Duration::seconds(1);
+    let from = to - chrono::Duration::hours(2);
+    let f = funnel(&pool, None, from, to, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        (f.messages, f.announced, f.recipients, f.delivered, f.failed),
+        (100_000, 300_000, 300_000, 240_000, 60_000)
+    );
+    let f = funnel(&pool, Some("other"), from, to, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(f.recipients, 0);
+    let e = funnel(&pool, None, from, to, Duration::from_millis(1))
+        .await
+        .unwrap_err();
+    assert!(explain(&e).contains("narrow the window"), "{e}");
+    // The pool is not left with a cancelled transaction: it reads on.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 100_000);
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}

@@ -36,12 +36,46 @@ pub struct Funnel {
     pub failed: i64,
 }
 
+/// A read-only transaction whose statements are cancelled after `limit`:
+/// a page load over a huge window fails with a message instead of keeping
+/// a connection of the state's pool busy.
+async fn bounded(
+    pool: &PgPool,
+    limit: Duration,
+) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    // SET does not take parameters; the value is a number we format.
+    sqlx::query(&format!(
+        "SET LOCAL statement_timeout = {}",
+        limit.as_millis().max(1)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(tx)
+}
+
+/// What a cancelled page query says to the operator.
+pub fn explain(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+            "counting took longer than console.query_timeout_ms: narrow the window or pick a source"
+                .to_owned()
+        }
+        e => e.to_string(),
+    }
+}
+
 pub async fn funnel(
     pool: &PgPool,
     source: Option<&str>,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
+    limit: Duration,
 ) -> sqlx::Result<Funnel> {
+    let mut tx = bounded(pool, limit).await?;
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT status, count(*) FROM recipient_state \
           WHERE created_at >= $1 AND created_at < $2 AND ($3::text IS NULL OR source = $3) \
@@ -50,7 +84,7 @@ pub async fn funnel(
     .bind(from)
     .bind(to)
     .bind(source)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let (messages, announced): (i64, Option<i64>) = sqlx::query_as(
         "SELECT count(*), sum(m.total_recipients)::int8 FROM messages m \
@@ -60,7 +94,7 @@ pub async fn funnel(
     .bind(from)
     .bind(to)
     .bind(source)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
     let mut f = Funnel {
         from,
@@ -101,7 +135,9 @@ pub async fn stuck(
     pool: &PgPool,
     silent_for: Duration,
     limit: i64,
+    timeout: Duration,
 ) -> sqlx::Result<(Vec<Stuck>, i64)> {
+    let mut tx = bounded(pool, timeout).await?;
     let ms = i64::try_from(silent_for.as_millis()).unwrap_or(i64::MAX);
     let rows = sqlx::query_as::<_, Stuck>(
         "SELECT message_id, recipient, source, status, last_event_at, needs_reconcile \
@@ -112,7 +148,7 @@ pub async fn stuck(
     )
     .bind(ms)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let total: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM recipient_state \
@@ -120,7 +156,7 @@ pub async fn stuck(
             AND last_event_at < now() - $1 * interval '1 millisecond' LIMIT 10000) s",
     )
     .bind(ms)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
     Ok((rows, total))
 }

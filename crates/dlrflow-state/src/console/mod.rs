@@ -21,7 +21,7 @@
 //! A replay is a `POST` that must come from the page itself: with a
 //! `Sec-Fetch-Site` or `Origin` header, they must say same origin.
 
-mod data;
+pub mod data;
 mod page;
 
 use std::sync::Arc;
@@ -218,16 +218,21 @@ async fn overview(
     };
     let source = q.source.as_deref().map(str::trim).filter(|v| !v.is_empty());
     let (funnel, stuck, jobs, progress, budgets, dlq) = tokio::join!(
-        data::funnel(&s.pool, source, from, to),
-        data::stuck(&s.pool, settings.stuck_after(), settings.list_limit),
+        data::funnel(&s.pool, source, from, to, settings.query_timeout()),
+        data::stuck(
+            &s.pool,
+            settings.stuck_after(),
+            settings.list_limit,
+            settings.query_timeout()
+        ),
         data::open_jobs(&s.pool, settings.list_limit),
         data::progress(&s.pool),
         data::budgets(&s.pool, &s.redis),
         data::dlq_recent(&s.cfg, settings.dlq_per_partition),
     );
     let view = page::Overview {
-        funnel: funnel.map_err(|e| e.to_string()),
-        stuck: stuck.map_err(|e| e.to_string()),
+        funnel: funnel.map_err(|e| data::explain(&e)),
+        stuck: stuck.map_err(|e| data::explain(&e)),
         stuck_after: settings.stuck_after(),
         jobs: jobs.map_err(|e| e.to_string()),
         progress: progress.map_err(|e| e.to_string()),
