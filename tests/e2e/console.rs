@@ -268,6 +268,18 @@ async fn the_operator_page_shows_the_truth_and_replays_from_the_dlq() {
     b.goto(&format!("{admin}/console")).await.unwrap();
     b.wait_url("/console/login").await.unwrap();
 
+    // Never cached, framed or scripted.
+    let login = reqwest::get(format!("{admin}/console/login"))
+        .await
+        .unwrap();
+    let h = login.headers();
+    assert_eq!(h["cache-control"], "no-store");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert!(h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+
     // Never on the public listener.
     let public = reqwest::get(format!("{}/console", p.api_url(0)))
         .await

@@ -71,6 +71,27 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/console/login", get(login_form).post(login))
         .route("/console/logout", post(logout))
         .with_state(state)
+        .layer(axum::middleware::map_response(harden))
+}
+
+/// Every answer of the page: never cached (it shows phone numbers), never
+/// framed (clickjacking of the replay button), no script, forms only to
+/// itself.
+async fn harden(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    for (name, value) in [
+        ("cache-control", "no-store"),
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "same-origin"),
+        (
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    ] {
+        h.insert(name, header::HeaderValue::from_static(value));
+    }
+    r
 }
 
 /// Why a request does not get the page.
