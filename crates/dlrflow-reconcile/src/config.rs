@@ -180,6 +180,28 @@ fn secs(v: u64) -> Duration {
     Duration::from_secs(v)
 }
 
+/// What `dlrflow-reconcile migrate` reads: the PostgreSQL settings alone
+/// (no status-API key, no Redis, no Kafka).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateConfig {
+    pub postgres: PostgresSettings,
+}
+
+impl MigrateConfig {
+    /// Loads the configuration as [`Config::load`] does (defaults, file,
+    /// environment; a key nothing reads is refused, so the service's own file
+    /// works here too) and validates only the PostgreSQL settings: the other
+    /// sections may be left at their defaults (an empty API key included).
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: Config = config::load_service(DEFAULTS, file, Config::register_secrets, |c| {
+            c.postgres.validate(1)
+        })?;
+        Ok(Self {
+            postgres: cfg.postgres,
+        })
+    }
+}
+
 impl Config {
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
