@@ -170,6 +170,13 @@ pub struct ReconcileConfig {
     pub poll_interval_ms: u64,
     /// Finished jobs are deleted after this long.
     pub job_retention_secs: u64,
+    /// dlrflow-state rewrites each partition's `consumer_progress` row every
+    /// `health.lag_check_interval_ms` (5 s by default); a row older than this
+    /// makes the lag unknown (see `jobs::consumer_lag`). A few lag-check
+    /// intervals plus the longest batch; too small, and reads pause whenever
+    /// a check is late; too large, and a dead consumer's last bound is
+    /// trusted that much longer.
+    pub progress_stale_after_ms: u64,
 }
 
 fn ms(v: u64) -> Duration {
@@ -328,6 +335,7 @@ impl Config {
             ("reconcile.poll_interval_ms", r.poll_interval_ms),
             ("reconcile.max_age_secs", r.max_age_secs),
             ("reconcile.give_up_after_secs", r.give_up_after_secs),
+            ("reconcile.progress_stale_after_ms", r.progress_stale_after_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(name, "must be positive"));
@@ -452,6 +460,9 @@ impl ReconcileConfig {
     }
     pub fn job_retention(&self) -> Duration {
         secs(self.job_retention_secs)
+    }
+    pub fn progress_stale_after(&self) -> Duration {
+        ms(self.progress_stale_after_ms)
     }
 
     /// Exponential backoff after `attempts` failed reads, capped.
