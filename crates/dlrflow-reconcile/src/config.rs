@@ -71,6 +71,10 @@ lease_ms = 120000
 concurrency = 4
 poll_interval_ms = 500
 job_retention_secs = 604800
+# A consumer_progress row not rewritten for this long makes the state's lag
+# unknown (no stuck / incomplete job opened or read): a few times
+# dlrflow-state's health.lag_check_interval_ms (default 5000).
+progress_stale_after_ms = 20000
 "#;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
