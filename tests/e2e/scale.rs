@@ -142,6 +142,34 @@ async fn many_replicas_share_the_work_and_survive_kills() {
         waiting_in_kafka.len(),
         ok_reads.len().saturating_sub(of_withheld + waiting_in_kafka.len()),
     );
+    // For the last kind: how long after the read the message's last
+    // terminal report reached the ingest.
+    let mut late = [0usize; 4];
+    for r in ok_reads.iter().filter(|r| !withheld.contains(r.message_id.as_str())) {
+        let last = report
+            .truth
+            .recipients
+            .iter()
+            .filter(|t| t.message_id == r.message_id)
+            .filter_map(|t| received.get(&(t.message_id.clone(), t.recipient.clone())))
+            .max();
+        let Some(after) = last.map(|at| (*at - r.at).num_milliseconds()) else {
+            continue;
+        };
+        if after < 0 {
+            continue;
+        }
+        late[match after {
+            0..1_000 => 0,
+            1_000..5_000 => 1,
+            5_000..30_000 => 2,
+            _ => 3,
+        }] += 1;
+    }
+    eprintln!(
+        "e2e: last terminal report received after the read: <1 s {}, 1-5 s {}, 5-30 s {}, ≥30 s {}",
+        late[0], late[1], late[2], late[3]
+    );
     assert!(
         max <= 120,
         "{max} reads within 60 s: over the gateway's budget"

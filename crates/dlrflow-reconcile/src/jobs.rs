@@ -168,6 +168,7 @@ WITH cand AS (
        AND rs.created_at > now() - $2 * interval '1 millisecond'
        AND rs.last_event_at > now() - $2 * interval '1 millisecond'
        AND rs.last_event_at < now() - coalesce($7::bigint, 0) * interval '1 millisecond' - {DEADLINE}
+       AND rs.updated_at < now() - coalesce($7::bigint, 0) * interval '1 millisecond' - {DEADLINE}
        AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})
        AND (j.message_id IS NULL
             OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR j.last_read_at < now() - {DEADLINE})))
@@ -299,6 +300,7 @@ WITH cand AS (
        AND m.total_recipients IS NOT NULL
        AND coalesce(m.queued_at, m.first_seen_at)
            < now() - (coalesce($5::bigint, 0) + $2) * interval '1 millisecond'
+       AND m.first_seen_at < now() - (coalesce($5::bigint, 0) + $2) * interval '1 millisecond'
        AND coalesce(m.queued_at, m.first_seen_at) > now() - $3 * interval '1 millisecond'
        AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - $2 * interval '1 millisecond')
        AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)
@@ -467,20 +469,24 @@ SELECT
            WHERE rs.message_id = $1
              AND rs.status NOT IN ('delivered', 'failed')
              AND rs.last_event_at < now() - {DEADLINE}
+             AND rs.updated_at < now() - {DEADLINE}
              AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})),
   EXISTS (SELECT 1 FROM recipient_state rs LEFT JOIN messages m ON m.message_id = rs.message_id
            WHERE rs.message_id = $1
              AND rs.status NOT IN ('delivered', 'failed')
              AND rs.last_event_at < (SELECT horizon FROM t) - {DEADLINE}
+             AND rs.updated_at < (SELECT horizon FROM t) - {DEADLINE}
              AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})),
   EXISTS (SELECT 1 FROM messages m
            WHERE m.message_id = $1 AND m.total_recipients IS NOT NULL
              AND coalesce(m.queued_at, m.first_seen_at) < now() - $6 * interval '1 millisecond'
+             AND m.first_seen_at < now() - $6 * interval '1 millisecond'
              AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)),
   EXISTS (SELECT 1 FROM messages m
            WHERE m.message_id = $1 AND m.total_recipients IS NOT NULL
              AND coalesce(m.queued_at, m.first_seen_at)
                  < (SELECT horizon FROM t) - $6 * interval '1 millisecond'
+             AND m.first_seen_at < (SELECT horizon FROM t) - $6 * interval '1 millisecond'
              AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id))"#
     );
     let (flagged, stuck, stuck_complete, incomplete, incomplete_complete): (

@@ -55,8 +55,9 @@ impl Db {
         .unwrap();
     }
 
-    /// A message whose two recipients are `sent` since `quiet_secs` ago.
-    async fn quiet_message(&self, quiet_secs: i64) -> String {
+    /// A message whose two recipients are `sent` since `quiet_secs` ago
+    /// (event time), that news written by the state `arrived_secs` ago.
+    async fn message_sent(&self, quiet_secs: i64, arrived_secs: i64) -> String {
         let msg = unique_name("m");
         let at = Utc::now() - chrono::Duration::seconds(quiet_secs);
         let updates: Vec<_> = phones(2)
@@ -67,8 +68,21 @@ impl Db {
         dlrflow_state::apply_updates(&mut tx, &updates, Utc::now())
             .await
             .unwrap();
+        sqlx::query(
+            "UPDATE recipient_state SET updated_at = now() - $2 * interval '1 second' WHERE message_id = $1",
+        )
+        .bind(&msg)
+        .bind(arrived_secs)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
         msg
+    }
+
+    /// A message quiet for `quiet_secs`, its news written as it came.
+    async fn quiet_message(&self, quiet_secs: i64) -> String {
+        self.message_sent(quiet_secs, quiet_secs).await
     }
 
     async fn open_job(&self, msg: &str) -> Option<String> {
@@ -222,5 +236,80 @@ async fn a_partition_nobody_reported_makes_the_lag_unknown() {
     db.progress(1, Some(2), 0).await;
     assert_eq!(sweep(&db, &cfg).await.stuck, 1);
     assert_eq!(db.open_job(&msg).await.as_deref(), Some("stuck"));
+    db.drop().await;
+}
+
+/// The deadline counts from the later of the news' own time and its
+/// arrival: a gateway that delivers its webhooks late (a backlog, retries)
+/// sends the next one right behind, so news that just arrived is not
+/// "quiet", whatever its timestamp says.
+#[tokio::test]
+async fn news_that_arrived_late_is_not_stuck_until_the_deadline_after_its_arrival() {
+    let db = Db::new().await;
+    let cfg = reconcile_config();
+    db.progress(0, Some(0), 0).await;
+    // `sent` 60 s ago by the gateway's clock, written by the state 1 s ago.
+    let late = db.message_sent(60, 1).await;
+    // The same news, arrived when it happened: stuck.
+    let quiet = db.message_sent(60, 60).await;
+    let swept = sweep(&db, &cfg).await;
+    assert_eq!(swept.stuck, 1, "{swept:?}");
+    assert_eq!(db.open_job(&late).await, None, "news 1 s old is not stuck");
+    assert_eq!(db.open_job(&quiet).await.as_deref(), Some("stuck"));
+    // A job for it opened before (or by another trigger's reasoning) is
+    // closed unread as settled while its news is fresh.
+    sqlx::query(
+        "INSERT INTO reconcile_jobs (message_id, source, reason, since, due_at, first_requested_at)
+         VALUES ($1, $2, 'stuck', now() - interval '1 hour', now() - interval '1 hour', now())",
+    )
+    .bind(&late)
+    .bind(SOURCE)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let job = jobs::claim(&db.pool, "test/0", &cfg.sources, cfg.lease())
+        .await
+        .unwrap()
+        .expect("a due job");
+    assert_eq!(job.message_id, late, "the oldest due job");
+    assert_eq!(
+        jobs::still_needed(&db.pool, &job, &cfg).await.unwrap(),
+        Some(NotNeeded::Settled)
+    );
+    jobs::skip(&db.pool, &job, "test/0", NotNeeded::Settled)
+        .await
+        .unwrap();
+    // Once the deadline has passed since its arrival, it is stuck.
+    sqlx::query("UPDATE recipient_state SET updated_at = now() - interval '6 seconds' WHERE message_id = $1")
+        .bind(&late)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.progress(0, Some(0), 0).await;
+    assert_eq!(sweep(&db, &cfg).await.stuck, 1);
+    assert_eq!(db.open_job(&late).await.as_deref(), Some("stuck"));
+
+    // Incomplete likewise: `sms.queued` for 3 recipients 60 s ago by its
+    // timestamp, first written 1 s ago, one recipient seen so far.
+    let msg = unique_name("m");
+    sqlx::query(
+        "INSERT INTO messages (message_id, source, provider, total_recipients, queued_at, first_seen_at, updated_at)
+         VALUES ($1, $2, 'lisoloo', 3, now() - interval '60 seconds', now() - interval '1 second', now())",
+    )
+    .bind(&msg)
+    .bind(SOURCE)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let swept = sweep(&db, &cfg).await;
+    assert_eq!(swept.incomplete, 0, "{swept:?}");
+    assert_eq!(db.open_job(&msg).await, None);
+    sqlx::query("UPDATE messages SET first_seen_at = now() - interval '6 seconds' WHERE message_id = $1")
+        .bind(&msg)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(sweep(&db, &cfg).await.incomplete, 1);
+    assert_eq!(db.open_job(&msg).await.as_deref(), Some("incomplete"));
     db.drop().await;
 }
