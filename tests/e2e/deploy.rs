@@ -286,8 +286,9 @@ fn every_container_environment_is_a_configuration_of_its_binary() {
 /// `migrate`'s.
 fn migrate_reads_only_postgres(c: &Container) {
     assert!(
-        c.env.keys().all(|k| !k.starts_with("DLRFLOW_")
-            || k.starts_with("DLRFLOW_POSTGRES__")),
+        c.env
+            .keys()
+            .all(|k| !k.starts_with("DLRFLOW_") || k.starts_with("DLRFLOW_POSTGRES__")),
         "{}: {:?}",
         c.origin,
         c.env.keys()

@@ -15,8 +15,8 @@
 use std::time::{Duration, Instant};
 
 use dlrflow_e2e::{
-    delivery, max_reads_in_window, reads_not_needed, status_server, timed, verify_all, Options, Pipeline,
-    ReconcileOptions, RoundRobin,
+    delivery, max_reads_in_window, reads_not_needed, status_server, timed, verify_all, Options,
+    Pipeline, ReconcileOptions, RoundRobin,
 };
 use dlrflow_sim::{run_lisoloo, Gateway, LisolooConfig};
 use tokio_util::sync::CancellationToken;
@@ -145,7 +145,10 @@ async fn many_replicas_share_the_work_and_survive_kills() {
     // For the last kind: how long after the read the message's last
     // terminal report reached the ingest.
     let mut late = [0usize; 4];
-    for r in ok_reads.iter().filter(|r| !withheld.contains(r.message_id.as_str())) {
+    for r in ok_reads
+        .iter()
+        .filter(|r| !withheld.contains(r.message_id.as_str()))
+    {
         let last = report
             .truth
             .recipients

@@ -339,7 +339,10 @@ impl Config {
             ("reconcile.poll_interval_ms", r.poll_interval_ms),
             ("reconcile.max_age_secs", r.max_age_secs),
             ("reconcile.give_up_after_secs", r.give_up_after_secs),
-            ("reconcile.progress_stale_after_ms", r.progress_stale_after_ms),
+            (
+                "reconcile.progress_stale_after_ms",
+                r.progress_stale_after_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(name, "must be positive"));

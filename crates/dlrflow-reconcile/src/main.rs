@@ -37,9 +37,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli<Command>) -> anyhow::Result<()> {
     let file = cli.config.config.as_deref();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Config { command: For::Serve } => {
-            dlrflow_runtime::cli::print_config(&dlrflow_reconcile::Config::load(file)?)
-        }
+        Command::Config {
+            command: For::Serve,
+        } => dlrflow_runtime::cli::print_config(&dlrflow_reconcile::Config::load(file)?),
         Command::Config {
             command: For::Migrate,
         } => dlrflow_runtime::cli::print_config(&MigrateConfig::load(file)?),

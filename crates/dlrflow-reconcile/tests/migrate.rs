@@ -95,12 +95,10 @@ async fn migrate_needs_only_the_postgres_settings() {
     // A second run (a Job retried, a new image) applies nothing and succeeds.
     let out = reconcile(&["migrate"], &env);
     assert!(out.status.success(), "second migrate: {}", text(&out));
-    let again: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {schema}._sqlx_migrations"
-    ))
-    .fetch_one(&admin)
-    .await
-    .unwrap();
+    let again: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}._sqlx_migrations"))
+        .fetch_one(&admin)
+        .await
+        .unwrap();
     assert_eq!(again, versions.len() as i64);
 
     // A bad PostgreSQL setting is still refused, naming it.

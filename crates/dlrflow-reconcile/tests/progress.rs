@@ -157,10 +157,18 @@ async fn a_stale_partition_holds_stuck_jobs_and_reads_until_its_progress_is_fres
     let lag = jobs::consumer_lag(&db.pool, cfg.progress_stale_after())
         .await
         .unwrap();
-    assert_eq!(lag, Some(LAG_UNKNOWN_MS), "a stale partition's lag is unknown");
+    assert_eq!(
+        lag,
+        Some(LAG_UNKNOWN_MS),
+        "a stale partition's lag is unknown"
+    );
     let swept = sweep(&db, &cfg).await;
     assert_eq!(swept.stuck, 0, "{swept:?}");
-    assert_eq!(db.open_job(&msg).await, None, "no stuck job while partition 1 is stale");
+    assert_eq!(
+        db.open_job(&msg).await,
+        None,
+        "no stuck job while partition 1 is stale"
+    );
 
     // A job opened before the partition went stale is not read either: the
     // re-check right before the read uses the same gate.
@@ -202,7 +210,10 @@ async fn a_stale_partition_holds_stuck_jobs_and_reads_until_its_progress_is_fres
         .unwrap()
         .expect("the job is due");
     assert_eq!(job.message_id, msg);
-    assert_eq!(jobs::still_needed(&db.pool, &job, &cfg).await.unwrap(), None);
+    assert_eq!(
+        jobs::still_needed(&db.pool, &job, &cfg).await.unwrap(),
+        None
+    );
     db.drop().await;
 }
 
@@ -304,11 +315,13 @@ async fn news_that_arrived_late_is_not_stuck_until_the_deadline_after_its_arriva
     let swept = sweep(&db, &cfg).await;
     assert_eq!(swept.incomplete, 0, "{swept:?}");
     assert_eq!(db.open_job(&msg).await, None);
-    sqlx::query("UPDATE messages SET first_seen_at = now() - interval '6 seconds' WHERE message_id = $1")
-        .bind(&msg)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE messages SET first_seen_at = now() - interval '6 seconds' WHERE message_id = $1",
+    )
+    .bind(&msg)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(sweep(&db, &cfg).await.incomplete, 1);
     assert_eq!(db.open_job(&msg).await.as_deref(), Some("incomplete"));
     db.drop().await;
