@@ -11,7 +11,9 @@
 //! - every `DLRFLOW_…` variable a container or a compose service gets is a
 //!   setting of the binary it is given to: the binary's own `config` loads
 //!   exactly that environment (secrets from the example Secret) and must
-//!   succeed and show every variable in its effective configuration;
+//!   succeed and show every variable in its effective configuration; for
+//!   `dlrflow-reconcile migrate`, `config --for migrate`, which shows only
+//!   the PostgreSQL settings (the migrate Job gets no API key);
 //! - every service's termination grace outlasts its drain, computed from
 //!   the effective `http.shutdown_grace_ms`;
 //! - and the checks bite: a misspelled variable, an unknown manifest field,
@@ -142,8 +144,25 @@ fn service_binary(name: &str) -> PathBuf {
 
 /// `<binary> config` with exactly `env` (nothing inherited).
 fn config(bin: &str, env: &BTreeMap<String, String>) -> Output {
+    config_for(bin, &[], env)
+}
+
+/// The `config` command that prints what the container's command reads:
+/// `dlrflow-reconcile migrate` reads the PostgreSQL settings alone
+/// (`config --for migrate`); every other command is checked against the
+/// binary's whole configuration (`config`).
+fn config_args(argv: &[String]) -> &'static [&'static str] {
+    match (argv[0].as_str(), argv.get(1).map(String::as_str)) {
+        ("dlrflow-reconcile", Some("migrate")) => &["--for", "migrate"],
+        _ => &[],
+    }
+}
+
+/// `<binary> config <args>` with exactly `env` (nothing inherited).
+fn config_for(bin: &str, args: &[&str], env: &BTreeMap<String, String>) -> Output {
     Command::new(service_binary(bin))
         .arg("config")
+        .args(args)
         .env_clear()
         .envs(env)
         .stdin(Stdio::null())
@@ -233,8 +252,14 @@ fn manifests_and_the_compose_file_are_valid_against_their_schemas() {
 #[test]
 fn every_container_environment_is_a_configuration_of_its_binary() {
     let all = containers("environments");
-    // base and overlay: migrate, ingest, state, reconcile; compose: the same four.
-    assert_eq!(all.len(), 12, "{all:#?}");
+    // base and overlay: the migrate Job's two steps (state, reconcile),
+    // ingest, state, reconcile; compose: the same five.
+    assert_eq!(all.len(), 15, "{all:#?}");
+    let migrate_reconcile: Vec<&Container> = all
+        .iter()
+        .filter(|c| c.argv == ["dlrflow-reconcile", "migrate"])
+        .collect();
+    assert_eq!(migrate_reconcile.len(), 3, "{all:#?}");
     let mut services = 0;
     for c in &all {
         let bin = c.argv[0].as_str();
@@ -252,12 +277,46 @@ fn every_container_environment_is_a_configuration_of_its_binary() {
         .find(|c| c.argv[0] == "dlrflow-ingest" && c.origin.contains("(base)"))
         .expect("the base's ingest");
     a_misspelled_variable_is_refused(ingest);
+    migrate_reads_only_postgres(migrate_reconcile[0]);
 }
 
-/// `<binary> config` with the container's environment: it must load.
+/// The reconciler's migrate step is checked against what `migrate` reads:
+/// its environment holds no API key (`serve`'s configuration refuses it),
+/// and a setting only `serve` reads (the API key, Redis) is not one of
+/// `migrate`'s.
+fn migrate_reads_only_postgres(c: &Container) {
+    assert!(
+        c.env
+            .keys()
+            .all(|k| !k.starts_with("DLRFLOW_") || k.starts_with("DLRFLOW_POSTGRES__")),
+        "{}: {:?}",
+        c.origin,
+        c.env.keys()
+    );
+    let out = config("dlrflow-reconcile", &c.env);
+    assert!(
+        !out.status.success(),
+        "{}: `serve`'s configuration needs the API key",
+        c.origin
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("status_api.api_key"));
+    let mut env = c.env.clone();
+    env.insert("DLRFLOW_STATUS_API__API_KEY".into(), "k-0123456789".into());
+    env.insert("DLRFLOW_REDIS__URL".into(), "redis://r:6379".into());
+    let out = config_for("dlrflow-reconcile", config_args(&c.argv), &env);
+    assert!(out.status.success());
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        unread_vars(&env, &cfg),
+        ["DLRFLOW_REDIS__URL", "DLRFLOW_STATUS_API__API_KEY"]
+    );
+}
+
+/// `<binary> config` with the container's environment (`config --for
+/// migrate` for the reconciler's migrate step): it must load.
 fn effective_config(c: &Container) -> Value {
     let bin = c.argv[0].as_str();
-    let out = config(bin, &c.env);
+    let out = config_for(bin, config_args(&c.argv), &c.env);
     assert!(
         out.status.success(),
         "{}: `{bin} config` refuses its environment: {}",

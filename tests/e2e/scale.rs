@@ -15,8 +15,8 @@
 use std::time::{Duration, Instant};
 
 use dlrflow_e2e::{
-    delivery, max_reads_in_window, status_server, timed, verify_all, Options, Pipeline,
-    ReconcileOptions, RoundRobin,
+    delivery, max_reads_in_window, reads_not_needed, status_server, timed, verify_all, Options,
+    Pipeline, ReconcileOptions, RoundRobin,
 };
 use dlrflow_sim::{run_lisoloo, Gateway, LisolooConfig};
 use tokio_util::sync::CancellationToken;
@@ -113,6 +113,65 @@ async fn many_replicas_share_the_work_and_survive_kills() {
         report.totals.attempts as f64 / send_secs,
         reads.len(),
         verify.counts(),
+    );
+    // What the reads were for: messages with a withheld terminal report
+    // (needed), reads whose every terminal report was in Kafka a second
+    // before (the answer was waiting there: the horizon let them through),
+    // and the rest (a terminal report not yet received by the ingest at the
+    // read: the gateway's delivery was later than the deadline).
+    let withheld: std::collections::BTreeSet<&str> = report
+        .truth
+        .recipients
+        .iter()
+        .filter(|r| r.terminal_webhook == dlrflow_sim::WebhookFate::Withheld)
+        .map(|r| r.message_id.as_str())
+        .collect();
+    let ok_reads: Vec<_> = reads.iter().filter(|r| r.status == 200).collect();
+    let of_withheld = ok_reads
+        .iter()
+        .filter(|r| withheld.contains(r.message_id.as_str()))
+        .count();
+    let received = p.terminal_received(Duration::from_secs(20)).await.unwrap();
+    let waiting_in_kafka =
+        reads_not_needed(&reads, &report.truth, &received, Duration::from_secs(1));
+    eprintln!(
+        "e2e: reads by cause: {} of 200, {of_withheld} of the {} messages with a withheld terminal report, \
+         {} whose every terminal report was in Kafka ≥ 1 s before, {} with a report not yet received",
+        ok_reads.len(),
+        withheld.len(),
+        waiting_in_kafka.len(),
+        ok_reads.len().saturating_sub(of_withheld + waiting_in_kafka.len()),
+    );
+    // For the last kind: how long after the read the message's last
+    // terminal report reached the ingest.
+    let mut late = [0usize; 4];
+    for r in ok_reads
+        .iter()
+        .filter(|r| !withheld.contains(r.message_id.as_str()))
+    {
+        let last = report
+            .truth
+            .recipients
+            .iter()
+            .filter(|t| t.message_id == r.message_id)
+            .filter_map(|t| received.get(&(t.message_id.clone(), t.recipient.clone())))
+            .max();
+        let Some(after) = last.map(|at| (*at - r.at).num_milliseconds()) else {
+            continue;
+        };
+        if after < 0 {
+            continue;
+        }
+        late[match after {
+            0..1_000 => 0,
+            1_000..5_000 => 1,
+            5_000..30_000 => 2,
+            _ => 3,
+        }] += 1;
+    }
+    eprintln!(
+        "e2e: last terminal report received after the read: <1 s {}, 1-5 s {}, 5-30 s {}, ≥30 s {}",
+        late[0], late[1], late[2], late[3]
     );
     assert!(
         max <= 120,

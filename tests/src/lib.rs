@@ -598,6 +598,9 @@ impl Pipeline {
                 o.sweep_interval_ms.to_string(),
             ),
             ("DLRFLOW_RECONCILE__POLL_INTERVAL_MS", "200".into()),
+            // The state replicas report their progress every 500 ms here:
+            // a partition silent for ten reports makes the lag unknown.
+            ("DLRFLOW_RECONCILE__PROGRESS_STALE_AFTER_MS", "5000".into()),
             ("DLRFLOW_RECONCILE__BACKOFF_INITIAL_MS", "1000".into()),
             ("DLRFLOW_RECONCILE__BACKOFF_MAX_MS", "5000".into()),
             ("DLRFLOW_HTTP__SHUTDOWN_GRACE_MS", "3000".into()),

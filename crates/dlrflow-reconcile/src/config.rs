@@ -71,6 +71,10 @@ lease_ms = 120000
 concurrency = 4
 poll_interval_ms = 500
 job_retention_secs = 604800
+# A consumer_progress row not rewritten for this long makes the state's lag
+# unknown (no stuck / incomplete job opened or read): a few times
+# dlrflow-state's health.lag_check_interval_ms (default 5000).
+progress_stale_after_ms = 20000
 "#;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -170,6 +174,13 @@ pub struct ReconcileConfig {
     pub poll_interval_ms: u64,
     /// Finished jobs are deleted after this long.
     pub job_retention_secs: u64,
+    /// dlrflow-state rewrites each partition's `consumer_progress` row every
+    /// `health.lag_check_interval_ms` (5 s by default); a row older than this
+    /// makes the lag unknown (see `jobs::consumer_lag`). A few lag-check
+    /// intervals plus the longest batch; too small, and reads pause whenever
+    /// a check is late; too large, and a dead consumer's last bound is
+    /// trusted that much longer.
+    pub progress_stale_after_ms: u64,
 }
 
 fn ms(v: u64) -> Duration {
@@ -178,6 +189,28 @@ fn ms(v: u64) -> Duration {
 
 fn secs(v: u64) -> Duration {
     Duration::from_secs(v)
+}
+
+/// What `dlrflow-reconcile migrate` reads: the PostgreSQL settings alone
+/// (no status-API key, no Redis, no Kafka).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateConfig {
+    pub postgres: PostgresSettings,
+}
+
+impl MigrateConfig {
+    /// Loads the configuration as [`Config::load`] does (defaults, file,
+    /// environment; a key nothing reads is refused, so the service's own file
+    /// works here too) and validates only the PostgreSQL settings: the other
+    /// sections may be left at their defaults (an empty API key included).
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg: Config = config::load_service(DEFAULTS, file, Config::register_secrets, |c| {
+            c.postgres.validate(1)
+        })?;
+        Ok(Self {
+            postgres: cfg.postgres,
+        })
+    }
 }
 
 impl Config {
@@ -306,6 +339,10 @@ impl Config {
             ("reconcile.poll_interval_ms", r.poll_interval_ms),
             ("reconcile.max_age_secs", r.max_age_secs),
             ("reconcile.give_up_after_secs", r.give_up_after_secs),
+            (
+                "reconcile.progress_stale_after_ms",
+                r.progress_stale_after_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(name, "must be positive"));
@@ -430,6 +467,9 @@ impl ReconcileConfig {
     }
     pub fn job_retention(&self) -> Duration {
         secs(self.job_retention_secs)
+    }
+    pub fn progress_stale_after(&self) -> Duration {
+        ms(self.progress_stale_after_ms)
     }
 
     /// Exponential backoff after `attempts` failed reads, capped.

@@ -61,28 +61,49 @@ pub struct SweepParams<'a> {
 }
 
 /// The longest lag [`consumer_lag`] reports (ten years): "unknown" is this.
-const LAG_UNKNOWN_MS: i64 = 10 * 365 * 24 * 3_600_000;
+pub const LAG_UNKNOWN_MS: i64 = 10 * 365 * 24 * 3_600_000;
 
 /// How old the oldest raw record possibly not yet in the state is, in ms,
 /// from the `consumer_progress` rows dlrflow-state writes at every lag check
-/// (of the group and topic that wrote last): `now() - min(caught_up_to)`. A
-/// consumer that stopped writing ages with the clock; a partition whose bound
-/// is not known yet counts as [`LAG_UNKNOWN_MS`]. `None` when no state
-/// consumer ever wrote one (no gate: the triggers work as without it).
-pub async fn consumer_lag(ex: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Option<i64>> {
-    let (unknown, lag): (Option<bool>, Option<f64>) = sqlx::query_as(
+/// (of the group and topic that wrote last): `now() - min(caught_up_to)`.
+///
+/// The lag is unknown ([`LAG_UNKNOWN_MS`]: nothing that went quiet within
+/// ten years is opened or read as stuck or incomplete) while any partition's
+/// progress is not known to be current:
+///
+/// - its bound is not known yet (`caught_up_to` NULL);
+/// - its row is stale: not written for `stale_after`
+///   (`reconcile.progress_stale_after_ms`, a few of dlrflow-state's
+///   `health.lag_check_interval_ms`). Its consumer died, hangs in a failing
+///   batch, or the partition waits for an owner: the records behind it are
+///   unknown, however recent its last bound looked;
+/// - it has no row at all while a higher-numbered partition has one (a
+///   partition nobody reported).
+///
+/// `None` when no state consumer ever wrote a row (no gate: the triggers
+/// work as without it).
+pub async fn consumer_lag(
+    ex: impl sqlx::PgExecutor<'_>,
+    stale_after: Duration,
+) -> sqlx::Result<Option<i64>> {
+    let (rows, unknown, missing, lag): (i64, i64, i64, Option<f64>) = sqlx::query_as(
         r#"
-WITH w AS (SELECT group_id, topic FROM consumer_progress ORDER BY observed_at DESC LIMIT 1)
-SELECT bool_or(p.caught_up_to IS NULL),
-       extract(epoch FROM now() - min(p.caught_up_to))::float8 * 1000
-  FROM consumer_progress p JOIN w USING (group_id, topic)"#,
+WITH w AS (SELECT group_id, topic FROM consumer_progress ORDER BY observed_at DESC LIMIT 1),
+     p AS (SELECT p.* FROM consumer_progress p JOIN w USING (group_id, topic))
+SELECT count(*),
+       count(*) FILTER (WHERE caught_up_to IS NULL
+                           OR observed_at < now() - $1 * interval '1 millisecond'),
+       coalesce(max(partition) + 1 - count(*), 0),
+       extract(epoch FROM now() - min(caught_up_to))::float8 * 1000
+  FROM p"#,
     )
+    .bind(ms(stale_after))
     .fetch_one(ex)
     .await?;
-    Ok(match (unknown, lag) {
-        (None, _) => None,
-        (Some(true), _) | (_, None) => Some(LAG_UNKNOWN_MS),
-        (Some(false), Some(ms)) => Some((ms.max(0.0) as i64).min(LAG_UNKNOWN_MS)),
+    Ok(match (rows, unknown, missing, lag) {
+        (0, _, _, _) => None,
+        (_, 0, 0, Some(ms)) => Some((ms.max(0.0) as i64).min(LAG_UNKNOWN_MS)),
+        _ => Some(LAG_UNKNOWN_MS),
     })
 }
 
@@ -111,7 +132,7 @@ pub async fn sweep(pool: &PgPool, p: &SweepParams<'_>) -> sqlx::Result<Swept> {
     if !locked {
         return Ok(Swept::default());
     }
-    let lag = consumer_lag(&mut *tx).await?;
+    let lag = consumer_lag(&mut *tx, p.cfg.progress_stale_after()).await?;
     let out = Swept {
         ran: true,
         lag_ms: lag,
@@ -147,6 +168,7 @@ WITH cand AS (
        AND rs.created_at > now() - $2 * interval '1 millisecond'
        AND rs.last_event_at > now() - $2 * interval '1 millisecond'
        AND rs.last_event_at < now() - coalesce($7::bigint, 0) * interval '1 millisecond' - {DEADLINE}
+       AND rs.updated_at < now() - coalesce($7::bigint, 0) * interval '1 millisecond' - {DEADLINE}
        AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})
        AND (j.message_id IS NULL
             OR (j.done_at IS NOT NULL AND (j.last_read_at IS NULL OR j.last_read_at < now() - {DEADLINE})))
@@ -278,6 +300,7 @@ WITH cand AS (
        AND m.total_recipients IS NOT NULL
        AND coalesce(m.queued_at, m.first_seen_at)
            < now() - (coalesce($5::bigint, 0) + $2) * interval '1 millisecond'
+       AND m.first_seen_at < now() - (coalesce($5::bigint, 0) + $2) * interval '1 millisecond'
        AND coalesce(m.queued_at, m.first_seen_at) > now() - $3 * interval '1 millisecond'
        AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - $2 * interval '1 millisecond')
        AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)
@@ -435,7 +458,7 @@ pub async fn still_needed(
         return Ok(None);
     }
     let mut conn = pool.acquire().await?;
-    let lag = consumer_lag(&mut *conn).await?;
+    let lag = consumer_lag(&mut *conn, cfg.progress_stale_after()).await?;
     // Each condition twice: as of now, and as far as the state is complete.
     let sql = format!(
         r#"
@@ -446,20 +469,24 @@ SELECT
            WHERE rs.message_id = $1
              AND rs.status NOT IN ('delivered', 'failed')
              AND rs.last_event_at < now() - {DEADLINE}
+             AND rs.updated_at < now() - {DEADLINE}
              AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})),
   EXISTS (SELECT 1 FROM recipient_state rs LEFT JOIN messages m ON m.message_id = rs.message_id
            WHERE rs.message_id = $1
              AND rs.status NOT IN ('delivered', 'failed')
              AND rs.last_event_at < (SELECT horizon FROM t) - {DEADLINE}
+             AND rs.updated_at < (SELECT horizon FROM t) - {DEADLINE}
              AND (m.scheduled_at IS NULL OR m.scheduled_at < now() - {DEADLINE})),
   EXISTS (SELECT 1 FROM messages m
            WHERE m.message_id = $1 AND m.total_recipients IS NOT NULL
              AND coalesce(m.queued_at, m.first_seen_at) < now() - $6 * interval '1 millisecond'
+             AND m.first_seen_at < now() - $6 * interval '1 millisecond'
              AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id)),
   EXISTS (SELECT 1 FROM messages m
            WHERE m.message_id = $1 AND m.total_recipients IS NOT NULL
              AND coalesce(m.queued_at, m.first_seen_at)
                  < (SELECT horizon FROM t) - $6 * interval '1 millisecond'
+             AND m.first_seen_at < (SELECT horizon FROM t) - $6 * interval '1 millisecond'
              AND m.total_recipients > (SELECT count(*) FROM recipient_state rs WHERE rs.message_id = m.message_id))"#
     );
     let (flagged, stuck, stuck_complete, incomplete, incomplete_complete): (

@@ -265,6 +265,17 @@ impl App {
     }
 }
 
+/// `dlrflow-reconcile migrate`: connects with `postgres.*` alone and runs
+/// dlrflow-state's migrations, then the reconciler's own (see
+/// [`store::migrate`]); `serve` does the same at its start while
+/// `postgres.migrate` is true.
+pub async fn migrate(cfg: &config::MigrateConfig) -> anyhow::Result<()> {
+    let pool = store::connect(&cfg.postgres).await?;
+    let result = store::migrate(&pool).await;
+    pool.close().await;
+    result
+}
+
 /// `/readyz`: reads are allowed (no 401 holds them), PostgreSQL answers, the
 /// budget's Redis answers (without it no read can be granted), the broker
 /// answers and the status topic exists, and the last sweep worked. Details: `key_id` and the budget used in the window.

@@ -296,12 +296,24 @@ impl TestDb {
     }
 
     /// Writes webhook updates through dlrflow-state's write path (what its
-    /// consumer would have made of them).
+    /// consumer would have made of them), as if each had arrived at its
+    /// event time: the rows' `updated_at` (when the state last heard of a
+    /// recipient, which the stuck trigger counts from too) is set back to
+    /// their `last_event_at`.
     pub async fn seed(&self, updates: &[DeliveryUpdate]) {
         let mut tx = self.pool.begin().await.unwrap();
         dlrflow_state::apply_updates(&mut tx, updates, Utc::now())
             .await
             .unwrap();
+        let ids: Vec<&str> = updates.iter().map(|u| u.message_id.as_str()).collect();
+        sqlx::query(
+            "UPDATE recipient_state SET updated_at = last_event_at
+              WHERE message_id = ANY($1) AND updated_at > last_event_at",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     }
 }
