@@ -112,7 +112,11 @@ fn expected(truth: &[TruthRecipient]) -> (Value, Value) {
     let mut by_code: BTreeMap<String, Vec<&TruthRecipient>> = BTreeMap::new();
     for r in truth {
         by_carrier
-            .entry(r.carrier.clone().expect("the simulator names every carrier"))
+            .entry(
+                r.carrier
+                    .clone()
+                    .expect("the simulator names every carrier"),
+            )
             .or_default()
             .push(r);
         if r.status == FinalStatus::Failed {
@@ -263,15 +267,14 @@ async fn carrier_report_equals_the_simulators_truth() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(body["carriers"], want_carriers);
-    let (status, body) = get(
-        &format!("{url}?to={}", fmt(from)),
-        Some(READ_KEY),
-    )
-    .await;
+    let (status, body) = get(&format!("{url}?to={}", fmt(from)), Some(READ_KEY)).await;
     assert_eq!((status, body["carriers"].clone()), (200, json!([])));
     let (status, body) = get(&format!("{url}?from=2026-05-27T10:30:00Z"), Some(READ_KEY)).await;
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().unwrap().contains("whole hours"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("whole hours"),
+        "{body}"
+    );
     let (status, _) = get(&url, None).await;
     assert_eq!(status, 401);
 
@@ -282,7 +285,10 @@ async fn carrier_report_equals_the_simulators_truth() {
     assert_eq!(cli["carriers"], want_carriers);
     assert_eq!(cli["error_codes"], want_codes);
     let (ok, table, err) = p.state_cli(&["carriers"]).await.unwrap();
-    assert!(ok && table.contains("vodacom_drc") && table.contains("1505"), "{table}{err}");
+    assert!(
+        ok && table.contains("vodacom_drc") && table.contains("1505"),
+        "{table}{err}"
+    );
     eprintln!("{table}");
 
     // The rollup is a function of the log: a rebuild gives the same rows,

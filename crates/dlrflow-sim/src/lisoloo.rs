@@ -68,7 +68,9 @@ impl std::str::FromStr for CarrierProfile {
         let p = CarrierProfile {
             name: name.to_owned(),
             weight: weight.parse().map_err(|e| format!("`{s}`: weight: {e}"))?,
-            failure_rate: rate.parse().map_err(|e| format!("`{s}`: failure rate: {e}"))?,
+            failure_rate: rate
+                .parse()
+                .map_err(|e| format!("`{s}`: failure rate: {e}"))?,
             error_codes: codes
                 .split(',')
                 .filter(|c| !c.is_empty())
@@ -86,7 +88,10 @@ impl CarrierProfile {
             return Err(format!("carrier `{}`: a name and a weight > 0", self.name));
         }
         if !(0.0..=1.0).contains(&self.failure_rate) {
-            return Err(format!("carrier `{}`: failure rate within 0..=1", self.name));
+            return Err(format!(
+                "carrier `{}`: failure rate within 0..=1",
+                self.name
+            ));
         }
         if let Some(c) = self
             .error_codes
@@ -101,7 +106,9 @@ impl CarrierProfile {
     /// The indexes into [`ERRORS`] its failures draw from.
     fn errors(&self) -> Vec<usize> {
         (0..ERRORS.len())
-            .filter(|&i| self.error_codes.is_empty() || self.error_codes.iter().any(|c| c == ERRORS[i].0))
+            .filter(|&i| {
+                self.error_codes.is_empty() || self.error_codes.iter().any(|c| c == ERRORS[i].0)
+            })
             .collect()
     }
 }
@@ -302,7 +309,8 @@ impl LisolooPlan {
                             hit
                         })
                         .unwrap_or((0, &mix[0]));
-                    let phone = format!("+243{}{:07}", 60 + ci % 40, rng.gen_range(0..10_000_000u32));
+                    let phone =
+                        format!("+243{}{:07}", 60 + ci % 40, rng.gen_range(0..10_000_000u32));
                     let error = rng
                         .gen_bool(c.0.failure_rate)
                         .then(|| c.1[rng.gen_range(0..c.1.len())]);

@@ -94,7 +94,11 @@ pub fn latency_bin(ms: i64) -> i16 {
 /// 2^(bin/4) ms rounded up (1 for bin 0); for the open last bin, its lower
 /// edge.
 pub fn bin_edge_ms(bin: i16) -> u64 {
-    let k = if bin >= BINS - 1 { BINS - 2 } else { bin.max(0) };
+    let k = if bin >= BINS - 1 {
+        BINS - 2
+    } else {
+        bin.max(0)
+    };
     // The smallest whole ms above every value of the bin: ceil(2^(k/4)).
     2f64.powf(f64::from(k) / 4.0).ceil() as u64
 }
@@ -511,7 +515,13 @@ fn top(v: &[Count]) -> String {
     let s: Vec<String> = v
         .iter()
         .take(3)
-        .map(|c| format!("{}:{}", if c.name.is_empty() { "-" } else { &c.name }, c.count))
+        .map(|c| {
+            format!(
+                "{}:{}",
+                if c.name.is_empty() { "-" } else { &c.name },
+                c.count
+            )
+        })
         .collect();
     s.join(" ")
 }
@@ -605,7 +615,10 @@ mod tests {
     fn filter_refuses_what_the_rollup_cannot_answer() {
         assert!(Filter::parse(None, Some("2026-05-27T10:00:00Z"), None).is_ok());
         let e = Filter::parse(None, Some("2026-05-27T10:30:00Z"), None).unwrap_err();
-        assert!(e.contains("whole hours") && e.contains("2026-05-27T10:00:00Z"), "{e}");
+        assert!(
+            e.contains("whole hours") && e.contains("2026-05-27T10:00:00Z"),
+            "{e}"
+        );
         assert!(Filter::parse(None, Some("yesterday"), None)
             .unwrap_err()
             .contains("RFC 3339"));

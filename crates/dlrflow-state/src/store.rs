@@ -203,12 +203,9 @@ pub async fn apply_batch_with(
         return Ok(result);
     }
     let (mut current, source_of, mut bits) = load_recipients(tx, items, &fresh).await?;
-    let before = opts
-        .carrier_rollup
-        .then(|| (current.clone(), bits.clone()));
-    let (touched, message_updates, bits_changed) = tracing::info_span!("merge").in_scope(|| {
-        merge_in_order(items, &fresh, &mut current, &mut bits, &mut result)
-    });
+    let before = opts.carrier_rollup.then(|| (current.clone(), bits.clone()));
+    let (touched, message_updates, bits_changed) = tracing::info_span!("merge")
+        .in_scope(|| merge_in_order(items, &fresh, &mut current, &mut bits, &mut result));
     if !touched.is_empty() {
         write_recipients(tx, &touched, &current, &source_of, &bits).await?;
     }

@@ -90,38 +90,236 @@ fn steps() -> Vec<Vec<Event>> {
     vec![
         // r1 vodacom: webhooks all the way to delivered.
         vec![
-            upd("r1-p", s, "m-1", "r1", "vodacom", Processing, t(10, 0, 1), None, None, false),
-            upd("r1-s", s, "m-1", "r1", "vodacom", Sent, t(10, 0, 2), None, None, false),
-            upd("r1-d", s, "m-1", "r1", "vodacom", Delivered, t(10, 0, 5), None, None, false),
+            upd(
+                "r1-p",
+                s,
+                "m-1",
+                "r1",
+                "vodacom",
+                Processing,
+                t(10, 0, 1),
+                None,
+                None,
+                false,
+            ),
+            upd(
+                "r1-s",
+                s,
+                "m-1",
+                "r1",
+                "vodacom",
+                Sent,
+                t(10, 0, 2),
+                None,
+                None,
+                false,
+            ),
+            upd(
+                "r1-d",
+                s,
+                "m-1",
+                "r1",
+                "vodacom",
+                Delivered,
+                t(10, 0, 5),
+                None,
+                None,
+                false,
+            ),
             // r2 airtel: failed by webhook.
-            upd("r2-s", s, "m-1", "r2", "airtel", Sent, t(10, 0, 2), None, None, false),
-            upd("r2-f", s, "m-1", "r2", "airtel", Failed, t(10, 0, 12), None, Some("1502"), false),
+            upd(
+                "r2-s",
+                s,
+                "m-1",
+                "r2",
+                "airtel",
+                Sent,
+                t(10, 0, 2),
+                None,
+                None,
+                false,
+            ),
+            upd(
+                "r2-f",
+                s,
+                "m-1",
+                "r2",
+                "airtel",
+                Failed,
+                t(10, 0, 12),
+                None,
+                Some("1502"),
+                false,
+            ),
         ],
         // r3 vodacom: delivered and failed by webhook: a conflict.
         vec![
-            upd("r3-s", s, "m-1", "r3", "vodacom", Sent, t(10, 0, 3), None, None, false),
-            upd("r3-d", s, "m-1", "r3", "vodacom", Delivered, t(10, 0, 6), None, None, false),
-            upd("r3-f", s, "m-1", "r3", "vodacom", Failed, t(10, 0, 7), None, Some("1503"), false),
-            upd("r4-s", s, "m-1", "r4", "airtel", Sent, t(10, 0, 2), None, None, false),
-            upd("r5-s", s, "m-1", "r5", "orange", Sent, t(10, 0, 4), None, None, false),
+            upd(
+                "r3-s",
+                s,
+                "m-1",
+                "r3",
+                "vodacom",
+                Sent,
+                t(10, 0, 3),
+                None,
+                None,
+                false,
+            ),
+            upd(
+                "r3-d",
+                s,
+                "m-1",
+                "r3",
+                "vodacom",
+                Delivered,
+                t(10, 0, 6),
+                None,
+                None,
+                false,
+            ),
+            upd(
+                "r3-f",
+                s,
+                "m-1",
+                "r3",
+                "vodacom",
+                Failed,
+                t(10, 0, 7),
+                None,
+                Some("1503"),
+                false,
+            ),
+            upd(
+                "r4-s",
+                s,
+                "m-1",
+                "r4",
+                "airtel",
+                Sent,
+                t(10, 0, 2),
+                None,
+                None,
+                false,
+            ),
+            upd(
+                "r5-s",
+                s,
+                "m-1",
+                "r5",
+                "orange",
+                Sent,
+                t(10, 0, 4),
+                None,
+                None,
+                false,
+            ),
         ],
         // The status API: r3 failed (resolves the conflict), r4 delivered
         // (no webhook said so: status-API only), r5 failed (the same).
         vec![
-            upd("api-r3", s, "m-1", "r3", "vodacom", Failed, t(10, 0, 7), Some(t(10, 0, 3)), Some("1503"), true),
-            upd("api-r4", s, "m-1", "r4", "airtel", Delivered, t(10, 0, 9), Some(t(10, 0, 2)), None, true),
-            upd("api-r5", s, "m-1", "r5", "orange", Failed, t(10, 0, 20), Some(t(10, 0, 4)), Some("1510"), true),
+            upd(
+                "api-r3",
+                s,
+                "m-1",
+                "r3",
+                "vodacom",
+                Failed,
+                t(10, 0, 7),
+                Some(t(10, 0, 3)),
+                Some("1503"),
+                true,
+            ),
+            upd(
+                "api-r4",
+                s,
+                "m-1",
+                "r4",
+                "airtel",
+                Delivered,
+                t(10, 0, 9),
+                Some(t(10, 0, 2)),
+                None,
+                true,
+            ),
+            upd(
+                "api-r5",
+                s,
+                "m-1",
+                "r5",
+                "orange",
+                Failed,
+                t(10, 0, 20),
+                Some(t(10, 0, 4)),
+                Some("1510"),
+                true,
+            ),
             // m-2 of another source.
-            upd("r6-d", "s2", "m-2", "r6", "vodacom", Delivered, t(11, 30, 0), None, None, false),
+            upd(
+                "r6-d",
+                "s2",
+                "m-2",
+                "r6",
+                "vodacom",
+                Delivered,
+                t(11, 30, 0),
+                None,
+                None,
+                false,
+            ),
         ],
         // Duplicates of everything so far change nothing.
         vec![
-            upd("r1-d", s, "m-1", "r1", "vodacom", Delivered, t(10, 0, 5), None, None, false),
-            upd("api-r4", s, "m-1", "r4", "airtel", Delivered, t(10, 0, 9), Some(t(10, 0, 2)), None, true),
-            upd("r3-f", s, "m-1", "r3", "vodacom", Failed, t(10, 0, 7), None, Some("1503"), false),
+            upd(
+                "r1-d",
+                s,
+                "m-1",
+                "r1",
+                "vodacom",
+                Delivered,
+                t(10, 0, 5),
+                None,
+                None,
+                false,
+            ),
+            upd(
+                "api-r4",
+                s,
+                "m-1",
+                "r4",
+                "airtel",
+                Delivered,
+                t(10, 0, 9),
+                Some(t(10, 0, 2)),
+                None,
+                true,
+            ),
+            upd(
+                "r3-f",
+                s,
+                "m-1",
+                "r3",
+                "vodacom",
+                Failed,
+                t(10, 0, 7),
+                None,
+                Some("1503"),
+                false,
+            ),
         ],
         // r4's delivered webhook comes late, after the status read.
-        vec![upd("r4-d", s, "m-1", "r4", "airtel", Delivered, t(10, 0, 9), None, None, false)],
+        vec![upd(
+            "r4-d",
+            s,
+            "m-1",
+            "r4",
+            "airtel",
+            Delivered,
+            t(10, 0, 9),
+            None,
+            None,
+            false,
+        )],
         // m-1's sms.queued comes last: its recipients move to 09:00.
         vec![queued("m1-q", s, "m-1", t(9, 59, 0))],
     ]
@@ -186,10 +384,15 @@ async fn from_scratch(pool: &PgPool) -> Rollup {
         let status: String = r.get("status");
         let queued = ts("mq").or(ts("queued_at"));
         let basis = queued
-            .or([ts("processing_at"), ts("sent_at"), ts("delivered_at"), ts("failed_at")]
-                .into_iter()
-                .flatten()
-                .min())
+            .or([
+                ts("processing_at"),
+                ts("sent_at"),
+                ts("delivered_at"),
+                ts("failed_at"),
+            ]
+            .into_iter()
+            .flatten()
+            .min())
             .unwrap_or(r.get("last_event_at"));
         let hour = Utc
             .timestamp_opt(basis.timestamp() - basis.timestamp().rem_euclid(3600), 0)
@@ -222,7 +425,8 @@ async fn from_scratch(pool: &PgPool) -> Rollup {
         if r.get::<i16, _>("webhook_terminals") & bit == 0 {
             add("status_api_only", 0);
         }
-        if let (true, Some(s), Some(d)) = (status == "delivered", ts("sent_at"), ts("delivered_at")) {
+        if let (true, Some(s), Some(d)) = (status == "delivered", ts("sent_at"), ts("delivered_at"))
+        {
             add("sent_to_delivered", bin(s, d));
         }
         if let (Some(q), Some(e)) = (queued, terminal_at) {
@@ -284,35 +488,78 @@ async fn the_rollup_equals_a_from_scratch_computation_through_conflicts_and_over
             assert_eq!(carrier(&r, "vodacom").stats.status_api_only, 0);
             // Before m-1's sms.queued, no queued → terminal, and m-1 is at 10:00.
             assert_eq!(carrier(&r, "vodacom").stats.queued_to_terminal.count, 0);
-            let ten = Filter::parse(None, Some("2026-05-27T10:00:00Z"), Some("2026-05-27T11:00:00Z")).unwrap();
-            assert_eq!(report(&pool, &ten).await.unwrap().carriers.iter().map(|c| c.stats.recipients).sum::<u64>(), 5);
+            let ten = Filter::parse(
+                None,
+                Some("2026-05-27T10:00:00Z"),
+                Some("2026-05-27T11:00:00Z"),
+            )
+            .unwrap();
+            assert_eq!(
+                report(&pool, &ten)
+                    .await
+                    .unwrap()
+                    .carriers
+                    .iter()
+                    .map(|c| c.stats.recipients)
+                    .sum::<u64>(),
+                5
+            );
         }
     }
     let r = report(&pool, &all).await.unwrap();
     eprintln!("{}", r.table());
     let v = carrier(&r, "vodacom");
     assert_eq!(
-        (v.stats.recipients, v.stats.delivered, v.stats.failed, v.stats.pending),
+        (
+            v.stats.recipients,
+            v.stats.delivered,
+            v.stats.failed,
+            v.stats.pending
+        ),
         (3, 2, 1, 0)
     );
     assert_eq!(v.stats.delivery_rate, Some(2.0 / 3.0));
     assert_eq!(v.stats.status_api_only, 0);
     assert_eq!(v.top_error_codes.len(), 1);
-    assert_eq!((v.top_error_codes[0].name.as_str(), v.top_error_codes[0].count), ("1503", 1));
+    assert_eq!(
+        (
+            v.top_error_codes[0].name.as_str(),
+            v.top_error_codes[0].count
+        ),
+        ("1503", 1)
+    );
     // r1 only: r6 has no sent time.
     assert_eq!(v.stats.sent_to_delivered.count, 1);
-    assert_eq!(v.stats.sent_to_delivered.p50_ms, edge(t(10, 0, 2), t(10, 0, 5)));
+    assert_eq!(
+        v.stats.sent_to_delivered.p50_ms,
+        edge(t(10, 0, 2), t(10, 0, 5))
+    );
     // r1 (65 s) and r3 (67 s): nearest rank, p50 is r1's, p95 r3's.
     assert_eq!(v.stats.queued_to_terminal.count, 2);
-    assert_eq!(v.stats.queued_to_terminal.p50_ms, edge(t(9, 59, 0), t(10, 0, 5)));
-    assert_eq!(v.stats.queued_to_terminal.p95_ms, edge(t(9, 59, 0), t(10, 0, 7)));
+    assert_eq!(
+        v.stats.queued_to_terminal.p50_ms,
+        edge(t(9, 59, 0), t(10, 0, 5))
+    );
+    assert_eq!(
+        v.stats.queued_to_terminal.p95_ms,
+        edge(t(9, 59, 0), t(10, 0, 7))
+    );
     let a = carrier(&r, "airtel");
-    assert_eq!((a.stats.recipients, a.stats.delivered, a.stats.failed), (2, 1, 1));
+    assert_eq!(
+        (a.stats.recipients, a.stats.delivered, a.stats.failed),
+        (2, 1, 1)
+    );
     // r4's late webhook: reported, not missing.
     assert_eq!(a.stats.status_api_only, 0);
-    assert_eq!(a.stats.sent_to_delivered.p50_ms, edge(t(10, 0, 2), t(10, 0, 9)));
+    assert_eq!(
+        a.stats.sent_to_delivered.p50_ms,
+        edge(t(10, 0, 2), t(10, 0, 9))
+    );
     let o = carrier(&r, "orange");
-    assert_eq!((o.stats.recipients, o.stats.failed, o.stats.status_api_only), (1, 1, 1));
+    assert_eq!(
+        (o.stats.recipients, o.stats.failed, o.stats.status_api_only),
+        (1, 1, 1)
+    );
     assert_eq!(o.stats.status_api_only_share, Some(1.0));
     let codes: Vec<(&str, u64, u64, &str)> = r
         .error_codes
@@ -328,14 +575,34 @@ async fn the_rollup_equals_a_from_scratch_computation_through_conflicts_and_over
         .collect();
     assert_eq!(
         codes,
-        vec![("1502", 1, 0, "airtel"), ("1503", 1, 0, "vodacom"), ("1510", 1, 1, "orange")]
+        vec![
+            ("1502", 1, 0, "airtel"),
+            ("1503", 1, 0, "vodacom"),
+            ("1510", 1, 1, "orange")
+        ]
     );
     // from / to filter on the basis hour: m-1 moved to 09:00 with its
     // queued time; m-2 (s2) stays at 11:00.
-    let nine = Filter::parse(None, Some("2026-05-27T09:00:00Z"), Some("2026-05-27T10:00:00Z")).unwrap();
-    let n: u64 = report(&pool, &nine).await.unwrap().carriers.iter().map(|c| c.stats.recipients).sum();
+    let nine = Filter::parse(
+        None,
+        Some("2026-05-27T09:00:00Z"),
+        Some("2026-05-27T10:00:00Z"),
+    )
+    .unwrap();
+    let n: u64 = report(&pool, &nine)
+        .await
+        .unwrap()
+        .carriers
+        .iter()
+        .map(|c| c.stats.recipients)
+        .sum();
     assert_eq!(n, 5);
-    let ten = Filter::parse(None, Some("2026-05-27T10:00:00Z"), Some("2026-05-27T11:00:00Z")).unwrap();
+    let ten = Filter::parse(
+        None,
+        Some("2026-05-27T10:00:00Z"),
+        Some("2026-05-27T11:00:00Z"),
+    )
+    .unwrap();
     assert!(report(&pool, &ten).await.unwrap().carriers.is_empty());
     let s2 = Filter::parse(Some("s2"), None, None).unwrap();
     let r2 = report(&pool, &s2).await.unwrap();
@@ -345,7 +612,10 @@ async fn the_rollup_equals_a_from_scratch_computation_through_conflicts_and_over
     // The migration's backfill (0006) builds the same rollup and webhook
     // bits from a state written before it.
     let live = rollup(&pool).await;
-    sqlx::query("TRUNCATE carrier_rollup").execute(&pool).await.unwrap();
+    sqlx::query("TRUNCATE carrier_rollup")
+        .execute(&pool)
+        .await
+        .unwrap();
     sqlx::query("UPDATE recipient_state SET webhook_terminals = 0")
         .execute(&pool)
         .await
@@ -354,7 +624,11 @@ async fn the_rollup_equals_a_from_scratch_computation_through_conflicts_and_over
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(rollup(&pool).await, live, "the backfill equals the write path");
+    assert_eq!(
+        rollup(&pool).await,
+        live,
+        "the backfill equals the write path"
+    );
 
     // The same events in reverse order (each step reversed, the steps
     // reversed too, duplicates included) in another schema: the same rollup.
@@ -364,7 +638,11 @@ async fn the_rollup_equals_a_from_scratch_computation_through_conflicts_and_over
         apply(&other, &rev).await;
     }
     assert_eq!(rollup(&other).await, from_scratch(&other).await);
-    assert_eq!(rollup(&other).await, rollup(&pool).await, "order-independent");
+    assert_eq!(
+        rollup(&other).await,
+        rollup(&pool).await,
+        "order-independent"
+    );
     drop(other, &other_name).await;
     drop(pool, &name).await;
 }
