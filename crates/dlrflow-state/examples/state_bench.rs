@@ -733,6 +733,11 @@ async fn rollup_report(args: &Args, rounds: usize) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // Each round's on / off pair ran back to back: the median of their
+    // ratios is less exposed to load that comes and goes than the ratio of
+    // the medians.
+    let mut ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+    let ratio = median(&mut ratios);
     let rounds_on = fmt(&on);
     let rounds_off = fmt(&off);
     let (m_on, m_off) = (median(&mut on), median(&mut off));
@@ -743,9 +748,11 @@ async fn rollup_report(args: &Args, rounds: usize) -> anyhow::Result<()> {
          | carrier rollup off | {n} | {rounds_off} | {m_off:.0} |\n"
     );
     let summary = format!(
-        "rollup cost: {:.1} % of the write path's throughput (median on / off = {:.3})\n",
-        (1.0 - m_on / m_off) * 100.0,
-        m_on / m_off
+        "rollup cost: {:.1} % of the write path's throughput (median of the rounds' on / off = {ratio:.3}; \
+         ratio of the medians {:.3}); load average at the end {}\n",
+        (1.0 - ratio) * 100.0,
+        m_on / m_off,
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
     println!("{table}\n{summary}");
     let out = args.out.with_file_name("state-rollup.md");
