@@ -198,7 +198,8 @@ pub async fn apply_batch_with(
     if fresh.is_empty() {
         return Ok(result);
     }
-    let fresh = claim_messages(tx, items, fresh, &mut seen, &mut result.outcomes).await?;
+    let (fresh, claimed) =
+        claim_messages(tx, items, fresh, &mut seen, &mut result.outcomes).await?;
     if fresh.is_empty() {
         return Ok(result);
     }
@@ -233,6 +234,7 @@ pub async fn apply_batch_with(
                 source_of: &source_of,
                 changed: &changed,
                 queued_changes: &queued_changes,
+                claimed: &claimed,
             },
         )
         .await?;
@@ -250,6 +252,7 @@ struct Rollup<'a> {
     source_of: &'a SourceOf<'a>,
     changed: &'a Touched,
     queued_changes: &'a QueuedChanges,
+    claimed: &'a Claimed,
 }
 
 /// Keeps `carrier_rollup` equal to the sum of every recipient's
@@ -259,21 +262,15 @@ struct Rollup<'a> {
 /// old one is exact because every writer of a message's recipients or of
 /// its queued time holds the message's advisory lock ([`lock_recipients`]).
 async fn roll_up(tx: &mut Transaction<'_, Postgres>, r: &Rollup<'_>) -> Result<(), StoreError> {
-    let mut mids: BTreeSet<&str> = r.changed.iter().map(|k| k.0.as_str()).collect();
-    mids.extend(r.queued_changes.keys().map(String::as_str));
-    if mids.is_empty() {
-        return Ok(());
-    }
-    let mids: Vec<&str> = mids.into_iter().collect();
-    let queued_now: HashMap<String, Option<DateTime<Utc>>> =
-        sqlx::query_as("SELECT message_id, queued_at FROM messages WHERE message_id = ANY($1)")
-            .bind(&mids)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect();
-    let now = |m: &str| queued_now.get(m).copied().flatten();
-    let old = |m: &str| r.queued_changes.get(m).map_or_else(|| now(m), |c| c.0);
+    // Every message of the batch was read by the claim, under the
+    // message's advisory lock: its queued time before the batch, and after
+    // it unless the batch changed it.
+    let old = |m: &str| r.claimed.queued.get(m).copied().flatten();
+    let now = |m: &str| {
+        r.queued_changes
+            .get(m)
+            .map_or_else(|| old(m), |c| Some(c.1))
+    };
     let mut deltas = crate::carriers::Deltas::new();
     for key in r.changed {
         let (m, p) = (key.0.as_str(), key.1.as_str());
@@ -287,8 +284,15 @@ async fn roll_up(tx: &mut Transaction<'_, Postgres>, r: &Rollup<'_>) -> Result<(
             crate::carriers::contribute(&mut deltas, 1, source, state, bits, now(m));
         }
     }
-    if !r.queued_changes.is_empty() {
-        let ids: Vec<&str> = r.queued_changes.keys().map(String::as_str).collect();
+    // A message whose row this batch created has no recipient but the ones
+    // the batch wrote (in `changed`): only older messages are read.
+    let ids: Vec<&str> = r
+        .queued_changes
+        .keys()
+        .filter(|m| !r.claimed.created.contains(*m))
+        .map(String::as_str)
+        .collect();
+    if !ids.is_empty() {
         let rows = sqlx::query(&format!(
             "SELECT {STATE_COLUMNS}, source, webhook_terminals FROM recipient_state \
              WHERE message_id = ANY($1) ORDER BY message_id, recipient"
@@ -415,6 +419,15 @@ async fn recorded_keys(
     Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
 }
 
+/// What [`claim_messages`] learnt of the batch's messages, for [`roll_up`]:
+/// their queued time before the batch, and which rows the batch created
+/// (such a message has no recipient the batch does not write itself).
+#[derive(Debug, Default)]
+struct Claimed {
+    queued: HashMap<String, Option<DateTime<Utc>>>,
+    created: HashSet<String>,
+}
+
 /// Gives every message touched a `messages` row (sorted: one lock order),
 /// then keeps the inputs of the source that owns their message (tenant
 /// isolation: another source's input is [`Outcome::Foreign`], changes
@@ -425,7 +438,7 @@ async fn claim_messages(
     fresh: Vec<usize>,
     seen: &mut HashSet<String>,
     outcomes: &mut [Outcome],
-) -> Result<Vec<usize>, StoreError> {
+) -> Result<(Vec<usize>, Claimed), StoreError> {
     let mut msgs: Vec<(&str, &str, &str)> = Vec::new();
     let mut ids = BTreeSet::new();
     for &i in &fresh {
@@ -436,23 +449,34 @@ async fn claim_messages(
     }
     msgs.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let ids: Vec<&str> = msgs.iter().map(|m| m.0).collect();
-    sqlx::query(
+    let created: HashSet<String> = sqlx::query_scalar(
         "INSERT INTO messages (message_id, source, provider) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (message_id) DO NOTHING",
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (message_id) DO NOTHING \
+         RETURNING message_id",
     )
     .bind(&ids)
     .bind(msgs.iter().map(|m| m.1).collect::<Vec<_>>())
     .bind(msgs.iter().map(|m| m.2).collect::<Vec<_>>())
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    let rows: Vec<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT message_id, source, queued_at FROM messages WHERE message_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
     .await?;
-    let owners: HashMap<String, String> =
-        sqlx::query_as("SELECT message_id, source FROM messages WHERE message_id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect();
-    Ok(fresh
+    let mut owners: HashMap<String, String> = HashMap::with_capacity(rows.len());
+    let mut claimed = Claimed {
+        queued: HashMap::with_capacity(rows.len()),
+        created,
+    };
+    for (id, source, queued) in rows {
+        claimed.queued.insert(id.clone(), queued);
+        owners.insert(id, source);
+    }
+    let fresh = fresh
         .into_iter()
         .filter(|&i| {
             let (id, _, source) = subject(items[i].event);
@@ -464,7 +488,8 @@ async fn claim_messages(
             // hide a genuine one that carries the same key.
             seen.insert(items[i].event.dedupe_key().to_owned())
         })
-        .collect())
+        .collect();
+    Ok((fresh, claimed))
 }
 
 /// The current recipient rows (locked), by (message, recipient).
