@@ -1,8 +1,9 @@
 //! PostgreSQL: connection, migrations, and the one write path
 //! ([`apply_batch`] / [`apply_updates`]) shared by the consumer and
 //! dlrflow-reconcile. Everything a batch changes — recipient rows, message
-//! rows, the durable dedupe record and the analytics outbox — is written in the
-//! caller's transaction, so a crash either keeps all of it or none.
+//! rows, the durable dedupe record, the analytics outbox and the carrier
+//! rollup ([`crate::carriers`]) — is written in the caller's transaction, so
+//! a crash either keeps all of it or none.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
