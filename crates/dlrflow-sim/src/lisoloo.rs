@@ -705,3 +705,46 @@ pub async fn run_lisoloo_plan(
         truth,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_carrier_mix_parses_and_shapes_the_plan() {
+        let v: CarrierProfile = "vodacom_drc:3:0:1502".parse().unwrap();
+        assert_eq!(
+            (v.name.as_str(), v.weight, v.failure_rate),
+            ("vodacom_drc", 3, 0.0)
+        );
+        let o: CarrierProfile = "orange_drc:1:1".parse().unwrap();
+        assert!(o.error_codes.is_empty());
+        for bad in ["x", "x:0:0.1", "x:1:2", "x:1:0.1:9999", ":1:0.1"] {
+            assert!(bad.parse::<CarrierProfile>().is_err(), "{bad}");
+        }
+        let o: CarrierProfile = "orange_drc:1:1:1504,1505".parse().unwrap();
+        let cfg = LisolooConfig {
+            messages: 200,
+            recipients: 2,
+            carriers: vec![v, o],
+            ..LisolooConfig::default()
+        };
+        let plan = LisolooPlan::new(&cfg, Utc::now());
+        let truth = plan.truth_with(None);
+        let on = |c: &str| {
+            truth
+                .recipients
+                .iter()
+                .filter(|r| r.carrier.as_deref() == Some(c))
+                .collect::<Vec<_>>()
+        };
+        let (v, o) = (on("vodacom_drc"), on("orange_drc"));
+        assert_eq!(v.len() + o.len(), 400);
+        // Weights 3:1 (about 300:100).
+        assert!((250..=350).contains(&v.len()), "{}", v.len());
+        assert!(v.iter().all(|r| r.status == FinalStatus::Delivered));
+        assert!(o.iter().all(|r| r.status == FinalStatus::Failed
+            && matches!(r.error_code.as_deref(), Some("1504" | "1505"))));
+        assert!(truth.recipients.iter().all(|r| r.queued_at.is_some()));
+    }
+}
