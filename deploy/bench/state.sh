@@ -4,8 +4,10 @@
 # shared stack's broker already holds. In one run: the throughput (raw topic
 # → committed state, batched vs naive, and the stage alone), the idle latency
 # (single events, acknowledged → committed) and a sustained load
-# (acknowledged → visible, every tenth chunk). Reports: reports/state-bench.md,
-# reports/state-idle-latency.md, reports/state-sustained.md.
+# (acknowledged → visible, every tenth chunk); and the write path with the
+# carrier rollup on vs off (stage only, alternating rounds). Reports:
+# reports/state-bench.md, reports/state-idle-latency.md,
+# reports/state-sustained.md, reports/state-rollup.md.
 #
 #   deploy/bench/state.sh [events=100000] [sustained events/s=5000] [seconds=60] [idle events=30]
 set -euo pipefail
@@ -28,3 +30,4 @@ fresh_broker
 "${BENCH[@]}" --idle "$IDLE"
 fresh_broker
 "${BENCH[@]}" --sustained "$RATE" --secs "$SECS"
+"${BENCH[@]}" --rollup 3 --stage-events "$(( EVENTS < 50000 ? EVENTS : 50000 ))"

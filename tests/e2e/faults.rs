@@ -24,6 +24,7 @@ fn send(p: &Pipeline, messages: usize, duplicate_rate: f64) -> JoinHandle<SimRep
         recipients: 3,
         send_rate: messages as f64 / 20.0,
         failure_rate: 0.1,
+        carriers: Vec::new(),
         seed: 4242,
     };
     tokio::spawn(async move {

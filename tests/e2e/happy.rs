@@ -35,6 +35,7 @@ async fn lisoloo_at_scale_with_duplicates_and_full_reordering() {
         recipients: 5,
         send_rate: 0.0,
         failure_rate: 0.1,
+        carriers: Vec::new(),
         seed: 20261123,
     };
     let report = run_lisoloo(&cfg, &Gateway::new(), CancellationToken::new())

@@ -97,6 +97,7 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_in_a_real_scrape() {
         recipients: 2,
         send_rate: 20.0,
         failure_rate: 0.1,
+        carriers: Vec::new(),
         seed: 12,
     };
     let report = run_lisoloo(&cfg, &gateway, CancellationToken::new())

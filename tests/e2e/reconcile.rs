@@ -34,6 +34,7 @@ async fn withheld_terminal_events_are_recovered_within_the_read_budget() {
         recipients: 3,
         send_rate: 30.0,
         failure_rate: 0.1,
+        carriers: Vec::new(),
         seed: 99,
     };
     let report = run_lisoloo(&cfg, &gateway, CancellationToken::new())
@@ -155,6 +156,7 @@ async fn no_status_read_while_the_answer_waits_in_kafka() {
         recipients: 2,
         send_rate: 20.0,
         failure_rate: 0.1,
+        carriers: Vec::new(),
         seed: 7,
     };
     let sim_gateway = gateway.clone();

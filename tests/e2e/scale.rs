@@ -71,6 +71,7 @@ async fn many_replicas_share_the_work_and_survive_kills() {
         recipients: 5,
         send_rate: 200.0,
         failure_rate: 0.1,
+        carriers: Vec::new(),
         seed: 15,
     };
     let started = Instant::now();

@@ -74,6 +74,7 @@ async fn no_service_shows_a_secret_in_logs_readiness_or_metrics() {
         recipients: 2,
         send_rate: 0.0,
         failure_rate: 0.1,
+        carriers: Vec::new(),
         seed: 4242,
     };
     let report = run_lisoloo(&cfg, &gateway, CancellationToken::new())

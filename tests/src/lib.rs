@@ -709,6 +709,32 @@ impl Pipeline {
         Ok((out.status.success(), text))
     }
 
+    /// Runs `dlrflow-state ARGS…` with `state-0`'s settings (bounded to a
+    /// minute); returns whether it exited 0, its stdout and its stderr.
+    pub async fn state_cli(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let s = self
+            .services
+            .get("state-0")
+            .context("the command takes state-0's settings")?;
+        let bin = Kind::State.binary()?;
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .envs(s.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .context("the command did not finish within a minute")??;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// What the log promises after a run: the analytics topic is clean
     /// ([`Analytics::assert_clean`]) and the state rebuilt from the raw and
     /// status topics equals the live one row by row.

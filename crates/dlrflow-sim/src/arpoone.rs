@@ -281,6 +281,7 @@ impl ArpoonePlan {
             let t = at(self.base, r.due);
             let failed = r.status == RecordStatus::NotDelivered;
             recipients.push(TruthRecipient {
+                queued_at: None,
                 provider: Provider::Arpoone,
                 source: self.source.clone(),
                 message_id: m.id.to_string(),

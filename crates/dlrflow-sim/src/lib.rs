@@ -25,7 +25,7 @@ pub mod verify;
 
 pub use arpoone::{run_arpoone, run_arpoone_plan, ArpooneConfig, ArpoonePlan, Routing};
 pub use delivery::{DeliveryConfig, TypeReport, DEFAULT_RETRY_SCHEDULE};
-pub use lisoloo::{run_lisoloo, run_lisoloo_plan, LisolooConfig, LisolooPlan};
+pub use lisoloo::{run_lisoloo, run_lisoloo_plan, CarrierProfile, LisolooConfig, LisolooPlan};
 pub use report::SimReport;
 pub use status::{Gateway, ReadRecord, StatusResponse, StatusServer, StatusServerConfig};
 pub use truth::{FinalStatus, Provider, Truth, TruthRecipient, WebhookFate};

@@ -32,9 +32,85 @@ pub struct LisolooConfig {
     pub recipients: usize,
     /// Messages started per second (unscaled); 0 = all at once.
     pub send_rate: f64,
-    /// Share of recipients that end `failed`.
+    /// Share of recipients that end `failed` (when `carriers` is empty).
     pub failure_rate: f64,
+    /// The carrier mix; empty: the four default carriers, equally likely,
+    /// all failing at `failure_rate` with any code of [`ERRORS`].
+    pub carriers: Vec<CarrierProfile>,
     pub seed: u64,
+}
+
+/// One carrier of a mix: how often recipients are on it, how often they
+/// fail there and with which codes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CarrierProfile {
+    pub name: String,
+    /// Relative weight of the carrier in the mix (> 0).
+    pub weight: u32,
+    /// Share of its recipients that end `failed`.
+    pub failure_rate: f64,
+    /// The codes of [`ERRORS`] its failures draw from (equally likely);
+    /// empty: all of them.
+    pub error_codes: Vec<String>,
+}
+
+impl std::str::FromStr for CarrierProfile {
+    type Err = String;
+
+    /// `NAME:WEIGHT:FAILURE_RATE[:CODE,CODE…]`, e.g. `vodacom_drc:5:0.1:1502,1503`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (name, weight, rate, codes) = match parts.as_slice() {
+            [n, w, r] => (*n, *w, *r, ""),
+            [n, w, r, c] => (*n, *w, *r, *c),
+            _ => return Err(format!("`{s}`: expected NAME:WEIGHT:FAILURE_RATE[:CODES]")),
+        };
+        let p = CarrierProfile {
+            name: name.to_owned(),
+            weight: weight.parse().map_err(|e| format!("`{s}`: weight: {e}"))?,
+            failure_rate: rate
+                .parse()
+                .map_err(|e| format!("`{s}`: failure rate: {e}"))?,
+            error_codes: codes
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        };
+        p.check()?;
+        Ok(p)
+    }
+}
+
+impl CarrierProfile {
+    fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.weight == 0 {
+            return Err(format!("carrier `{}`: a name and a weight > 0", self.name));
+        }
+        if !(0.0..=1.0).contains(&self.failure_rate) {
+            return Err(format!(
+                "carrier `{}`: failure rate within 0..=1",
+                self.name
+            ));
+        }
+        if let Some(c) = self
+            .error_codes
+            .iter()
+            .find(|c| !ERRORS.iter().any(|e| e.0 == c.as_str()))
+        {
+            return Err(format!("carrier `{}`: unknown error code {c}", self.name));
+        }
+        Ok(())
+    }
+
+    /// The indexes into [`ERRORS`] its failures draw from.
+    fn errors(&self) -> Vec<usize> {
+        (0..ERRORS.len())
+            .filter(|&i| {
+                self.error_codes.is_empty() || self.error_codes.iter().any(|c| c == ERRORS[i].0)
+            })
+            .collect()
+    }
 }
 
 impl Default for LisolooConfig {
@@ -45,6 +121,7 @@ impl Default for LisolooConfig {
             recipients: 3,
             send_rate: 50.0,
             failure_rate: 0.1,
+            carriers: Vec::new(),
             seed: 0,
         }
     }
@@ -117,7 +194,7 @@ const CARRIERS: [(&str, &str); 4] = [
 #[derive(Debug, Clone)]
 struct PlanRecipient {
     phone: String,
-    carrier: &'static str,
+    carrier: String,
     sent: Option<Duration>,
     terminal: Duration,
     /// `None` = delivered, `Some(i)` = failed with `ERRORS[i]`.
@@ -127,6 +204,7 @@ struct PlanRecipient {
 #[derive(Debug, Clone)]
 struct PlanMessage {
     id: String,
+    queued: Duration,
     segments: u32,
     recipients: Vec<PlanRecipient>,
 }
@@ -189,6 +267,9 @@ impl LisolooPlan {
         );
         let d = &cfg.delivery;
         let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let mix: Vec<(&CarrierProfile, Vec<usize>)> =
+            cfg.carriers.iter().map(|c| (c, c.errors())).collect();
+        let total_weight: u32 = mix.iter().map(|c| c.0.weight).sum::<u32>().max(1);
         let mut messages = Vec::with_capacity(cfg.messages);
         let mut events = Vec::new();
         for m in 0..cfg.messages {
@@ -212,12 +293,36 @@ impl LisolooPlan {
                 withheld: false,
             });
             for r in 0..cfg.recipients {
-                let (carrier, prefix) = CARRIERS[rng.gen_range(0..CARRIERS.len())];
-                let phone = format!("+243{prefix}{:07}", rng.gen_range(0..10_000_000u32));
+                let (carrier, phone, error) = if mix.is_empty() {
+                    // The original draws, so a run without a mix is unchanged.
+                    let (carrier, prefix) = CARRIERS[rng.gen_range(0..CARRIERS.len())];
+                    let phone = format!("+243{prefix}{:07}", rng.gen_range(0..10_000_000u32));
+                    (carrier.to_owned(), phone, None)
+                } else {
+                    let mut w = rng.gen_range(0..total_weight);
+                    let (ci, c) = mix
+                        .iter()
+                        .enumerate()
+                        .find(|(_, (c, _))| {
+                            let hit = w < c.weight;
+                            w = w.saturating_sub(c.weight);
+                            hit
+                        })
+                        .unwrap_or((0, &mix[0]));
+                    let phone =
+                        format!("+243{}{:07}", 60 + ci % 40, rng.gen_range(0..10_000_000u32));
+                    let error = rng
+                        .gen_bool(c.0.failure_rate)
+                        .then(|| c.1[rng.gen_range(0..c.1.len())]);
+                    (c.0.name.clone(), phone, Some(error))
+                };
                 let processing = queued + d.scaled(ms(rng.gen_range(300.0..3000.0)));
-                let error = rng
-                    .gen_bool(cfg.failure_rate)
-                    .then(|| rng.gen_range(0..ERRORS.len()));
+                let error = match error {
+                    Some(e) => e,
+                    None => rng
+                        .gen_bool(cfg.failure_rate)
+                        .then(|| rng.gen_range(0..ERRORS.len())),
+                };
                 let before_sent = error.is_some_and(|e| ERRORS[e].3);
                 let sent =
                     (!before_sent).then(|| processing + d.scaled(ms(rng.gen_range(500.0..5000.0))));
@@ -259,6 +364,7 @@ impl LisolooPlan {
             }
             messages.push(PlanMessage {
                 id,
+                queued,
                 segments,
                 recipients,
             });
@@ -361,7 +467,7 @@ impl LisolooPlan {
         let r = &m.recipients[e.recipient];
         let segments = m.segments;
         gateway.update(&m.id, e.recipient, |s| {
-            s.carrier = Some(r.carrier.to_owned());
+            s.carrier = Some(r.carrier.clone());
             s.segments = Some(segments);
             // The gateway's own machine only moves forward.
             match e.kind {
@@ -424,8 +530,9 @@ impl LisolooPlan {
                     failed_at: err.is_some().then_some(end),
                     error_code: err.map(|e| e.0.to_owned()),
                     error_message: err.map(|e| e.1.to_owned()),
-                    carrier: Some(r.carrier.to_owned()),
+                    carrier: Some(r.carrier.clone()),
                     segments: m.segments,
+                    queued_at: Some(at(self.base, m.queued)),
                     terminal_webhook: terminal_fate[mi][ri],
                 });
             }
@@ -477,6 +584,9 @@ pub async fn run_lisoloo_plan(
         (0.0..=1.0).contains(&cfg.failure_rate),
         "failure_rate must be within 0..=1"
     );
+    for c in &cfg.carriers {
+        c.check().map_err(anyhow::Error::msg)?;
+    }
     let started = Instant::now();
     // Align the monotonic clock with the plan's wall-clock base.
     let lag = (Utc::now() - plan.base).to_std().unwrap_or(Duration::ZERO);
@@ -594,4 +704,47 @@ pub async fn run_lisoloo_plan(
         cancel.is_cancelled(),
         truth,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_carrier_mix_parses_and_shapes_the_plan() {
+        let v: CarrierProfile = "vodacom_drc:3:0:1502".parse().unwrap();
+        assert_eq!(
+            (v.name.as_str(), v.weight, v.failure_rate),
+            ("vodacom_drc", 3, 0.0)
+        );
+        let o: CarrierProfile = "orange_drc:1:1".parse().unwrap();
+        assert!(o.error_codes.is_empty());
+        for bad in ["x", "x:0:0.1", "x:1:2", "x:1:0.1:9999", ":1:0.1"] {
+            assert!(bad.parse::<CarrierProfile>().is_err(), "{bad}");
+        }
+        let o: CarrierProfile = "orange_drc:1:1:1504,1505".parse().unwrap();
+        let cfg = LisolooConfig {
+            messages: 200,
+            recipients: 2,
+            carriers: vec![v, o],
+            ..LisolooConfig::default()
+        };
+        let plan = LisolooPlan::new(&cfg, Utc::now());
+        let truth = plan.truth_with(None);
+        let on = |c: &str| {
+            truth
+                .recipients
+                .iter()
+                .filter(|r| r.carrier.as_deref() == Some(c))
+                .collect::<Vec<_>>()
+        };
+        let (v, o) = (on("vodacom_drc"), on("orange_drc"));
+        assert_eq!(v.len() + o.len(), 400);
+        // Weights 3:1 (about 300:100).
+        assert!((250..=350).contains(&v.len()), "{}", v.len());
+        assert!(v.iter().all(|r| r.status == FinalStatus::Delivered));
+        assert!(o.iter().all(|r| r.status == FinalStatus::Failed
+            && matches!(r.error_code.as_deref(), Some("1504" | "1505"))));
+        assert!(truth.recipients.iter().all(|r| r.queued_at.is_some()));
+    }
 }

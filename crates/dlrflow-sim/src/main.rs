@@ -63,6 +63,11 @@ struct SendArgs {
     /// Share of recipients ending failed / NOT_DELIVERED.
     #[arg(long, default_value_t = 0.1)]
     failure_rate: f64,
+    /// Lisoloo: a carrier of the mix, `NAME:WEIGHT:FAILURE_RATE[:CODE,CODE…]`
+    /// (repeat it; its failure rate replaces --failure-rate). Default: four
+    /// carriers, equally likely, any error code.
+    #[arg(long = "carrier")]
+    carriers: Vec<dlrflow_sim::CarrierProfile>,
     /// Maximum concurrent HTTP requests.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -263,6 +268,7 @@ async fn lisoloo(args: LisolooArgs, cancel: CancellationToken) -> anyhow::Result
         recipients: s.recipients.unwrap_or(3),
         send_rate: s.send_rate,
         failure_rate: s.failure_rate,
+        carriers: s.carriers.clone(),
         seed: s.seed(),
     };
     let path = s.truth_path("lisoloo");

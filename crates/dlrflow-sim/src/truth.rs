@@ -98,6 +98,10 @@ pub struct TruthRecipient {
     pub error_message: Option<String>,
     pub carrier: Option<String>,
     pub segments: u32,
+    /// When the message was queued (Lisoloo `sms.queued`); `None` for
+    /// Arpoone, which has no such event.
+    #[serde(default)]
+    pub queued_at: Option<DateTime<Utc>>,
     /// Fate of the terminal webhook (informational: dlrflow must reach the
     /// true status even when this is not `acked`, via the status API).
     pub terminal_webhook: WebhookFate,

@@ -15,6 +15,12 @@
 //! replica and measures, for every 20th chunk, the time from the broker's
 //! acknowledgement of its last record to every record of it visible in
 //! PostgreSQL (what the read API serves); writes `reports/state-sustained.md`.
+//!
+//! `--rollup 3` measures what the carrier rollup costs the write path: the
+//! stage alone (parse + Redis + PostgreSQL, 2000 records per transaction, no
+//! broker) on `--stage-events` records with the rollup on and off, in
+//! alternating rounds (on, off, on, off, …) in one run, each round on a
+//! fresh schema; writes `reports/state-rollup.md`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -64,6 +70,10 @@ struct Args {
     sustained: Option<usize>,
     #[arg(long, default_value_t = 60)]
     secs: u64,
+    /// Instead of the throughput runs: this many rounds of the stage with
+    /// the carrier rollup on and off (see the module docs).
+    #[arg(long)]
+    rollup: Option<usize>,
 }
 
 struct RunResult {
@@ -541,7 +551,12 @@ async fn sustained(args: &Args, brokers: &str, rate: usize) -> anyhow::Result<()
 
 /// The part dlrflow-state controls, without the broker: parse, Redis
 /// check + mark, one PostgreSQL transaction per `chunk` records.
-async fn stage(args: &Args, records: &[RawRecord], chunk: usize) -> anyhow::Result<f64> {
+async fn stage(
+    args: &Args,
+    records: &[RawRecord],
+    chunk: usize,
+    opts: dlrflow_state::WriteOptions,
+) -> anyhow::Result<f64> {
     let id = unique_name("stage");
     let schema = id.replace('-', "_");
     let pg = dlrflow_runtime::settings::PostgresSettings {
@@ -582,7 +597,7 @@ async fn stage(args: &Args, records: &[RawRecord], chunk: usize) -> anyhow::Resu
             })
             .collect();
         let mut tx = pool.begin().await?;
-        dlrflow_state::apply_batch(&mut tx, &items).await?;
+        dlrflow_state::apply_batch_with(&mut tx, &items, opts).await?;
         tx.commit().await?;
         dedupe.committed(keys.iter().copied());
     }
@@ -604,6 +619,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(rate) = args.sustained {
         return sustained(&args, &brokers, rate.max(100)).await;
+    }
+    if let Some(rounds) = args.rollup {
+        return rollup_report(&args, rounds.max(1)).await;
     }
     let tag = unique_name("b");
     // 5 recipients per message: 1 + 3 * 5 = 16 records per message.
@@ -634,11 +652,13 @@ async fn main() -> anyhow::Result<()> {
     let stage_n = args.stage_events.unwrap_or(args.events);
     let stage_scenario = lisoloo_scenario(&unique_name("s"), stage_n.div_ceil(16), 5);
     let stage_records: Vec<RawRecord> = stage_scenario.records.into_iter().take(stage_n).collect();
-    let stage_batched = stage(&args, &stage_records, 2000).await?;
+    let on = dlrflow_state::WriteOptions::default();
+    let stage_batched = stage(&args, &stage_records, 2000, on).await?;
     let stage_naive = stage(
         &args,
         &stage_records[..naive_records.len().max(1000).min(stage_records.len())],
         1,
+        on,
     )
     .await?;
     let speedup = batched.rate() / naive.rate();
@@ -684,5 +704,70 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `--rollup N`: the stage with the carrier rollup on and off, alternating.
+async fn rollup_report(args: &Args, rounds: usize) -> anyhow::Result<()> {
+    let n = args.stage_events.unwrap_or(args.events);
+    let scenario = lisoloo_scenario(&unique_name("r"), n.div_ceil(16), 5);
+    let records: Vec<RawRecord> = scenario.records.into_iter().take(n).collect();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for (rollup, out) in [(true, &mut on), (false, &mut off)] {
+            let opts = dlrflow_state::WriteOptions {
+                carrier_rollup: rollup,
+            };
+            let rate = stage(args, &records, 2000, opts).await?;
+            eprintln!("round {round}: rollup {rollup}: {rate:.0} events/s");
+            out.push(rate);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // Each round's on / off pair ran back to back: the median of their
+    // ratios is less exposed to load that comes and goes than the ratio of
+    // the medians.
+    let mut ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+    let ratio = median(&mut ratios);
+    let rounds_on = fmt(&on);
+    let rounds_off = fmt(&off);
+    let (m_on, m_off) = (median(&mut on), median(&mut off));
+    let table = format!(
+        "| write path (stage only, 2000 records per transaction) | records | rounds (events/s) | median events/s |\n\
+         |---|---:|---|---:|\n\
+         | carrier rollup on (the service) | {n} | {rounds_on} | {m_on:.0} |\n\
+         | carrier rollup off | {n} | {rounds_off} | {m_off:.0} |\n"
+    );
+    let summary = format!(
+        "rollup cost: {:.1} % of the write path's throughput (median of the rounds' on / off = {ratio:.3}; \
+         ratio of the medians {:.3}); load average at the end {}\n",
+        (1.0 - ratio) * 100.0,
+        m_on / m_off,
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    println!("{table}\n{summary}");
+    let out = args.out.with_file_name("state-rollup.md");
+    let report = format!(
+        "# dlrflow-state: what the carrier rollup costs the write path\n\n\
+         The stage alone (parse + Redis dedupe + one PostgreSQL transaction per 2000 records, \
+         no broker), Lisoloo records (`sms.queued` + processing/sent/delivered|failed for 5 \
+         recipients per message), each round on a fresh schema, rollup on and off alternating.\n\n\
+         Command: `cargo run --release -p dlrflow-state --example state-bench -- --rollup {rounds} --stage-events {n}`\n\n\
+         {table}\n{summary}"
+    );
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&out, report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -13,6 +13,11 @@
 //! refuses it as a value) — such ids are never sent to PostgreSQL as
 //! queries that could fail; 503 the database failed (unreachable, timed out,
 //! any other error), retry later.
+//!
+//! `GET /v1/analytics/carriers?source=&from=&to=` answers
+//! [`crate::carriers::report`] over the sources the key may read (`source`
+//! narrows it to one; a source the key may not read is 404); 400 names a
+//! parameter that is not an RFC 3339 time on a whole hour, or `from >= to`.
 
 use std::sync::Arc;
 
@@ -193,6 +198,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/messages/{message_id}/recipients/{phone}",
             get(get_recipient),
         )
+        .route("/v1/analytics/carriers", get(get_carriers))
         .with_state(state)
 }
 
@@ -303,6 +309,44 @@ async fn get_message(
     }
     .await;
     audit(&caller, "message", &message_id, &result);
+    result.map(Json)
+}
+
+/// The query of `GET /v1/analytics/carriers`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarrierQuery {
+    pub source: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+async fn get_carriers(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<CarrierQuery>, QueryRejection>,
+) -> Result<Json<crate::carriers::CarrierReport>, ApiError> {
+    let caller = admit(&s, &headers)?;
+    let result = async {
+        let Query(q) =
+            query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+        let mut filter =
+            crate::carriers::Filter::parse(q.source.as_deref(), q.from.as_deref(), q.to.as_deref())
+                .map_err(ApiError::BadRequest)?;
+        match (&filter.sources, caller.sources()) {
+            // A source the key may not read is not told apart from one
+            // that has no data: both are 404.
+            (Some(asked), _) if !asked.iter().all(|a| caller.may_read(a)) => {
+                return Err(ApiError::NotFound)
+            }
+            (Some(_), _) | (None, None) => {}
+            (None, Some(scope)) => filter.sources = Some(scope.to_vec()),
+        }
+        Ok(crate::carriers::report(&s.pool, &filter).await?)
+    }
+    .await;
+    // The audit line names no message: a report is about a whole source.
+    audit(&caller, "carriers", "", &result);
     result.map(Json)
 }
 

@@ -15,6 +15,7 @@
 pub mod access;
 pub mod analytics;
 pub mod api;
+pub mod carriers;
 pub mod config;
 pub mod console;
 pub mod consumer;
@@ -36,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::config::Config;
 pub use crate::store::{
-    apply_batch, apply_updates, migrate, update_id, Applied, BatchResult, Incoming, Outcome,
-    StoreError,
+    apply_batch, apply_batch_with, apply_updates, migrate, update_id, Applied, BatchResult,
+    Incoming, Outcome, StoreError, WriteOptions,
 };
 
 /// A built service: PostgreSQL migrated, Redis connected, consumer subscribed,

@@ -37,6 +37,22 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         max_differences: i64,
     },
+    /// The carrier and error-code report (the same as GET
+    /// /v1/analytics/carriers) from the rollup: a table, or --json.
+    Carriers {
+        /// Only this source (default: all).
+        #[arg(long)]
+        source: Option<String>,
+        /// Recipients whose basis time is at or after this RFC 3339 time (a whole hour).
+        #[arg(long)]
+        from: Option<String>,
+        /// Recipients whose basis time is before this RFC 3339 time (a whole hour).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move DLQ records back to the raw topic.
     Replay {
         /// Stop after this many records.
@@ -109,6 +125,33 @@ async fn run(cli: Cli<Command>) -> anyhow::Result<()> {
             );
             if total > 0 {
                 anyhow::bail!("{total} rows differ between {into} and {other}");
+            }
+            Ok(())
+        }
+        Command::Carriers {
+            source,
+            from,
+            to,
+            json,
+        } => {
+            let filter = dlrflow_state::carriers::Filter::parse(
+                source.as_deref(),
+                from.as_deref(),
+                to.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let pool = load()?
+                .postgres
+                .connect()
+                .await
+                .context("connecting to PostgreSQL (postgres.url)")?;
+            let report = dlrflow_state::carriers::report(&pool, &filter)
+                .await
+                .context("reading the carrier rollup")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
             }
             Ok(())
         }

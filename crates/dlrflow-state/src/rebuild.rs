@@ -244,7 +244,8 @@ pub struct Difference {
     pub other: serde_json::Value,
 }
 
-/// Compares `recipient_state` and `messages` of two schemas row by row.
+/// Compares `recipient_state`, `messages` and `carrier_rollup` (its rows
+/// with a count other than 0) of two schemas row by row.
 /// Returns every difference (at most `limit`) and how many there are.
 pub async fn compare(
     cfg: &Config,
@@ -266,19 +267,27 @@ pub async fn compare(
         .context("connecting to PostgreSQL")?;
     let mut out = Vec::new();
     let mut total = 0;
-    for (table, key, noise) in [
+    for (table, key, noise, filter) in [
         (
             "recipient_state",
             "message_id || '/' || recipient",
-            &RECIPIENT_NOISE,
+            &RECIPIENT_NOISE[..],
+            "",
         ),
-        ("messages", "message_id", &MESSAGE_NOISE),
+        ("messages", "message_id", &MESSAGE_NOISE[..], ""),
+        (
+            "carrier_rollup",
+            "concat_ws('/', source, to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI\"Z\"'), carrier, error_code, metric, bin)",
+            &[][..],
+            // A row whose contributions cancelled out says nothing.
+            " WHERE n <> 0",
+        ),
     ] {
         let noise: Vec<&str> = noise.to_vec();
         let sql = format!(
             r#"
-WITH a AS (SELECT {key} AS k, to_jsonb(t) - $1::text[] AS row FROM "{rebuilt}".{table} t),
-     b AS (SELECT {key} AS k, to_jsonb(t) - $1::text[] AS row FROM "{other}".{table} t),
+WITH a AS (SELECT {key} AS k, to_jsonb(t) - $1::text[] AS row FROM "{rebuilt}".{table} t{filter}),
+     b AS (SELECT {key} AS k, to_jsonb(t) - $1::text[] AS row FROM "{other}".{table} t{filter}),
      d AS (SELECT coalesce(a.k, b.k) AS k, a.row AS rebuilt, b.row AS other
              FROM a FULL JOIN b ON a.k = b.k
             WHERE a.row IS DISTINCT FROM b.row)

@@ -1,8 +1,9 @@
 //! PostgreSQL: connection, migrations, and the one write path
 //! ([`apply_batch`] / [`apply_updates`]) shared by the consumer and
 //! dlrflow-reconcile. Everything a batch changes — recipient rows, message
-//! rows, the durable dedupe record and the analytics outbox — is written in the
-//! caller's transaction, so a crash either keeps all of it or none.
+//! rows, the durable dedupe record, the analytics outbox and the carrier
+//! rollup ([`crate::carriers`]) — is written in the caller's transaction, so
+//! a crash either keeps all of it or none.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
@@ -149,12 +150,39 @@ fn lock_key(message_id: &str, recipient: &str) -> i64 {
     h as i64
 }
 
+/// What [`apply_batch_with`] maintains besides the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Keep the carrier rollup (`carrier_rollup`, [`crate::carriers`]) in
+    /// the same transaction. On in every service; off only to measure what
+    /// it costs (the `state-bench` example): a state written without it has
+    /// a rollup that no longer matches it (a `rebuild` makes a matching one).
+    pub carrier_rollup: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            carrier_rollup: true,
+        }
+    }
+}
+
 /// Writes one batch in `tx` (see the module docs). Records are merged in input
 /// order; a dedupe key seen before (in PostgreSQL, or earlier in the batch) is
 /// a [`Outcome::Duplicate`] and changes nothing.
 pub async fn apply_batch(
     tx: &mut Transaction<'_, Postgres>,
     items: &[Incoming<'_>],
+) -> Result<BatchResult, StoreError> {
+    apply_batch_with(tx, items, WriteOptions::default()).await
+}
+
+/// [`apply_batch`] with [`WriteOptions`].
+pub async fn apply_batch_with(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Incoming<'_>],
+    opts: WriteOptions,
 ) -> Result<BatchResult, StoreError> {
     let mut result = BatchResult {
         outcomes: vec![Outcome::Duplicate; items.len()],
@@ -171,23 +199,148 @@ pub async fn apply_batch(
     if fresh.is_empty() {
         return Ok(result);
     }
-    let fresh = claim_messages(tx, items, fresh, &mut seen, &mut result.outcomes).await?;
+    let (fresh, claimed) =
+        claim_messages(tx, items, fresh, &mut seen, &mut result.outcomes).await?;
     if fresh.is_empty() {
         return Ok(result);
     }
-    let (mut current, source_of) = load_recipients(tx, items, &fresh).await?;
-    let (touched, message_updates) = tracing::info_span!("merge")
-        .in_scope(|| merge_in_order(items, &fresh, &mut current, &mut result));
+    let (mut current, source_of, mut bits) = load_recipients(tx, items, &fresh).await?;
+    let before = opts.carrier_rollup.then(|| (current.clone(), bits.clone()));
+    let (touched, message_updates, bits_changed) = tracing::info_span!("merge")
+        .in_scope(|| merge_in_order(items, &fresh, &mut current, &mut bits, &mut result));
     if !touched.is_empty() {
-        write_recipients(tx, &touched, &current, &source_of).await?;
+        write_recipients(tx, &touched, &current, &source_of, &bits).await?;
     }
-    if !message_updates.is_empty() {
-        write_messages(tx, &message_updates).await?;
+    let bits_only: Touched = bits_changed.difference(&touched).cloned().collect();
+    if !bits_only.is_empty() {
+        write_webhook_terminals(tx, &bits_only, &bits).await?;
     }
+    let queued_changes = if message_updates.is_empty() {
+        QueuedChanges::new()
+    } else {
+        write_messages(tx, &message_updates).await?
+    };
     record_events(tx, items, &fresh, &result.outcomes).await?;
     mark_status_applied(tx, items, &fresh).await?;
     write_outbox(tx, items, &fresh, &result).await?;
+    if let Some((before, bits_before)) = before {
+        let changed: Touched = touched.union(&bits_only).cloned().collect();
+        roll_up(
+            tx,
+            &Rollup {
+                before: &before,
+                bits_before: &bits_before,
+                current: &current,
+                bits: &bits,
+                source_of: &source_of,
+                changed: &changed,
+                queued_changes: &queued_changes,
+                claimed: &claimed,
+            },
+        )
+        .await?;
+    }
     Ok(result)
+}
+
+/// What [`roll_up`] needs: each changed recipient before and after the
+/// batch, and the messages whose queued time the batch changed.
+struct Rollup<'a> {
+    before: &'a Current,
+    bits_before: &'a Bits,
+    current: &'a Current,
+    bits: &'a Bits,
+    source_of: &'a SourceOf<'a>,
+    changed: &'a Touched,
+    queued_changes: &'a QueuedChanges,
+    claimed: &'a Claimed,
+}
+
+/// Keeps `carrier_rollup` equal to the sum of every recipient's
+/// contribution ([`crate::carriers`]): for each recipient whose state or
+/// webhook bits the batch changed, and each recipient of a message whose
+/// queued time it changed, minus the old contribution plus the new one. The
+/// old one is exact because every writer of a message's recipients or of
+/// its queued time holds the message's advisory lock ([`lock_recipients`]).
+async fn roll_up(tx: &mut Transaction<'_, Postgres>, r: &Rollup<'_>) -> Result<(), StoreError> {
+    // Every message of the batch was read by the claim, under the
+    // message's advisory lock: its queued time before the batch, and after
+    // it unless the batch changed it.
+    let old = |m: &str| r.claimed.queued.get(m).copied().flatten();
+    let now = |m: &str| {
+        r.queued_changes
+            .get(m)
+            .map_or_else(|| old(m), |c| Some(c.1))
+    };
+    let mut deltas = crate::carriers::Deltas::new();
+    for key in r.changed {
+        let (m, p) = (key.0.as_str(), key.1.as_str());
+        let source = r.source_of.get(&(m, p)).map_or("", |s| s.0);
+        if let Some((state, _)) = r.before.get(key) {
+            let bits = r.bits_before.get(key).copied().unwrap_or(0);
+            crate::carriers::contribute(&mut deltas, -1, source, state, bits, old(m));
+        }
+        if let Some((state, _)) = r.current.get(key) {
+            let bits = r.bits.get(key).copied().unwrap_or(0);
+            crate::carriers::contribute(&mut deltas, 1, source, state, bits, now(m));
+        }
+    }
+    // A message whose row this batch created has no recipient but the ones
+    // the batch wrote (in `changed`): only older messages are read.
+    let ids: Vec<&str> = r
+        .queued_changes
+        .keys()
+        .filter(|m| !r.claimed.created.contains(*m))
+        .map(String::as_str)
+        .collect();
+    if !ids.is_empty() {
+        let rows = sqlx::query(&format!(
+            "SELECT {STATE_COLUMNS}, source, webhook_terminals FROM recipient_state \
+             WHERE message_id = ANY($1) ORDER BY message_id, recipient"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in &rows {
+            let (state, _) = state_from_row(row)?;
+            let key = (state.message_id.clone(), state.recipient.clone());
+            if r.changed.contains(&key) {
+                continue;
+            }
+            let source: String = row.try_get("source")?;
+            let bits: i16 = row.try_get("webhook_terminals")?;
+            let m = state.message_id.as_str();
+            crate::carriers::contribute(&mut deltas, -1, &source, &state, bits, old(m));
+            crate::carriers::contribute(&mut deltas, 1, &source, &state, bits, now(m));
+        }
+    }
+    crate::carriers::write_deltas(tx, &deltas).await?;
+    Ok(())
+}
+
+/// Sets `webhook_terminals` of rows whose state the batch left as it was (a
+/// late webhook repeating the terminal status the status API set). Not a
+/// change of the state: `updated_at` and `version` stay.
+async fn write_webhook_terminals(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &Touched,
+    bits: &Bits,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE recipient_state r SET webhook_terminals = u.w \
+         FROM unnest($1::text[], $2::text[], $3::int2[]) AS u(m, p, w) \
+         WHERE r.message_id = u.m AND r.recipient = u.p",
+    )
+    .bind(keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
+    .bind(
+        keys.iter()
+            .map(|k| bits.get(k).copied().unwrap_or(0))
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Sets `messages.status_applied_at` (the transaction time) for the messages
@@ -234,11 +387,15 @@ async fn lock_recipients(
     tx: &mut Transaction<'_, Postgres>,
     items: &[Incoming<'_>],
 ) -> Result<(), StoreError> {
+    // Each recipient, and its message ("" as the recipient: the key a
+    // message-level event locks), so that a batch that changes a message's
+    // queued time and re-rolls all its recipients ([`roll_up`]) never runs
+    // beside a writer of one of them.
     let mut locks: Vec<i64> = items
         .iter()
-        .map(|i| {
+        .flat_map(|i| {
             let (message_id, recipient, _) = subject(i.event);
-            lock_key(message_id, recipient)
+            [lock_key(message_id, recipient), lock_key(message_id, "")]
         })
         .collect();
     locks.sort_unstable();
@@ -263,6 +420,15 @@ async fn recorded_keys(
     Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
 }
 
+/// What [`claim_messages`] learnt of the batch's messages, for [`roll_up`]:
+/// their queued time before the batch, and which rows the batch created
+/// (such a message has no recipient the batch does not write itself).
+#[derive(Debug, Default)]
+struct Claimed {
+    queued: HashMap<String, Option<DateTime<Utc>>>,
+    created: HashSet<String>,
+}
+
 /// Gives every message touched a `messages` row (sorted: one lock order),
 /// then keeps the inputs of the source that owns their message (tenant
 /// isolation: another source's input is [`Outcome::Foreign`], changes
@@ -273,7 +439,7 @@ async fn claim_messages(
     fresh: Vec<usize>,
     seen: &mut HashSet<String>,
     outcomes: &mut [Outcome],
-) -> Result<Vec<usize>, StoreError> {
+) -> Result<(Vec<usize>, Claimed), StoreError> {
     let mut msgs: Vec<(&str, &str, &str)> = Vec::new();
     let mut ids = BTreeSet::new();
     for &i in &fresh {
@@ -284,23 +450,34 @@ async fn claim_messages(
     }
     msgs.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let ids: Vec<&str> = msgs.iter().map(|m| m.0).collect();
-    sqlx::query(
+    let created: HashSet<String> = sqlx::query_scalar(
         "INSERT INTO messages (message_id, source, provider) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (message_id) DO NOTHING",
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (message_id) DO NOTHING \
+         RETURNING message_id",
     )
     .bind(&ids)
     .bind(msgs.iter().map(|m| m.1).collect::<Vec<_>>())
     .bind(msgs.iter().map(|m| m.2).collect::<Vec<_>>())
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    let rows: Vec<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT message_id, source, queued_at FROM messages WHERE message_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
     .await?;
-    let owners: HashMap<String, String> =
-        sqlx::query_as("SELECT message_id, source FROM messages WHERE message_id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect();
-    Ok(fresh
+    let mut owners: HashMap<String, String> = HashMap::with_capacity(rows.len());
+    let mut claimed = Claimed {
+        queued: HashMap::with_capacity(rows.len()),
+        created,
+    };
+    for (id, source, queued) in rows {
+        claimed.queued.insert(id.clone(), queued);
+        owners.insert(id, source);
+    }
+    let fresh = fresh
         .into_iter()
         .filter(|&i| {
             let (id, _, source) = subject(items[i].event);
@@ -312,7 +489,8 @@ async fn claim_messages(
             // hide a genuine one that carries the same key.
             seen.insert(items[i].event.dedupe_key().to_owned())
         })
-        .collect())
+        .collect();
+    Ok((fresh, claimed))
 }
 
 /// The current recipient rows (locked), by (message, recipient).
@@ -324,13 +502,21 @@ type Touched = BTreeSet<(String, String)>;
 /// `arpoone`), not `status_api`, so the row says the same whichever came
 /// first, the answer or the webhooks (and a rebuild from the log agrees).
 type SourceOf<'a> = HashMap<(&'a str, &'a str), (&'a str, &'a str)>;
+/// `recipient_state.webhook_terminals` of the recipients loaded or created.
+type Bits = HashMap<(String, String), i16>;
+/// Messages whose queued time a batch changed: (before, after).
+type QueuedChanges = HashMap<String, (Option<DateTime<Utc>>, DateTime<Utc>)>;
+/// The columns [`state_from_row`] reads.
+const STATE_COLUMNS: &str = "message_id, recipient, status, queued_at, processing_at, sent_at, \
+    delivered_at, failed_at, carrier, error_code, error_message, retryable, segments, last_event_at, \
+    needs_reconcile, reconcile_reason, version";
 
 /// Loads, and locks, the rows of the recipients the fresh inputs are about.
 async fn load_recipients<'a>(
     tx: &mut Transaction<'_, Postgres>,
     items: &'a [Incoming<'a>],
     fresh: &[usize],
-) -> Result<(Current, SourceOf<'a>), StoreError> {
+) -> Result<(Current, SourceOf<'a>, Bits), StoreError> {
     let mut pairs: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut source_of: SourceOf<'a> = HashMap::new();
     for &i in fresh {
@@ -342,13 +528,15 @@ async fn load_recipients<'a>(
         }
     }
     let mut current = Current::new();
+    let mut bits = Bits::new();
     if pairs.is_empty() {
-        return Ok((current, source_of));
+        return Ok((current, source_of, bits));
     }
     let rows = sqlx::query(
         "SELECT r.message_id, r.recipient, r.status, r.queued_at, r.processing_at, r.sent_at, \
                 r.delivered_at, r.failed_at, r.carrier, r.error_code, r.error_message, r.retryable, \
-                r.segments, r.last_event_at, r.needs_reconcile, r.reconcile_reason, r.version \
+                r.segments, r.last_event_at, r.needs_reconcile, r.reconcile_reason, r.version, \
+                r.webhook_terminals \
          FROM recipient_state r \
          JOIN unnest($1::text[], $2::text[]) AS k(m, p) ON r.message_id = k.m AND r.recipient = k.p \
          ORDER BY r.message_id, r.recipient \
@@ -360,24 +548,26 @@ async fn load_recipients<'a>(
     .await?;
     for row in &rows {
         let (state, version) = state_from_row(row)?;
-        current.insert(
-            (state.message_id.clone(), state.recipient.clone()),
-            (state, version),
-        );
+        let key = (state.message_id.clone(), state.recipient.clone());
+        bits.insert(key.clone(), row.try_get("webhook_terminals")?);
+        current.insert(key, (state, version));
     }
-    Ok((current, source_of))
+    Ok((current, source_of, bits))
 }
 
 /// Merges the fresh inputs in input order into `current`, filling in each
-/// outcome and change; returns the recipients changed and the
-/// message-level inputs.
+/// outcome and change, and records in `bits` the terminal statuses webhooks
+/// reported (whatever the merge made of them); returns the recipients
+/// changed, the message-level inputs and the recipients whose bits changed.
 fn merge_in_order<'a>(
     items: &'a [Incoming<'a>],
     fresh: &[usize],
     current: &mut Current,
+    bits: &mut Bits,
     result: &mut BatchResult,
-) -> (Touched, Vec<(usize, &'a MessageUpdate)>) {
+) -> (Touched, Vec<(usize, &'a MessageUpdate)>, Touched) {
     let mut touched = Touched::new();
+    let mut bits_changed = Touched::new();
     let mut message_updates: Vec<(usize, &MessageUpdate)> = Vec::new();
     for &i in fresh {
         let u = match items[i].event {
@@ -389,6 +579,14 @@ fn merge_in_order<'a>(
             Event::Recipient(u) => u,
         };
         let key = (u.message_id.clone(), u.recipient.clone());
+        let bit = crate::carriers::webhook_bit(u.status);
+        if !u.authoritative && bit != 0 {
+            let b = bits.entry(key.clone()).or_insert(0);
+            if *b & bit == 0 {
+                *b |= bit;
+                bits_changed.insert(key.clone());
+            }
+        }
         let cur = current.get(&key);
         let version = cur.map_or(0, |c| c.1) + 1;
         let (state, previous_status, kind) = match merge(cur.map(|c| &c.0), u) {
@@ -417,7 +615,7 @@ fn merge_in_order<'a>(
         touched.insert(key.clone());
         current.insert(key, (state, version));
     }
-    (touched, message_updates)
+    (touched, message_updates, bits_changed)
 }
 
 /// The durable dedupe record of every fresh input, with its outcome and the
@@ -563,6 +761,7 @@ async fn write_recipients(
     touched: &BTreeSet<(String, String)>,
     current: &HashMap<(String, String), (RecipientState, i64)>,
     source_of: &HashMap<(&str, &str), (&str, &str)>,
+    bits: &Bits,
 ) -> Result<(), StoreError> {
     let n = touched.len();
     let mut mid = Vec::with_capacity(n);
@@ -584,6 +783,7 @@ async fn write_recipients(
     let mut needs = Vec::with_capacity(n);
     let mut reason = Vec::with_capacity(n);
     let mut version = Vec::with_capacity(n);
+    let mut webhook = Vec::with_capacity(n);
     for key in touched {
         let (s, v) = &current[key];
         let (source, provider) = source_of
@@ -609,21 +809,23 @@ async fn write_recipients(
         needs.push(s.needs_reconcile);
         reason.push(s.reconcile_reason.map(ReconcileReason::as_str));
         version.push(*v);
+        webhook.push(bits.get(key).copied().unwrap_or(0));
     }
     sqlx::query(
         "INSERT INTO recipient_state (message_id, recipient, source, provider, status, queued_at, processing_at, \
             sent_at, delivered_at, failed_at, carrier, error_code, error_message, retryable, segments, \
-            last_event_at, needs_reconcile, reconcile_reason, version) \
+            last_event_at, needs_reconcile, reconcile_reason, version, webhook_terminals) \
          SELECT mid, rcp, src, \
             CASE WHEN prov = 'status_api' \
                  THEN coalesce((SELECT m.provider FROM messages m \
                                  WHERE m.message_id = u.mid AND m.provider <> 'status_api'), prov) \
                  ELSE prov END, \
-            st, q, pr, se, de, fa, ca, co, me, re, sg, la, ne, rs, ve \
+            st, q, pr, se, de, fa, ca, co, me, re, sg, la, ne, rs, ve, wt \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
             $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[], \
-            $13::text[], $14::bool[], $15::int4[], $16::timestamptz[], $17::bool[], $18::text[], $19::int8[]) \
-            AS u(mid, rcp, src, prov, st, q, pr, se, de, fa, ca, co, me, re, sg, la, ne, rs, ve) \
+            $13::text[], $14::bool[], $15::int4[], $16::timestamptz[], $17::bool[], $18::text[], $19::int8[], \
+            $20::int2[]) \
+            AS u(mid, rcp, src, prov, st, q, pr, se, de, fa, ca, co, me, re, sg, la, ne, rs, ve, wt) \
          ON CONFLICT (message_id, recipient) DO UPDATE SET \
             provider = CASE WHEN recipient_state.provider = 'status_api' THEN EXCLUDED.provider \
                             ELSE recipient_state.provider END, \
@@ -632,7 +834,7 @@ async fn write_recipients(
             carrier = EXCLUDED.carrier, error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message, \
             retryable = EXCLUDED.retryable, segments = EXCLUDED.segments, last_event_at = EXCLUDED.last_event_at, \
             needs_reconcile = EXCLUDED.needs_reconcile, reconcile_reason = EXCLUDED.reconcile_reason, \
-            version = EXCLUDED.version, updated_at = now()",
+            version = EXCLUDED.version, webhook_terminals = EXCLUDED.webhook_terminals, updated_at = now()",
     )
     .bind(&mid)
     .bind(&rcp)
@@ -653,15 +855,18 @@ async fn write_recipients(
     .bind(&needs)
     .bind(&reason)
     .bind(&version)
+    .bind(&webhook)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
+/// Merges the message-level inputs into their `messages` rows; returns the
+/// messages whose queued time changed.
 async fn write_messages(
     tx: &mut Transaction<'_, Postgres>,
     updates: &[(usize, &MessageUpdate)],
-) -> Result<(), StoreError> {
+) -> Result<QueuedChanges, StoreError> {
     let mut ids: Vec<&str> = updates.iter().map(|(_, m)| m.message_id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -673,9 +878,11 @@ async fn write_messages(
     .fetch_all(&mut **tx)
     .await?;
     let mut states: HashMap<String, Option<MessageState>> = HashMap::new();
+    let mut queued_before: HashMap<String, Option<DateTime<Utc>>> = HashMap::new();
     for row in &rows {
         let id: String = row.try_get("message_id")?;
         let queued_at: Option<DateTime<Utc>> = row.try_get("queued_at")?;
+        queued_before.insert(id.clone(), queued_at);
         let state = match queued_at {
             None => None,
             Some(queued_at) => {
@@ -704,7 +911,7 @@ async fn write_messages(
         }
     }
     if changed.is_empty() {
-        return Ok(());
+        return Ok(QueuedChanges::new());
     }
     let list: Vec<&MessageState> = changed
         .iter()
@@ -726,5 +933,11 @@ async fn write_messages(
     .bind(list.iter().map(|s| Some(s.queued_at)).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(list
+        .iter()
+        .filter_map(|s| {
+            let before = queued_before.get(&s.message_id).copied().flatten();
+            (before != Some(s.queued_at)).then(|| (s.message_id.clone(), (before, s.queued_at)))
+        })
+        .collect())
 }

@@ -307,3 +307,60 @@ async fn the_read_api_serves_https_with_its_keys() {
     app.stop().await;
     env.drop_schema().await;
 }
+
+/// `GET /v1/analytics/carriers`: the same keys, each sees only its sources
+/// (another source is 404, as a message of it is), 400 names a bad
+/// parameter, 401 without a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carrier_report_sees_only_the_keys_sources() {
+    let env = Env::new(1).await;
+    seed(&env).await;
+    let mut cfg = env.config();
+    cfg.api.keys = vec![
+        key("acme", ACME_NEW, &["acme"]),
+        key("everyone", GLOBEX, &["*"]),
+    ];
+    let app = spawn_app(cfg).await;
+    let base = format!("http://{}", app.addr);
+    let path = "/v1/analytics/carriers";
+    let recipients = |b: &Value| -> u64 {
+        b["carriers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["recipients"].as_u64().unwrap())
+            .sum()
+    };
+
+    let (s, _, b) = get(&base, path, Some(ACME_NEW)).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(recipients(&b), 5, "acme's 5 recipients only: {b}");
+    assert_eq!(b["filter"]["sources"], serde_json::json!(["acme"]));
+    assert_eq!(b["carriers"][0]["delivered"], 5);
+    assert_eq!(b["carriers"][0]["delivery_rate"], 1.0);
+    let (s, _, b) = get(&base, path, Some(GLOBEX)).await;
+    assert_eq!((s, recipients(&b)), (200, 6), "{b}");
+    let (s, _, b) = get(&base, &format!("{path}?source=globex"), Some(GLOBEX)).await;
+    assert_eq!((s, recipients(&b)), (200, 1), "{b}");
+    let (s, _, _) = get(&base, &format!("{path}?source=globex"), Some(ACME_NEW)).await;
+    assert_eq!(s, 404, "a source the key may not read");
+
+    for (query, says) in [
+        ("from=yesterday", "invalid from"),
+        ("to=2026-05-27T10:15:00Z", "whole hours"),
+        (
+            "from=2026-05-27T11:00:00Z&to=2026-05-27T10:00:00Z",
+            "before",
+        ),
+        ("sources=acme", "unknown field"),
+    ] {
+        let (s, _, b) = get(&base, &format!("{path}?{query}"), Some(GLOBEX)).await;
+        assert_eq!(s, 400, "{query}: {b}");
+        let msg = b["error"].as_str().unwrap();
+        assert!(msg.contains(says), "{query}: {msg}");
+    }
+    let (s, _, _) = get(&base, path, None).await;
+    assert_eq!(s, 401);
+    app.stop().await;
+    env.drop_schema().await;
+}

@@ -140,6 +140,7 @@ pub fn lisoloo_cfg(target: &str) -> dlrflow_sim::LisolooConfig {
         recipients: 1,
         send_rate: 0.0,
         failure_rate: 0.0,
+        carriers: Vec::new(),
         seed: 7,
     }
 }
