@@ -47,6 +47,7 @@ async fn the_operator_page_shows_the_truth_and_replays_from_the_dlq() {
         recipients: 3,
         send_rate: 30.0,
         failure_rate: 0.2,
+        carriers: Vec::new(),
         seed: 7,
     };
     let report = run_lisoloo(&cfg, &gateway, CancellationToken::new())
@@ -108,6 +109,37 @@ async fn the_operator_page_shows_the_truth_and_replays_from_the_dlq() {
     for k in ["queued", "processing", "sent"] {
         assert_eq!(n(k).await, 0, "{k}: every recipient is terminal");
     }
+    // The carrier table equals the truth, carrier by carrier.
+    let mut by_carrier: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for r in truth {
+        let c = by_carrier
+            .entry(r.carrier.clone().unwrap_or_else(|| "(unknown)".into()))
+            .or_default();
+        c.0 += 1;
+        match r.status {
+            FinalStatus::Delivered => c.1 += 1,
+            FinalStatus::Failed => c.2 += 1,
+        }
+    }
+    assert_eq!(
+        b.find_all("#carriers tr.carrier").await.unwrap().len(),
+        by_carrier.len()
+    );
+    for (carrier, (recipients, delivered, failed)) in &by_carrier {
+        let row = format!("#carriers tr[data-carrier=\"{carrier}\"]");
+        for (k, want) in [
+            ("recipients", recipients),
+            ("delivered", delivered),
+            ("failed", failed),
+            ("pending", &0),
+        ] {
+            assert_eq!(
+                b.number(&format!("{row} [data-k={k}]")).await.unwrap(),
+                *want,
+                "{carrier}: {k}"
+            );
+        }
+    }
     // Nothing stuck, no job left open, no lag; the budget the reconciler
     // used is shown by name.
     assert_eq!(b.number("#stuck [data-k=stuck-total]").await.unwrap(), 0);
@@ -146,6 +178,12 @@ async fn the_operator_page_shows_the_truth_and_replays_from_the_dlq() {
         .await
         .unwrap();
     eprintln!("e2e: screenshot {}", shot.display());
+    // The whole page in one picture, for a reader of the test's output.
+    b.resize(1280, 2600).await.unwrap();
+    b.screenshot(&shots.join("overview-1280-full.png"))
+        .await
+        .unwrap();
+    b.resize(1280, 800).await.unwrap();
 
     // Replay from the page: the record is back on the raw topic.
     let replay = b.find("#dlq .dlq-record .replay").await.unwrap();

@@ -218,6 +218,21 @@ fn window(q: &OverviewQuery, default_hours: u32) -> Result<(DateTime<Utc>, DateT
     Ok((from, to))
 }
 
+/// The start of `t`'s hour (the carrier rollup counts whole hours).
+fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp().div_euclid(3600) * 3600, 0).unwrap_or(t)
+}
+
+/// The end of `t`'s hour, or `t` when it is on the hour.
+fn hour_ceil(t: DateTime<Utc>) -> DateTime<Utc> {
+    let floor = hour_floor(t);
+    if floor == t {
+        t
+    } else {
+        floor + chrono::Duration::hours(1)
+    }
+}
+
 async fn overview(
     State(s): State<ConsoleState>,
     headers: HeaderMap,
@@ -238,7 +253,12 @@ async fn overview(
         }
     };
     let source = q.source.as_deref().map(str::trim).filter(|v| !v.is_empty());
-    let (funnel, stuck, jobs, progress, budgets, dlq) = tokio::join!(
+    let carrier_filter = crate::carriers::Filter {
+        sources: source.map(|s| vec![s.to_owned()]),
+        from: Some(hour_floor(from)),
+        to: Some(hour_ceil(to)),
+    };
+    let (funnel, stuck, jobs, progress, budgets, dlq, carriers) = tokio::join!(
         data::funnel(&s.pool, source, from, to, settings.query_timeout()),
         data::stuck(
             &s.pool,
@@ -250,6 +270,7 @@ async fn overview(
         data::progress(&s.pool),
         data::budgets(&s.pool, &s.redis),
         data::dlq_recent(&s.cfg, settings.dlq_per_partition),
+        crate::carriers::report(&s.pool, &carrier_filter),
     );
     let view = page::Overview {
         funnel: funnel.map_err(|e| data::explain(&e)),
@@ -260,6 +281,7 @@ async fn overview(
         budgets: budgets.map_err(|e| format!("{e:#}")),
         budget_limit: settings.status_budget_per_minute,
         dlq: dlq.map_err(|e| format!("{e:#}")),
+        carriers: carriers.map_err(|e| data::explain(&e)),
         replayed: q.replayed.clone(),
         query: &q,
     };
@@ -444,6 +466,23 @@ mod tests {
             ("origin", "http://evil.example"),
             ("host", "127.0.0.1:9081"),
         ])));
+    }
+
+    #[test]
+    fn the_carrier_table_covers_the_whole_hours_around_the_window() {
+        let t = |s: &str| dlrflow_events::parse_timestamp(s).unwrap();
+        assert_eq!(
+            hour_floor(t("2026-12-06T10:59:59.9Z")),
+            t("2026-12-06T10:00:00Z")
+        );
+        assert_eq!(
+            hour_ceil(t("2026-12-06T10:00:00.001Z")),
+            t("2026-12-06T11:00:00Z")
+        );
+        assert_eq!(
+            hour_ceil(t("2026-12-06T10:00:00Z")),
+            t("2026-12-06T10:00:00Z")
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@ table{border-collapse:collapse;width:100%;font-size:.9rem}
 th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);white-space:nowrap}
 th{color:var(--muted);font-weight:600}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.wrap{white-space:normal;overflow-wrap:anywhere}
 .muted{color:var(--muted)}
 .ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
 .tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(7rem,1fr));gap:.5rem}
@@ -164,6 +165,7 @@ pub struct Overview<'a> {
     pub budgets: Result<Vec<Budget>, String>,
     pub budget_limit: u32,
     pub dlq: Result<(Vec<DlqRecord>, i64), String>,
+    pub carriers: Result<crate::carriers::CarrierReport, String>,
     pub replayed: Option<String>,
     pub query: &'a OverviewQuery,
 }
@@ -181,6 +183,9 @@ pub fn overview(v: &Overview<'_>) -> String {
     body.push_str(r#"<div class="grid">"#);
     funnel_section(&mut body, v);
     budget_section(&mut body, v);
+    body.push_str("</div>");
+    carrier_section(&mut body, v);
+    body.push_str(r#"<div class="grid">"#);
     stuck_section(&mut body, v);
     jobs_section(&mut body, v);
     dlq_section(&mut body, v);
@@ -266,6 +271,68 @@ fn funnel_section(body: &mut String, v: &Overview<'_>) {
     body.push_str("</section>");
 }
 
+fn ms(v: Option<u64>) -> String {
+    match v {
+        None => "—".to_owned(),
+        Some(ms) if ms < 10_000 => format!("{ms} ms"),
+        Some(ms) if ms < 600_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        Some(ms) => format!("{:.1} min", ms as f64 / 60_000.0),
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map(|v| format!("{:.1} %", v * 100.0))
+        .unwrap_or_else(|| "—".to_owned())
+}
+
+fn carrier_section(body: &mut String, v: &Overview<'_>) {
+    body.push_str(r#"<section id="carriers" style="margin:1rem 0"><h2>Carriers</h2>"#);
+    match &v.carriers {
+        Err(e) => body.push_str(&error_box(e)),
+        Ok(r) => {
+            let _ = write!(
+                body,
+                r#"<p class="muted">Recipients queued from {} to {} (whole hours around the funnel's window; the carrier rollup, see the read API's <code>/v1/analytics/carriers</code>). Times are p50 / p95, to the histogram's resolution.</p>"#,
+                time(r.filter.from),
+                time(r.filter.to)
+            );
+            if r.carriers.is_empty() {
+                body.push_str(r#"<p class="muted">No recipient in these hours.</p>"#);
+            } else {
+                body.push_str(r#"<div class="scroll"><table><tr><th>carrier</th><th class="num">recipients</th><th class="num">delivered</th><th class="num">failed</th><th class="num">pending</th><th class="num">delivery rate</th><th class="num">sent → delivered</th><th class="num">queued → terminal</th><th class="num">status API only</th><th>top errors</th></tr>"#);
+                for c in &r.carriers {
+                    let s = &c.stats;
+                    let errors: Vec<String> = c
+                        .top_error_codes
+                        .iter()
+                        .map(|e| format!("{} ×{}", esc(&e.name), e.count))
+                        .collect();
+                    let name = c.carrier.as_deref().unwrap_or("(unknown)");
+                    let _ = write!(
+                        body,
+                        r#"<tr class="carrier" data-carrier="{n}"><td>{n}</td><td class="num" data-k="recipients">{}</td><td class="num" data-k="delivered">{}</td><td class="num" data-k="failed">{}</td><td class="num" data-k="pending">{}</td><td class="num">{}</td><td class="num">{} / {}</td><td class="num">{} / {}</td><td class="num">{} ({})</td><td>{}</td></tr>"#,
+                        s.recipients,
+                        s.delivered,
+                        s.failed,
+                        s.pending,
+                        pct(s.delivery_rate),
+                        ms(s.sent_to_delivered.p50_ms),
+                        ms(s.sent_to_delivered.p95_ms),
+                        ms(s.queued_to_terminal.p50_ms),
+                        ms(s.queued_to_terminal.p95_ms),
+                        s.status_api_only,
+                        pct(s.status_api_only_share),
+                        errors.join(", "),
+                        n = esc(name),
+                    );
+                }
+                body.push_str("</table></div>");
+            }
+        }
+    }
+    body.push_str("</section>");
+}
+
 fn budget_section(body: &mut String, v: &Overview<'_>) {
     let _ = write!(
         body,
@@ -296,7 +363,7 @@ fn budget_section(body: &mut String, v: &Overview<'_>) {
                 };
                 let _ = write!(
                     body,
-                    r#"<tr><td>{}</td><td class="num" data-k="budget-used">{}</td><td>{state}</td></tr>"#,
+                    r#"<tr><td class="wrap">{}</td><td class="num" data-k="budget-used">{}</td><td>{state}</td></tr>"#,
                     esc(&b.name),
                     b.used
                 );
