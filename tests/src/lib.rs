@@ -676,42 +676,35 @@ impl Pipeline {
     /// rebuilt from the raw and status topics, compared row by row with the
     /// live one. Returns whether it exited 0 and what it printed.
     pub async fn rebuild(&self, suffix: &str) -> anyhow::Result<(bool, String)> {
-        let s = self
-            .services
-            .get("state-0")
-            .context("rebuild takes state-0's settings")?;
-        let bin = Kind::State.binary()?;
-        let mut cmd = tokio::process::Command::new(&bin);
-        cmd.args([
+        let into = format!("{}_{suffix}", self.schema);
+        let args = [
             "rebuild",
             "--into",
-            &format!("{}_{suffix}", self.schema),
+            &into,
             "--compare-with",
             &self.schema,
             "--max-differences",
             "20",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .envs(s.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
-            .await
-            .context("rebuild did not finish within 5 minutes")??;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ];
+        let (ok, stdout, stderr) = self.run_state(&args, Duration::from_secs(300)).await?;
+        let text = format!("{stdout}{stderr}");
         std::fs::write(self.logs.join(format!("rebuild-{suffix}.log")), &text)?;
-        Ok((out.status.success(), text))
+        Ok((ok, text))
     }
 
     /// Runs `dlrflow-state ARGS…` with `state-0`'s settings (bounded to a
     /// minute); returns whether it exited 0, its stdout and its stderr.
     pub async fn state_cli(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        self.run_state(args, Duration::from_secs(60)).await
+    }
+
+    /// `dlrflow-state ARGS…` with exactly `state-0`'s environment, within
+    /// `limit`.
+    async fn run_state(
+        &self,
+        args: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<(bool, String, String)> {
         let s = self
             .services
             .get("state-0")
@@ -725,9 +718,11 @@ impl Pipeline {
             .envs(s.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        let out = tokio::time::timeout(limit, cmd.output())
             .await
-            .context("the command did not finish within a minute")??;
+            .with_context(|| {
+                format!("dlrflow-state {} did not finish within {limit:?}", args[0])
+            })??;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
