@@ -17,12 +17,13 @@ import json
 import math
 import sys
 
-# --- measured (reports/README.md, 2-core machine, 2026-12-04) --------------
+# --- measured (reports/README.md, 2-core machine, 2026-12-06) --------------
 # dlrflow-ingest, one replica, c=200, 2xx only after acks=all: requests/s.
-INGEST_REQ_PER_S = 24_728
+INGEST_REQ_PER_S = 31_007
 # dlrflow-state, one replica, raw topic -> committed state (the broker on the
-# same 2 cores): events/s. The stage alone (no broker) did 21,806.
-STATE_EVENTS_PER_S = 14_070
+# same 2 cores): events/s, the lowest of eight runs (17,002-19,819, with 1 or
+# 4 partitions alike). The stage alone (no broker) did 27,914-36,454.
+STATE_EVENTS_PER_S = 17_002
 # Headroom kept free on every measured rate (bursts, GC, a replica restarting).
 HEADROOM = 0.5
 
