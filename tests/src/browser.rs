@@ -178,15 +178,17 @@ impl Browser {
 
     /// Waits (up to 20 s) until the page's URL ends with `suffix`; returns it.
     pub async fn wait_url(&self, suffix: &str) -> anyhow::Result<String> {
-        let mut last = String::new();
-        for _ in 0..100 {
-            last = self.url().await?;
-            if last.ends_with(suffix) {
-                return Ok(last);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let found = dlrflow_testkit::wait_for(Duration::from_secs(20), || async {
+            self.url().await.ok().filter(|u| u.ends_with(suffix))
+        })
+        .await;
+        match found {
+            Some(url) => Ok(url),
+            None => bail!(
+                "the page is {}, not …{suffix}, after 20 s",
+                self.url().await?
+            ),
         }
-        bail!("the page is {last}, not …{suffix}, after 20 s")
     }
 
     /// The rendered text of the first element matching `css`.

@@ -124,7 +124,8 @@ fn label(v: Option<&str>) -> String {
     v.unwrap_or("").chars().take(MAX_LABEL).collect()
 }
 
-fn hour_of(t: DateTime<Utc>) -> DateTime<Utc> {
+/// The start of `t`'s hour: the rollup's unit of time.
+pub fn hour_of(t: DateTime<Utc>) -> DateTime<Utc> {
     let secs = t.timestamp().div_euclid(3600) * 3600;
     DateTime::from_timestamp(secs, 0).unwrap_or(t)
 }

@@ -281,6 +281,17 @@ async fn fetch_at(
         ])
         .create()
         .with_context(|| format!("creating a reader of {topic}"))?;
+    // An offset the partition does not hold is refused at once, by name,
+    // not after a 30 s wait for a record that cannot come.
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .with_context(|| {
+            format!("{topic}/{partition}: no such partition, or the broker did not answer")
+        })?;
+    anyhow::ensure!(
+        (low..high).contains(&offset),
+        "{topic}/{partition} holds offsets {low}..{high}; {offset} is not one of them (replayed already and gone with retention, or never there)"
+    );
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     consumer.assign(&tpl)?;

@@ -218,14 +218,9 @@ fn window(q: &OverviewQuery, default_hours: u32) -> Result<(DateTime<Utc>, DateT
     Ok((from, to))
 }
 
-/// The start of `t`'s hour (the carrier rollup counts whole hours).
-fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp(t.timestamp().div_euclid(3600) * 3600, 0).unwrap_or(t)
-}
-
 /// The end of `t`'s hour, or `t` when it is on the hour.
 fn hour_ceil(t: DateTime<Utc>) -> DateTime<Utc> {
-    let floor = hour_floor(t);
+    let floor = crate::carriers::hour_of(t);
     if floor == t {
         t
     } else {
@@ -255,7 +250,7 @@ async fn overview(
     let source = q.source.as_deref().map(str::trim).filter(|v| !v.is_empty());
     let carrier_filter = crate::carriers::Filter {
         sources: source.map(|s| vec![s.to_owned()]),
-        from: Some(hour_floor(from)),
+        from: Some(crate::carriers::hour_of(from)),
         to: Some(hour_ceil(to)),
     };
     let (funnel, stuck, jobs, progress, budgets, dlq, carriers) = tokio::join!(
@@ -472,7 +467,7 @@ mod tests {
     fn the_carrier_table_covers_the_whole_hours_around_the_window() {
         let t = |s: &str| dlrflow_events::parse_timestamp(s).unwrap();
         assert_eq!(
-            hour_floor(t("2026-12-06T10:59:59.9Z")),
+            crate::carriers::hour_of(t("2026-12-06T10:59:59.9Z")),
             t("2026-12-06T10:00:00Z")
         );
         assert_eq!(
