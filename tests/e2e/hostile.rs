@@ -476,6 +476,24 @@ async fn hostile_input_ends_in_state_or_dlq_and_never_stalls_the_pipeline() {
     for v in valid.by_ref().take(4) {
         assert_eq!(post("lisoloo", v.to_string().into_bytes()).await, 204);
     }
+    // ...and applied: a consumer that joins its group late reads everything
+    // in one batch, where the foreign record (another source's key, so
+    // another partition) may come first and take the message (seen once in
+    // CI: the owner's own events were then the foreign ones).
+    let owner_applied = dlrflow_testkit::wait_for(Duration::from_secs(60), || async {
+        let resp = http
+            .get(format!("{}/v1/messages/{owned}", p.api_url(0)))
+            .bearer_auth(dlrflow_e2e::READ_KEY)
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+    assert!(
+        owner_applied.is_some(),
+        "{owned} was not applied within 60 s"
+    );
     let mut accepted = Vec::new();
     for (n, case) in hostile.iter().enumerate() {
         let status = post(case.source, case.body.clone()).await;
