@@ -22,6 +22,7 @@
 //! [`dlq_header::FORM`]); the raw topic still holds every byte.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -231,6 +232,10 @@ pub struct Pipeline {
     pub dedupe: Dedupe,
     pub cfg: Config,
     pub outbox_wake: Arc<Notify>,
+    /// Whether the last batch came full (`batch.max_records`): records are
+    /// waiting, the consumer has a backlog. The relay defers to it
+    /// (`outbox.max_defer_ms`).
+    pub backlogged: Arc<AtomicBool>,
     pub health: Arc<ConsumerHealth>,
 }
 
@@ -455,16 +460,39 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
     // (written or dead-lettered): how far the state is complete. The fetch
     // position is further: fetched records may still wait in a batch.
     let mut applied: HashMap<i32, i64> = HashMap::new();
+    // The next batch is collected and parsed while this one is written: a
+    // task one batch ahead, so parsing never waits for PostgreSQL nor
+    // PostgreSQL for parsing.
+    let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel::<Collected>(1);
+    let collector = tokio::spawn(collect_ahead(
+        p.consumer.clone(),
+        batch_cfg.clone(),
+        p.cfg.kafka.status_topic.clone(),
+        shutdown.clone(),
+        ahead_tx,
+    ));
     loop {
         p.health.tick();
         if lag_checked.elapsed() >= p.cfg.health.lag_check_interval {
             lag_checked = std::time::Instant::now();
             observe_lag(&p, &written, &applied).await;
         }
-        let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
+        let Some(Collected {
+            records,
+            mut parsed,
+        }) = ahead.recv().await
+        else {
             break;
         };
-        if !batch.is_empty() && p.consumer.context().take_new_assignment() {
+        // Partitions revoked while the batch waited are someone else's now.
+        let ctx = p.consumer.context();
+        parsed.retain(|x| ctx.is_assigned(x.msg.topic(), x.msg.partition()));
+        let backlogged = records >= batch_cfg.max_records;
+        if p.backlogged.swap(backlogged, Ordering::Relaxed) && !backlogged {
+            // Caught up: a deferring relay goes on at once.
+            p.outbox_wake.notify_one();
+        }
+        if !parsed.is_empty() && p.consumer.context().take_new_assignment() {
             // New partitions report their progress (lag unknown until this
             // process applied something) before their first batch is written:
             // the reconciler never sees state it was not told may be
@@ -472,7 +500,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             lag_checked = std::time::Instant::now();
             observe_lag(&p, &written, &applied).await;
         }
-        if batch.is_empty() {
+        if parsed.is_empty() {
             // Idle: mark what the last batch committed.
             if p.dedupe.has_pending() {
                 let result = p.dedupe.flush().await;
@@ -480,11 +508,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             }
             continue;
         }
-        let offsets = last_offsets(&batch);
-        let mut parsed: Vec<Parsed> = batch
-            .into_iter()
-            .flat_map(|msg| expand(msg, &p.cfg.kafka.status_topic))
-            .collect();
+        let offsets = last_offsets(parsed.iter().map(|x| &x.msg));
         let span = batch_span(&p.cfg, &parsed);
         let mut backoff = batch_cfg.retry_initial;
         let started = std::time::Instant::now();
@@ -532,6 +556,13 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
         );
         metrics::histogram!("dlrflow_state_batch_records").record(parsed.len() as f64);
         p.outbox_wake.notify_one();
+    }
+    drop(ahead);
+    collector.abort();
+    match collector.await {
+        Err(e) if e.is_panic() => anyhow::bail!("the batch collector panicked: {e}"),
+        _ if !shutdown.is_cancelled() => anyhow::bail!("the batch collector stopped"),
+        _ => {}
     }
     let _ = p.dedupe.flush().await;
     let consumer = p.consumer;
@@ -754,6 +785,34 @@ fn note_redis(health: &ConsumerHealth, error: Option<DedupeError>) {
     }
 }
 
+/// One batch collected and parsed ahead of the writer.
+struct Collected {
+    /// Raw records fetched (a full batch means a backlog).
+    records: usize,
+    parsed: Vec<Parsed>,
+}
+
+/// Collects and parses batches one ahead of the writer ([`run`]) until
+/// shutdown or until the writer is gone.
+async fn collect_ahead(
+    consumer: Arc<StateConsumer>,
+    cfg: BatchConfig,
+    status_topic: String,
+    shutdown: CancellationToken,
+    ahead: tokio::sync::mpsc::Sender<Collected>,
+) {
+    while let Some(batch) = collect(&consumer, &cfg, &shutdown).await {
+        let records = batch.len();
+        let parsed = batch
+            .into_iter()
+            .flat_map(|msg| expand(msg, &status_topic))
+            .collect();
+        if ahead.send(Collected { records, parsed }).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Waits for a first record (or shutdown → `None`), then collects up to
 /// `max_records` within `max_wait`. Records of partitions revoked meanwhile
 /// are dropped. Returns an empty batch after an idle second.
@@ -802,7 +861,7 @@ async fn collect(
 }
 
 /// The offset of the last record per topic and partition of `batch`.
-fn last_offsets(batch: &[OwnedMessage]) -> BTreeMap<(String, i32), i64> {
+fn last_offsets<'a>(batch: impl Iterator<Item = &'a OwnedMessage>) -> BTreeMap<(String, i32), i64> {
     let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for m in batch {
         let e = last
@@ -887,7 +946,7 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
     }
 
     // PostgreSQL, isolating any record it refuses.
-    let written = write_isolating(&p.pool, parsed, todo)
+    let written = write_isolating(&p.pool, parsed, todo, p.cfg.batch.writers)
         .instrument(tracing::info_span!(
             "postgres transaction",
             otel.kind = "client",
@@ -983,7 +1042,7 @@ pub async fn dispose(pool: &PgPool, msgs: Vec<OwnedMessage>) -> anyhow::Result<V
     let todo = (0..parsed.len())
         .filter(|&i| parsed[i].result.is_ok())
         .collect();
-    let written = write_isolating(pool, &parsed, todo).await?;
+    let written = write_isolating(pool, &parsed, todo, 1).await?;
     let mut out: Vec<Option<Disposition>> = parsed
         .into_iter()
         .map(|p| p.result.err().map(Disposition::Dead))
@@ -1018,7 +1077,7 @@ pub async fn apply_log(
         .filter(|&i| parsed[i].result.is_ok())
         .collect();
     let poison = (parsed.len() - todo.len()) as u64;
-    let written = write_isolating(pool, &parsed, todo).await?;
+    let written = write_isolating(pool, &parsed, todo, 1).await?;
     Ok((
         written.committed.len() as u64,
         poison + written.rejected.len() as u64,
@@ -1043,7 +1102,73 @@ async fn write_isolating(
     pool: &PgPool,
     parsed: &[Parsed],
     todo: Vec<usize>,
+    writers: usize,
 ) -> anyhow::Result<Written> {
+    // Each message's records in one part, the parts written side by side
+    // on their own connections: disjoint recipients, so they never wait on
+    // each other's locks but for the shared carrier rollup rows (taken in
+    // key order, last, as replicas do).
+    let writers = writers.clamp(1, todo.len().max(1));
+    let mut parts: Vec<Vec<usize>> = vec![Vec::with_capacity(todo.len() / writers + 1); writers];
+    for i in todo {
+        let message_id = parsed[i]
+            .result
+            .as_ref()
+            .map_or("", |(ev, _)| ev.message_id());
+        parts[part_of(message_id, writers)].push(i);
+    }
+    let written =
+        futures::future::try_join_all(parts.into_iter().map(|part| write_part(pool, parsed, part)))
+            .await?;
+    let mut out = Written {
+        committed: Vec::new(),
+        rejected: Vec::new(),
+    };
+    let mut counts = [0u64; 6];
+    for (w, c) in written {
+        out.committed.extend(w.committed);
+        out.rejected.extend(w.rejected);
+        for (total, n) in counts.iter_mut().zip(c) {
+            *total += n;
+        }
+    }
+    for (o, n) in [
+        Outcome::Duplicate,
+        Outcome::Unchanged,
+        Outcome::Applied,
+        Outcome::Conflict,
+        Outcome::Message,
+        Outcome::Foreign,
+    ]
+    .into_iter()
+    .zip(counts)
+    {
+        if n > 0 {
+            metrics::counter!("dlrflow_state_events_total", "outcome" => o.as_str()).increment(n);
+        }
+    }
+    Ok(out)
+}
+
+/// Which of `parts` writers takes a message (FNV-1a: the same in every
+/// process).
+fn part_of(message_id: &str, parts: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in message_id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % parts as u64) as usize
+}
+
+/// Writes one part of a batch in one transaction, halving it until the
+/// record PostgreSQL refuses is alone. Returns what was written and the
+/// outcome counts.
+async fn write_part(
+    pool: &PgPool,
+    parsed: &[Parsed],
+    todo: Vec<usize>,
+) -> anyhow::Result<(Written, [u64; 6])> {
     let mut out = Written {
         committed: Vec::with_capacity(todo.len()),
         rejected: Vec::new(),
@@ -1121,22 +1246,7 @@ async fn write_isolating(
             Err(e) => return Err(anyhow::Error::new(e).context("postgres write")),
         }
     }
-    for (o, n) in [
-        Outcome::Duplicate,
-        Outcome::Unchanged,
-        Outcome::Applied,
-        Outcome::Conflict,
-        Outcome::Message,
-        Outcome::Foreign,
-    ]
-    .into_iter()
-    .zip(counts)
-    {
-        if n > 0 {
-            metrics::counter!("dlrflow_state_events_total", "outcome" => o.as_str()).increment(n);
-        }
-    }
-    Ok(out)
+    Ok((out, counts))
 }
 
 /// One transaction: the outcomes of `items` in order.

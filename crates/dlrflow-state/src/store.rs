@@ -699,8 +699,7 @@ async fn write_outbox(
     }
     sqlx::query(
         "INSERT INTO delivery_outbox (update_id, message_id, payload, traceparent) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) \
-         ON CONFLICT (update_id) DO NOTHING",
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])",
     )
     .bind(&ids)
     .bind(&mids)
