@@ -460,39 +460,21 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
     // (written or dead-lettered): how far the state is complete. The fetch
     // position is further: fetched records may still wait in a batch.
     let mut applied: HashMap<i32, i64> = HashMap::new();
-    // The next batch is collected and parsed while this one is written: a
-    // task one batch ahead, so parsing never waits for PostgreSQL nor
-    // PostgreSQL for parsing.
-    let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel::<Collected>(1);
-    let collector = tokio::spawn(collect_ahead(
-        p.consumer.clone(),
-        batch_cfg.clone(),
-        p.cfg.kafka.status_topic.clone(),
-        shutdown.clone(),
-        ahead_tx,
-    ));
     loop {
         p.health.tick();
         if lag_checked.elapsed() >= p.cfg.health.lag_check_interval {
             lag_checked = std::time::Instant::now();
             observe_lag(&p, &written, &applied).await;
         }
-        let Some(Collected {
-            records,
-            mut parsed,
-        }) = ahead.recv().await
-        else {
+        let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
             break;
         };
-        // Partitions revoked while the batch waited are someone else's now.
-        let ctx = p.consumer.context();
-        parsed.retain(|x| ctx.is_assigned(x.msg.topic(), x.msg.partition()));
-        let backlogged = records >= batch_cfg.max_records;
+        let backlogged = batch.len() >= batch_cfg.max_records;
         if p.backlogged.swap(backlogged, Ordering::Relaxed) && !backlogged {
             // Caught up: a deferring relay goes on at once.
             p.outbox_wake.notify_one();
         }
-        if !parsed.is_empty() && p.consumer.context().take_new_assignment() {
+        if !batch.is_empty() && p.consumer.context().take_new_assignment() {
             // New partitions report their progress (lag unknown until this
             // process applied something) before their first batch is written:
             // the reconciler never sees state it was not told may be
@@ -500,7 +482,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             lag_checked = std::time::Instant::now();
             observe_lag(&p, &written, &applied).await;
         }
-        if parsed.is_empty() {
+        if batch.is_empty() {
             // Idle: mark what the last batch committed.
             if p.dedupe.has_pending() {
                 let result = p.dedupe.flush().await;
@@ -508,7 +490,11 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             }
             continue;
         }
-        let offsets = last_offsets(parsed.iter().map(|x| &x.msg));
+        let offsets = last_offsets(batch.iter());
+        let mut parsed: Vec<Parsed> = batch
+            .into_iter()
+            .flat_map(|msg| expand(msg, &p.cfg.kafka.status_topic))
+            .collect();
         let span = batch_span(&p.cfg, &parsed);
         let mut backoff = batch_cfg.retry_initial;
         let started = std::time::Instant::now();
@@ -556,13 +542,6 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
         );
         metrics::histogram!("dlrflow_state_batch_records").record(parsed.len() as f64);
         p.outbox_wake.notify_one();
-    }
-    drop(ahead);
-    collector.abort();
-    match collector.await {
-        Err(e) if e.is_panic() => anyhow::bail!("the batch collector panicked: {e}"),
-        _ if !shutdown.is_cancelled() => anyhow::bail!("the batch collector stopped"),
-        _ => {}
     }
     let _ = p.dedupe.flush().await;
     let consumer = p.consumer;
@@ -781,34 +760,6 @@ fn note_redis(health: &ConsumerHealth, error: Option<DedupeError>) {
                 tracing::warn!(error = %text, "redis unreachable: degraded, deduping through PostgreSQL alone");
             }
             health.redis(Some(text));
-        }
-    }
-}
-
-/// One batch collected and parsed ahead of the writer.
-struct Collected {
-    /// Raw records fetched (a full batch means a backlog).
-    records: usize,
-    parsed: Vec<Parsed>,
-}
-
-/// Collects and parses batches one ahead of the writer ([`run`]) until
-/// shutdown or until the writer is gone.
-async fn collect_ahead(
-    consumer: Arc<StateConsumer>,
-    cfg: BatchConfig,
-    status_topic: String,
-    shutdown: CancellationToken,
-    ahead: tokio::sync::mpsc::Sender<Collected>,
-) {
-    while let Some(batch) = collect(&consumer, &cfg, &shutdown).await {
-        let records = batch.len();
-        let parsed = batch
-            .into_iter()
-            .flat_map(|msg| expand(msg, &status_topic))
-            .collect();
-        if ahead.send(Collected { records, parsed }).await.is_err() {
-            break;
         }
     }
 }
