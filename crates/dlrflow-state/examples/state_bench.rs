@@ -86,7 +86,7 @@ struct Args {
 }
 
 struct RunResult {
-    name: &'static str,
+    name: String,
     records: usize,
     produce_secs: f64,
     process_secs: f64,
@@ -104,7 +104,7 @@ impl RunResult {
 }
 
 async fn run(
-    name: &'static str,
+    name: String,
     args: &Args,
     brokers: &str,
     records: &[RawRecord],
@@ -691,8 +691,14 @@ async fn main() -> anyhow::Result<()> {
     let naive_records = &records[..args.naive_events.min(records.len())];
 
     eprintln!("batched run: {} records …", records.len());
+    let writers = args
+        .writers
+        .unwrap_or_else(|| Config::defaults().batch.writers);
     let batched = run(
-        "batched (the defaults: 2 writers, the relay defers up to 10 s to a backlog)",
+        format!(
+            "batched ({writers} writers, {} records per batch, the relay defers up to 10 s to a backlog)",
+            args.max_records
+        ),
         &args,
         &brokers,
         &records,
@@ -705,7 +711,10 @@ async fn main() -> anyhow::Result<()> {
         records.len()
     );
     let no_defer = run(
-        "batched, outbox.max_defer_ms = 0 (the relay publishes beside the consumer)",
+        format!(
+            "batched ({writers} writers, {} records per batch), outbox.max_defer_ms = 0 (the relay publishes beside the consumer)",
+            args.max_records
+        ),
         &args,
         &brokers,
         &records,
@@ -715,7 +724,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     eprintln!("naive run: {} records …", naive_records.len());
     let naive = run(
-        "naive (1 record per Redis call + transaction)",
+        "naive (1 record per Redis call + transaction)".to_owned(),
         &args,
         &brokers,
         naive_records,
