@@ -1104,12 +1104,7 @@ async fn write_isolating(
 /// Which of `parts` writers takes a message (FNV-1a: the same in every
 /// process).
 fn part_of(message_id: &str, parts: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in message_id.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % parts as u64) as usize
+    (crate::store::fnv1a(message_id.as_bytes()) % parts as u64) as usize
 }
 
 /// Writes one part of a batch in one transaction, halving it until the

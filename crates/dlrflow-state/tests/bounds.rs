@@ -620,12 +620,17 @@ async fn relay_loop_is_not_blocked_by_a_refused_row() {
         .collect();
     assert_eq!(ids.len(), 7, "{ids:?}");
     assert!(!ids.contains(&junk.to_string()));
+    stop_relay(shutdown, task).await;
+    env.drop_schema().await;
+}
+
+/// Stops a relay task and waits for it to end (20 s at most).
+async fn stop_relay(shutdown: CancellationToken, task: tokio::task::JoinHandle<()>) {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap();
-    env.drop_schema().await;
 }
 
 // ---------------------------------------------------------------- relay health
@@ -769,9 +774,9 @@ async fn the_relay_defers_to_a_backlogged_consumer_for_at_most_max_defer() {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(r.run(shutdown.clone()));
 
-    // Deferred: nothing goes out while the rows are younger than 6 s, and
-    // the relay counts as alive meanwhile.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Deferred: the relay has seen the rows and let them age past 1.5 s,
+    // and nothing went out; it counts as alive meanwhile.
+    backlog_seen(&health, Duration::from_millis(1500)).await;
     assert_eq!(count(&pool, pending).await, 3);
     assert!(health.problems().is_empty(), "{:?}", health.problems());
     // Then it publishes although the consumer is still backlogged.
@@ -789,7 +794,7 @@ async fn the_relay_defers_to_a_backlogged_consumer_for_at_most_max_defer() {
         insert_outbox(&pool, &a, &p).await;
     }
     wake.notify_one();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    backlog_seen(&health, Duration::from_secs(1)).await;
     assert_eq!(
         count(&pool, pending).await,
         2,
@@ -805,10 +810,20 @@ async fn the_relay_defers_to_a_backlogged_consumer_for_at_most_max_defer() {
         "a caught-up consumer's wake ends the deferral at once ({:?})",
         caught_up.elapsed()
     );
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap();
+    stop_relay(shutdown, task).await;
     env.drop_schema().await;
+}
+
+/// Waits until the relay reports pending rows at least `age` old (it
+/// measures them each time it decides whether to defer).
+async fn backlog_seen(health: &RelayHealth, age: Duration) {
+    let t0 = std::time::Instant::now();
+    while health
+        .status()
+        .oldest_unpublished_age
+        .is_none_or(|a| a < age)
+    {
+        assert!(t0.elapsed() < T, "{:?}", health.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
