@@ -18,6 +18,7 @@
 //!
 //! [`RelayHealth`] is the relay's account of its progress for `/readyz`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,12 @@ impl RelayHealth {
         });
     }
 
+    /// The relay deferred to a consumer with a backlog: alive, by choice
+    /// not publishing (counts as a round for `max_round_gap`).
+    pub fn deferred(&self) {
+        self.with(|h| h.last_round = Some(Instant::now()));
+    }
+
     /// The oldest unpublished outbox row is `age` old (`None`: none pending).
     pub fn backlog(&self, age: Option<Duration>) {
         self.with(|h| h.backlog = age.map(|a| (a, Instant::now())));
@@ -237,6 +244,9 @@ pub struct Relay {
     pub produce_timeout: Duration,
     /// Shortens the idle wait after the consumer committed new rows.
     pub wake: Arc<Notify>,
+    /// Set while the consumer has a backlog: the relay defers to it for up
+    /// to `cfg.max_defer` ([`defer_for`]).
+    pub consumer_backlogged: Arc<AtomicBool>,
     /// Where the relay reports its progress.
     pub health: RelayHealth,
 }
@@ -254,6 +264,7 @@ impl Relay {
             cfg,
             produce_timeout,
             wake,
+            consumer_backlogged,
             health,
         } = self;
         health.min_round_gap(produce_timeout * 2 + Duration::from_secs(10));
@@ -263,6 +274,25 @@ impl Relay {
         loop {
             if shutdown.is_cancelled() {
                 break;
+            }
+            if consumer_backlogged.load(Ordering::Relaxed) {
+                match defer_for(&pool, cfg.max_defer).await {
+                    Ok((age, Some(wait))) => {
+                        // Woken after every batch of the consumer: the
+                        // deferral ends as soon as it caught up.
+                        health.backlog(age);
+                        health.deferred();
+                        metrics::counter!("dlrflow_state_outbox_deferrals_total").increment(1);
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = wake.notified() => {}
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
+                    }
+                    Ok((_, None)) => {}
+                    Err(e) => tracing::debug!(error = %e, "outbox backlog unknown; not deferring"),
+                }
             }
             let round = relay_once(&pool, &producer, &topic, cfg.batch_size, produce_timeout).await;
             if last_backlog.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
@@ -312,6 +342,25 @@ impl Relay {
             }
         }
     }
+}
+
+/// Whether the relay leaves the machine to a consumer with a backlog, and
+/// for how long at most: until the oldest unpublished row is `max_defer`
+/// old. Also returns that row's age. `None` (publish now) when nothing is
+/// pending or the oldest row is already that old.
+async fn defer_for(
+    pool: &PgPool,
+    max_defer: Duration,
+) -> Result<(Option<Duration>, Option<Duration>), sqlx::Error> {
+    if max_defer.is_zero() {
+        return Ok((None, None));
+    }
+    let age = oldest_unpublished_age(pool).await?;
+    Ok((
+        age,
+        age.and_then(|a| max_defer.checked_sub(a))
+            .filter(|w| !w.is_zero()),
+    ))
 }
 
 /// Age of the oldest unpublished outbox row (`None`: none).

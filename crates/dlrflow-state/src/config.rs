@@ -28,8 +28,9 @@ group_id = "dlrflow-state"
 produce_timeout_ms = 10000
 
 [batch]
-max_records = 2000
+max_records = 4000
 max_wait_ms = 50
+writers = 2
 idle_close_ms = 5
 retry_initial_ms = 100
 retry_max_ms = 5000
@@ -72,6 +73,7 @@ query_timeout_ms = 5000
 batch_size = 1000
 idle_poll_ms = 50
 retention_secs = 3600
+max_defer_ms = 10000
 "#;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -161,6 +163,9 @@ pub struct StateKafkaConfig {
 pub struct BatchConfig {
     /// At most this many records per Redis round trip and PostgreSQL transaction.
     pub max_records: usize,
+    /// Transactions a batch is written in, side by side, each on its own
+    /// connection (a message's records always in the same one).
+    pub writers: usize,
     /// A batch closes this long after its first record at the latest.
     #[serde(rename = "max_wait_ms", with = "ms")]
     pub max_wait: Duration,
@@ -195,6 +200,12 @@ pub struct OutboxConfig {
     /// Published rows are deleted after this long.
     #[serde(rename = "retention_secs", with = "secs")]
     pub retention: Duration,
+    /// While the consumer has a backlog (its batches come full), the relay
+    /// leaves the machine to it until the oldest unpublished row is this
+    /// old: in a burst the state is committed first and the analytics
+    /// stream follows, at most about this far behind. 0: never defer.
+    #[serde(rename = "max_defer_ms", with = "ms")]
+    pub max_defer: Duration,
 }
 
 impl Config {
@@ -219,8 +230,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate("dlrflow-state", true)?;
         self.kafka.client.validate()?;
-        // The consumer and the outbox relay each hold a connection.
-        self.postgres.validate(2)?;
+        if !(1..=16).contains(&self.batch.writers) {
+            return Err(ConfigError::invalid("batch.writers", "must be 1 to 16"));
+        }
+        // The consumer's writers and the outbox relay each hold a connection.
+        self.postgres.validate(self.batch.writers as u32 + 1)?;
         self.redis.conn.validate()?;
         self.api.validate()?;
         for (name, ok) in [
@@ -299,6 +313,14 @@ impl Config {
             return Err(ConfigError::invalid(
                 "outbox.batch_size",
                 "must be positive",
+            ));
+        }
+        // A deferring relay still reports to /readyz; its round gap limit
+        // (60 s at least) must never be reached by deferring alone.
+        if self.outbox.max_defer > Duration::from_secs(30) {
+            return Err(ConfigError::invalid(
+                "outbox.max_defer_ms",
+                "must be at most 30000",
             ));
         }
         if self.health.stall_after < Duration::from_secs(1) {

@@ -22,6 +22,7 @@
 //! [`dlq_header::FORM`]); the raw topic still holds every byte.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -231,6 +232,10 @@ pub struct Pipeline {
     pub dedupe: Dedupe,
     pub cfg: Config,
     pub outbox_wake: Arc<Notify>,
+    /// Whether the last batch came full (`batch.max_records`): records are
+    /// waiting, the consumer has a backlog. The relay defers to it
+    /// (`outbox.max_defer_ms`).
+    pub backlogged: Arc<AtomicBool>,
     pub health: Arc<ConsumerHealth>,
 }
 
@@ -464,6 +469,11 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
         let Some(batch) = collect(&p.consumer, &batch_cfg, &shutdown).await else {
             break;
         };
+        let backlogged = batch.len() >= batch_cfg.max_records;
+        if p.backlogged.swap(backlogged, Ordering::Relaxed) && !backlogged {
+            // Caught up: a deferring relay goes on at once.
+            p.outbox_wake.notify_one();
+        }
         if !batch.is_empty() && p.consumer.context().take_new_assignment() {
             // New partitions report their progress (lag unknown until this
             // process applied something) before their first batch is written:
@@ -480,7 +490,7 @@ pub async fn run(mut p: Pipeline, shutdown: CancellationToken) -> anyhow::Result
             }
             continue;
         }
-        let offsets = last_offsets(&batch);
+        let offsets = last_offsets(batch.iter());
         let mut parsed: Vec<Parsed> = batch
             .into_iter()
             .flat_map(|msg| expand(msg, &p.cfg.kafka.status_topic))
@@ -802,7 +812,7 @@ async fn collect(
 }
 
 /// The offset of the last record per topic and partition of `batch`.
-fn last_offsets(batch: &[OwnedMessage]) -> BTreeMap<(String, i32), i64> {
+fn last_offsets<'a>(batch: impl Iterator<Item = &'a OwnedMessage>) -> BTreeMap<(String, i32), i64> {
     let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for m in batch {
         let e = last
@@ -887,7 +897,7 @@ async fn process(p: &mut Pipeline, parsed: &mut [Parsed]) -> anyhow::Result<()> 
     }
 
     // PostgreSQL, isolating any record it refuses.
-    let written = write_isolating(&p.pool, parsed, todo)
+    let written = write_isolating(&p.pool, parsed, todo, p.cfg.batch.writers)
         .instrument(tracing::info_span!(
             "postgres transaction",
             otel.kind = "client",
@@ -983,7 +993,7 @@ pub async fn dispose(pool: &PgPool, msgs: Vec<OwnedMessage>) -> anyhow::Result<V
     let todo = (0..parsed.len())
         .filter(|&i| parsed[i].result.is_ok())
         .collect();
-    let written = write_isolating(pool, &parsed, todo).await?;
+    let written = write_isolating(pool, &parsed, todo, 1).await?;
     let mut out: Vec<Option<Disposition>> = parsed
         .into_iter()
         .map(|p| p.result.err().map(Disposition::Dead))
@@ -1018,7 +1028,7 @@ pub async fn apply_log(
         .filter(|&i| parsed[i].result.is_ok())
         .collect();
     let poison = (parsed.len() - todo.len()) as u64;
-    let written = write_isolating(pool, &parsed, todo).await?;
+    let written = write_isolating(pool, &parsed, todo, 1).await?;
     Ok((
         written.committed.len() as u64,
         poison + written.rejected.len() as u64,
@@ -1043,7 +1053,68 @@ async fn write_isolating(
     pool: &PgPool,
     parsed: &[Parsed],
     todo: Vec<usize>,
+    writers: usize,
 ) -> anyhow::Result<Written> {
+    // Each message's records in one part, the parts written side by side
+    // on their own connections: disjoint recipients, so they never wait on
+    // each other's locks but for the shared carrier rollup rows (taken in
+    // key order, last, as replicas do).
+    let writers = writers.clamp(1, todo.len().max(1));
+    let mut parts: Vec<Vec<usize>> = vec![Vec::with_capacity(todo.len() / writers + 1); writers];
+    for i in todo {
+        let message_id = parsed[i]
+            .result
+            .as_ref()
+            .map_or("", |(ev, _)| ev.message_id());
+        parts[part_of(message_id, writers)].push(i);
+    }
+    let written =
+        futures::future::try_join_all(parts.into_iter().map(|part| write_part(pool, parsed, part)))
+            .await?;
+    let mut out = Written {
+        committed: Vec::new(),
+        rejected: Vec::new(),
+    };
+    let mut counts = [0u64; 6];
+    for (w, c) in written {
+        out.committed.extend(w.committed);
+        out.rejected.extend(w.rejected);
+        for (total, n) in counts.iter_mut().zip(c) {
+            *total += n;
+        }
+    }
+    for (o, n) in [
+        Outcome::Duplicate,
+        Outcome::Unchanged,
+        Outcome::Applied,
+        Outcome::Conflict,
+        Outcome::Message,
+        Outcome::Foreign,
+    ]
+    .into_iter()
+    .zip(counts)
+    {
+        if n > 0 {
+            metrics::counter!("dlrflow_state_events_total", "outcome" => o.as_str()).increment(n);
+        }
+    }
+    Ok(out)
+}
+
+/// Which of `parts` writers takes a message (FNV-1a: the same in every
+/// process).
+fn part_of(message_id: &str, parts: usize) -> usize {
+    (crate::store::fnv1a(message_id.as_bytes()) % parts as u64) as usize
+}
+
+/// Writes one part of a batch in one transaction, halving it until the
+/// record PostgreSQL refuses is alone. Returns what was written and the
+/// outcome counts.
+async fn write_part(
+    pool: &PgPool,
+    parsed: &[Parsed],
+    todo: Vec<usize>,
+) -> anyhow::Result<(Written, [u64; 6])> {
     let mut out = Written {
         committed: Vec::with_capacity(todo.len()),
         rejected: Vec::new(),
@@ -1121,22 +1192,7 @@ async fn write_isolating(
             Err(e) => return Err(anyhow::Error::new(e).context("postgres write")),
         }
     }
-    for (o, n) in [
-        Outcome::Duplicate,
-        Outcome::Unchanged,
-        Outcome::Applied,
-        Outcome::Conflict,
-        Outcome::Message,
-        Outcome::Foreign,
-    ]
-    .into_iter()
-    .zip(counts)
-    {
-        if n > 0 {
-            metrics::counter!("dlrflow_state_events_total", "outcome" => o.as_str()).increment(n);
-        }
-    }
-    Ok(out)
+    Ok((out, counts))
 }
 
 /// One transaction: the outcomes of `items` in order.

@@ -108,6 +108,7 @@ impl App {
             dedupe,
             cfg: cfg.clone(),
             outbox_wake: Arc::new(Notify::new()),
+            backlogged: Arc::default(),
             health,
         };
         Ok(App {
@@ -145,6 +146,7 @@ impl App {
             cfg: self.cfg.outbox.clone(),
             produce_timeout: self.cfg.kafka.produce_timeout,
             wake: self.pipeline.outbox_wake.clone(),
+            consumer_backlogged: self.pipeline.backlogged.clone(),
             health: relay_health.clone(),
         }
         .run(work.clone());

@@ -137,17 +137,23 @@ pub async fn apply_updates(
 /// A stable 64-bit lock key (FNV-1a) for one recipient, identical in every
 /// process and binary.
 fn lock_key(message_id: &str, recipient: &str) -> i64 {
+    fnv1a(
+        b"dlrflow.r\0"
+            .iter()
+            .chain(message_id.as_bytes())
+            .chain(b"\0")
+            .chain(recipient.as_bytes()),
+    ) as i64
+}
+
+/// FNV-1a (64 bits) of `bytes`: the same in every process and binary.
+pub(crate) fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in b"dlrflow.r\0"
-        .iter()
-        .chain(message_id.as_bytes())
-        .chain(b"\0")
-        .chain(recipient.as_bytes())
-    {
+    for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h as i64
+    h
 }
 
 /// What [`apply_batch_with`] maintains besides the state.
@@ -699,8 +705,7 @@ async fn write_outbox(
     }
     sqlx::query(
         "INSERT INTO delivery_outbox (update_id, message_id, payload, traceparent) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) \
-         ON CONFLICT (update_id) DO NOTHING",
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])",
     )
     .bind(&ids)
     .bind(&mids)

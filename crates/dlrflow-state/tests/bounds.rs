@@ -156,6 +156,7 @@ fn relay(
         cfg: cfg.outbox.clone(),
         produce_timeout,
         wake: Default::default(),
+        consumer_backlogged: Default::default(),
         health,
     }
 }
@@ -619,12 +620,17 @@ async fn relay_loop_is_not_blocked_by_a_refused_row() {
         .collect();
     assert_eq!(ids.len(), 7, "{ids:?}");
     assert!(!ids.contains(&junk.to_string()));
+    stop_relay(shutdown, task).await;
+    env.drop_schema().await;
+}
+
+/// Stops a relay task and waits for it to end (20 s at most).
+async fn stop_relay(shutdown: CancellationToken, task: tokio::task::JoinHandle<()>) {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap();
-    env.drop_schema().await;
 }
 
 // ---------------------------------------------------------------- relay health
@@ -737,4 +743,87 @@ fn relay_health_reports_a_stalled_relay() {
     // A relay raises the gap to what its produce timeout needs.
     health.min_round_gap(Duration::from_secs(30));
     assert_eq!(health.limits().max_round_gap, Duration::from_secs(30));
+}
+
+/// Issue 13: while the consumer has a backlog the relay leaves the machine
+/// to it, until the oldest unpublished row is `outbox.max_defer_ms` old or
+/// the consumer caught up (its wake), whichever comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_defers_to_a_backlogged_consumer_for_at_most_max_defer() {
+    let env = Env::new(1).await;
+    let pool = env.pool().await;
+    let tag = env.group.clone();
+    let pending = "SELECT count(*) FROM delivery_outbox WHERE published_at IS NULL";
+    let mut r = relay(
+        &env,
+        &pool,
+        relay_producer(&env.brokers),
+        T,
+        RelayHealth::default(),
+    );
+    r.cfg.max_defer = Duration::from_secs(6);
+    let backlogged = r.consumer_backlogged.clone();
+    let wake = r.wake.clone();
+    let health = r.health.clone();
+    backlogged.store(true, std::sync::atomic::Ordering::Relaxed);
+    for n in 0..3 {
+        let (a, p) = record(&tag, n, "x");
+        insert_outbox(&pool, &a, &p).await;
+    }
+    let inserted = std::time::Instant::now();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(r.run(shutdown.clone()));
+
+    // Deferred: the relay has seen the rows and let them age past 1.5 s,
+    // and nothing went out; it counts as alive meanwhile.
+    backlog_seen(&health, Duration::from_millis(1500)).await;
+    assert_eq!(count(&pool, pending).await, 3);
+    assert!(health.problems().is_empty(), "{:?}", health.problems());
+    // Then it publishes although the consumer is still backlogged.
+    wait_count(&pool, pending, 0, T).await;
+    let waited = inserted.elapsed();
+    assert!(
+        waited >= Duration::from_millis(5900),
+        "published after {waited:?}"
+    );
+    assert_eq!(delivery_records(&env, 3).await.len(), 3);
+
+    // New rows: deferred again, until the consumer caught up and woke it.
+    for n in 3..5 {
+        let (a, p) = record(&tag, n, "x");
+        insert_outbox(&pool, &a, &p).await;
+    }
+    wake.notify_one();
+    backlog_seen(&health, Duration::from_secs(1)).await;
+    assert_eq!(
+        count(&pool, pending).await,
+        2,
+        "published while the consumer was backlogged"
+    );
+    let caught_up = std::time::Instant::now();
+    backlogged.store(false, std::sync::atomic::Ordering::Relaxed);
+    wake.notify_one();
+    wait_count(&pool, pending, 0, T).await;
+    // (Deferring on, the rows would wait 5 s more.)
+    assert!(
+        caught_up.elapsed() < Duration::from_secs(3),
+        "a caught-up consumer's wake ends the deferral at once ({:?})",
+        caught_up.elapsed()
+    );
+    stop_relay(shutdown, task).await;
+    env.drop_schema().await;
+}
+
+/// Waits until the relay reports pending rows at least `age` old (it
+/// measures them each time it decides whether to defer).
+async fn backlog_seen(health: &RelayHealth, age: Duration) {
+    let t0 = std::time::Instant::now();
+    while health
+        .status()
+        .oldest_unpublished_age
+        .is_none_or(|a| a < age)
+    {
+        assert!(t0.elapsed() < T, "{:?}", health.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -277,3 +277,45 @@ async fn poison_records_go_to_the_dlq_while_the_partition_moves_on_and_replay_re
     app.stop().await;
     env.drop_schema().await;
 }
+
+/// Issue 13: a batch is written in `batch.writers` transactions side by
+/// side, each message's records in exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_written_by_two_writers_each_message_in_one() {
+    let env = Env::new(3).await;
+    let scenario = lisoloo_scenario(&env.group, 40, 3);
+    let p = producer(&env.brokers).unwrap();
+    produce_raw(&p, &env.raw, &scenario.records).await.unwrap();
+    // Every record in one batch: no idle close, a long window.
+    let mut cfg = env.config();
+    assert_eq!(cfg.batch.writers, 2, "the default");
+    cfg.batch.max_records = 10_000;
+    cfg.batch.max_wait = Duration::from_secs(5);
+    cfg.batch.idle_close = cfg.batch.max_wait;
+    let _app = spawn_app(cfg).await;
+
+    let pool = env.pool().await;
+    let n = scenario.records.len() as i64;
+    wait_count(&pool, "SELECT count(*) FROM delivery_events", n, T).await;
+    assert_expected(&pool, &scenario).await;
+    // `xmin`: the transaction that wrote a row.
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM (SELECT message_id FROM delivery_events \
+             GROUP BY message_id HAVING count(DISTINCT xmin::text) > 1) m"
+        )
+        .await,
+        0,
+        "a message's records were split between transactions"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(DISTINCT xmin::text) FROM delivery_events"
+        )
+        .await,
+        2,
+        "one batch, two writers"
+    );
+}

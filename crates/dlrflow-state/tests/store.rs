@@ -162,6 +162,26 @@ fn config_errors_name_the_setting() {
         .unwrap_err()
         .to_string()
         .contains("batch.max_records"));
+    for (set, key) in [
+        (
+            (|c: &mut dlrflow_state::Config| c.batch.writers = 0) as fn(&mut dlrflow_state::Config),
+            "batch.writers",
+        ),
+        (|c| c.batch.writers = 17, "batch.writers"),
+        (
+            |c| c.postgres.max_connections = 2,
+            "postgres.max_connections",
+        ),
+        (
+            |c| c.outbox.max_defer = std::time::Duration::from_secs(31),
+            "outbox.max_defer_ms",
+        ),
+    ] {
+        let mut cfg = dlrflow_state::Config::defaults();
+        set(&mut cfg);
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains(key), "{key}: {e}");
+    }
     let mut cfg = dlrflow_state::Config::defaults();
     cfg.postgres.schema = Some("Bad-Schema".into());
     assert!(cfg
