@@ -140,6 +140,11 @@ async fn no_status_read_while_the_answer_waits_in_kafka() {
     let mut p = Pipeline::new("reconcile-lag", &Options::default())
         .await
         .unwrap();
+    // The only replica comes back long after its session expired: with
+    // static membership Tansu 0.6.0 evicts it on its first heartbeat and can
+    // wedge the group (tests/README.md, "Tansu"); a new member id is what
+    // works there. On Apache Kafka either way works.
+    p.static_membership = false;
     p.start_all(&server, 5).await;
 
     let cfg = LisolooConfig {

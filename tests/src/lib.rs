@@ -365,6 +365,13 @@ pub struct Pipeline {
     /// More environment for every service started after it is set
     /// (`OTEL_…`, say).
     pub extra_env: Vec<(String, String)>,
+    /// Whether state replicas started after it is set use static membership
+    /// (`kafka.instance_id` = `{group}-state-{i}`; the default). On Tansu
+    /// 0.6.0 static membership is what lets a replica restarted at once take
+    /// its partitions back, but a lone static member restarted after its
+    /// session expired can wedge the group (tests/README.md, "Tansu"): a
+    /// test whose only replica comes back after a long outage turns it off.
+    pub static_membership: bool,
     services: BTreeMap<String, Service>,
     broker: Option<PrivateBroker>,
     postgres: Option<PrivatePostgres>,
@@ -428,6 +435,7 @@ impl Pipeline {
             finished: false,
             kafka_settings: Vec::new(),
             extra_env: Vec::new(),
+            static_membership: true,
         };
         for t in [
             &p.raw_topic,
@@ -509,18 +517,13 @@ impl Pipeline {
     /// so that it creates the schema and migrates; the others together).
     pub async fn start_state(&mut self, n: usize) -> anyhow::Result<()> {
         for i in 0..n {
-            let env = vec![
+            let mut env = vec![
                 ("DLRFLOW_KAFKA__BROKERS", self.brokers.clone()),
                 ("DLRFLOW_KAFKA__RAW_TOPIC", self.raw_topic.clone()),
                 ("DLRFLOW_KAFKA__STATUS_TOPIC", self.status_topic.clone()),
                 ("DLRFLOW_KAFKA__DLQ_TOPIC", self.dlq_topic.clone()),
                 ("DLRFLOW_KAFKA__DELIVERY_TOPIC", self.delivery_topic.clone()),
                 ("DLRFLOW_KAFKA__GROUP_ID", self.group.clone()),
-                // Static membership, as the state README recommends per replica.
-                (
-                    "DLRFLOW_KAFKA__INSTANCE_ID",
-                    format!("{}-state-{i}", self.group),
-                ),
                 ("DLRFLOW_REDIS__URL", self.redis_url.clone()),
                 ("DLRFLOW_REDIS__PREFIX", self.redis_prefix.clone()),
                 ("DLRFLOW_POSTGRES__URL", self.postgres_url.clone()),
@@ -534,7 +537,13 @@ impl Pipeline {
                 // well under the tests' deadlines of a few seconds.
                 ("DLRFLOW_HEALTH__LAG_CHECK_INTERVAL_MS", "500".into()),
             ];
-            let mut env = env;
+            if self.static_membership {
+                // Static membership, as the state README recommends per replica.
+                env.push((
+                    "DLRFLOW_KAFKA__INSTANCE_ID",
+                    format!("{}-state-{i}", self.group),
+                ));
+            }
             // librdkafka's own debug contexts, e.g. `cgrp` for group membership.
             if let Ok(debug) = std::env::var("DLRFLOW_E2E_KAFKA_DEBUG") {
                 env.push(("DLRFLOW_KAFKA__SETTINGS__DEBUG", debug));
