@@ -644,6 +644,13 @@ async fn observe_lag(
         // left off — never the fetch position, which counts records still
         // waiting in a batch as done.
         let position = consumer.position().ok()?;
+        // How many partitions the raw topic has: the replicas' assignments
+        // together should hold them all (`dlrflow_state_assigned_partitions`).
+        if let Ok(md) = consumer.fetch_metadata(Some(&raw_topic), timeout) {
+            if let Some(t) = md.topics().iter().find(|t| t.name() == raw_topic) {
+                metrics::gauge!("dlrflow_state_raw_partitions").set(t.partitions().len() as f64);
+            }
+        }
         let mut committed = None;
         let mut out = Vec::new();
         // The raw topic's partitions: the status topic's answers are not
@@ -681,6 +688,7 @@ async fn observe_lag(
     let Some(partitions) = observed else {
         return;
     };
+    metrics::gauge!("dlrflow_state_assigned_partitions").set(partitions.len() as f64);
     let now = Utc::now();
     let mut caught_up = Vec::with_capacity(partitions.len());
     for (partition, _, lag) in &partitions {
@@ -700,7 +708,14 @@ async fn observe_lag(
             .set(freshness);
         caught_up.push(bound);
     }
-    p.health.partitions(&partitions);
+    // A partition given up is reported by its new owner: this replica's
+    // last figures for it would stay in the sums for ever.
+    for gone in p.health.partitions(&partitions) {
+        let partition = gone.to_string();
+        metrics::gauge!("dlrflow_state_consumer_lag_records", "partition" => partition.clone())
+            .set(0.0);
+        metrics::gauge!("dlrflow_state_freshness_seconds", "partition" => partition).set(0.0);
+    }
     if let Err(e) = write_progress(&p.pool, &p.cfg, &partitions, &caught_up, observed_at).await {
         dlrflow_runtime::telemetry::backend_error("postgres", "progress");
         tracing::warn!(error = %truncate(&e.to_string(), 300), "could not record the consumer's progress");

@@ -5,6 +5,9 @@
 //! PostgreSQL's unique key and nothing stops. A partition with records
 //! behind the consumer's position that has not moved for that long is not
 //! ready either (a fetch that never returns, a broker that serves nothing).
+//! A replica that has held no partition of the raw topic for that long is
+//! degraded: it is alive but consumes nothing (more replicas than
+//! partitions, or a group whose rebalance never completes).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,6 +27,9 @@ struct State {
     redis_error: Option<String>,
     /// Per assigned partition: position, since when at it, records behind.
     partitions: HashMap<i32, (i64, Instant, i64)>,
+    /// Since when this replica holds no partition of the raw topic (none
+    /// before its first look at its assignment).
+    unassigned_since: Option<Instant>,
 }
 
 /// A readiness verdict: problems make it not ready; degradations do not.
@@ -42,6 +48,7 @@ impl ConsumerHealth {
                 last_error: None,
                 redis_error: None,
                 partitions: HashMap::new(),
+                unassigned_since: None,
             }),
             stall_after,
         }
@@ -84,7 +91,8 @@ impl ConsumerHealth {
 
     /// The consumer's positions and lag per assigned partition
     /// (`(partition, position, records behind)`); others are forgotten.
-    pub fn partitions(&self, observed: &[(i32, i64, i64)]) {
+    /// Returns the partitions held before and not any more.
+    pub fn partitions(&self, observed: &[(i32, i64, i64)]) -> Vec<i32> {
         let now = Instant::now();
         self.with(|s| {
             let mut next = HashMap::with_capacity(observed.len());
@@ -95,8 +103,21 @@ impl ConsumerHealth {
                 };
                 next.insert(p, (at, since, lag));
             }
+            let mut gone: Vec<i32> = s
+                .partitions
+                .keys()
+                .filter(|p| !next.contains_key(p))
+                .copied()
+                .collect();
+            gone.sort_unstable();
             s.partitions = next;
-        });
+            if observed.is_empty() {
+                s.unassigned_since.get_or_insert(now);
+            } else {
+                s.unassigned_since = None;
+            }
+            gone
+        })
     }
 
     pub fn verdict(&self) -> Verdict {
@@ -132,6 +153,15 @@ impl ConsumerHealth {
                     now.duration_since(*since).as_secs()
                 ));
             }
+            if let Some(since) = s.unassigned_since {
+                let unassigned = now.duration_since(since);
+                if unassigned > self.stall_after {
+                    v.degraded.push(format!(
+                        "consumer: holds no partition of the raw topic for {} s (more replicas than partitions, or a group rebalance that does not complete)",
+                        unassigned.as_secs()
+                    ));
+                }
+            }
             if let Some(e) = &s.redis_error {
                 v.degraded
                     .push(format!("redis: {e}; dedupe runs on PostgreSQL alone"));
@@ -160,6 +190,8 @@ mod tests {
         // It moves: fine again.
         h.partitions(&[(0, 12, 3), (1, 7, 0)]);
         assert!(h.verdict().problems.is_empty());
+        // Partition 1 went to another replica.
+        assert_eq!(h.partitions(&[(0, 12, 3)]), vec![1]);
     }
 
     #[test]
@@ -184,5 +216,23 @@ mod tests {
         h.redis(Some("refused".into()));
         let v = h.verdict();
         assert!(v.problems.is_empty() && v.degraded.len() == 1, "{v:?}");
+    }
+
+    #[test]
+    fn holding_no_partition_for_long_is_a_degradation() {
+        let h = ConsumerHealth::new(Duration::from_millis(50));
+        h.partitions(&[]);
+        assert!(h.verdict().degraded.is_empty());
+        std::thread::sleep(Duration::from_millis(80));
+        h.tick();
+        h.partitions(&[]);
+        let v = h.verdict();
+        assert!(v.problems.is_empty(), "{v:?}");
+        assert!(
+            v.degraded.iter().any(|d| d.contains("holds no partition")),
+            "{v:?}"
+        );
+        h.partitions(&[(3, 0, 0)]);
+        assert!(h.verdict().degraded.is_empty());
     }
 }

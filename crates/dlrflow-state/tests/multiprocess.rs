@@ -25,8 +25,13 @@ struct Proc {
 }
 
 fn start(env: &Env, name: &str) -> Proc {
+    start_with(env, name, &[])
+}
+
+fn start_with(env: &Env, name: &str, extra: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dlrflow-state"));
     cmd.envs(env.env_vars())
+        .envs(extra.iter().copied())
         .env(
             "DLRFLOW_KAFKA__INSTANCE_ID",
             name.trim_end_matches("-restarted"),
@@ -65,6 +70,15 @@ impl Proc {
             .rev()
             .find(|l| l.contains("\"message\":\"assigned\""))
             .is_some_and(|l| !l.contains("\"partitions\":\"[]\""))
+    }
+
+    /// The admin listener's address, once the process logged it.
+    fn admin(&self) -> Option<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "listening").then(|| v["admin"].as_str().map(str::to_owned))?
+        })
     }
 
     fn terminate(mut self) {
@@ -160,5 +174,81 @@ async fn three_processes_one_killed_and_restarted_converge_exactly() {
     for p in procs {
         p.terminate();
     }
+    env.drop_schema().await;
+}
+
+/// Two replicas, one partition: one of them holds nothing. It says so in
+/// `/readyz` (degraded, still ready) once that lasted `health.stall_after`,
+/// and both export how many partitions they hold and how many the raw topic
+/// has, which is what the `DlrflowPartitionsUnassigned` alert compares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_holds_no_partition_says_so() {
+    let env = Env::new(1).await;
+    let pool = env.pool().await; // creates the schema and migrates once
+    let fast = [
+        ("DLRFLOW_HEALTH__STALL_AFTER_MS", "1000"),
+        ("DLRFLOW_HEALTH__LAG_CHECK_INTERVAL_MS", "200"),
+    ];
+    let procs = [
+        start_with(&env, "idle-a", &fast),
+        start_with(&env, "idle-b", &fast),
+    ];
+    // Per replica: (partitions held, raw-topic partitions, /readyz status,
+    // degraded lines), until one holds the partition and the other says it
+    // holds none.
+    let seen = wait_for(T, || {
+        let admins: Vec<Option<String>> = procs.iter().map(Proc::admin).collect();
+        async move {
+            let mut out = Vec::new();
+            for admin in admins {
+                let base = format!("http://{}", admin?);
+                let metrics = reqwest::get(format!("{base}/metrics"))
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                let held =
+                    dlrflow_testkit::metric_sum(&metrics, "dlrflow_state_assigned_partitions");
+                let raw = dlrflow_testkit::metric_sum(&metrics, "dlrflow_state_raw_partitions");
+                let r = reqwest::get(format!("{base}/readyz")).await.ok()?;
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.ok()?;
+                let degraded: Vec<String> = body["degraded"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|d| d.as_str().map(str::to_owned))
+                    .collect();
+                out.push((held, raw, status, degraded));
+            }
+            let idle = out
+                .iter()
+                .filter(|(held, _, _, d)| *held == 0.0 && !d.is_empty())
+                .count();
+            let busy = out
+                .iter()
+                .filter(|(held, _, _, d)| *held == 1.0 && d.is_empty())
+                .count();
+            (idle == 1 && busy == 1).then_some(out)
+        }
+    })
+    .await;
+    let seen = seen.expect("one replica holds the partition, the other says it holds none");
+    for (held, raw, status, degraded) in &seen {
+        assert_eq!(*raw, 1.0, "the raw topic's partitions: {seen:?}");
+        assert_eq!(*status, 200, "holding nothing is not unready: {seen:?}");
+        if *held == 0.0 {
+            assert!(
+                degraded
+                    .iter()
+                    .any(|d| d.contains("holds no partition of the raw topic")),
+                "{seen:?}"
+            );
+        }
+    }
+    for p in procs {
+        p.terminate();
+    }
+    pool.close().await;
     env.drop_schema().await;
 }
